@@ -1,0 +1,109 @@
+"""Configuration dataclasses that travel with every checkpoint.
+
+A model is rebuilt from its checkpoint alone: `ModelConfig` and `TrainConfig` are saved as
+JSON next to the weights (see `models.checkpoint`) and read back with `from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal, get_args
+
+Objective = Literal["vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "piwae"]
+Schedule = Literal["constant", "burda"]
+Precision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+# Burda et al. (2015), section 5: hidden width per architecture when none is given.
+_DEFAULT_HIDDEN = {1: 200, 2: 100}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of Burda et al.'s MNIST models.
+
+    One stochastic layer: x -[h, h]-> z (d), tanh, with h=200 and d=50 by default.
+    Two stochastic layers: x -[h, h]-> z1 (h) -[d, d]-> z2 (d), with h=100, d=50 by default
+    (784-100-100-100 then 100-50-50-50); the generative path mirrors the inference path.
+    """
+
+    layers: Literal[1, 2] = 1
+    latent_dim: int = 50
+    hidden_dim: int | None = None  # None: Burda's width for `layers` (200 or 100)
+    x_dim: int = 784
+
+    def __post_init__(self) -> None:
+        if self.layers not in (1, 2):
+            raise ValueError(f"layers must be 1 or 2, got {self.layers}")
+        if self.hidden_dim is None:
+            object.__setattr__(self, "hidden_dim", _DEFAULT_HIDDEN[self.layers])
+        for name in ("latent_dim", "hidden_dim", "x_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def latent_dims(self) -> tuple[int, ...]:
+        """Width of each stochastic layer, bottom (nearest x) first."""
+        if self.layers == 1:
+            return (self.latent_dim,)
+        return (self.hidden_dim, self.latent_dim)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run, so that it can be resumed or repeated.
+
+    `k` is the number of importance samples per group; `miwae` and `piwae` draw `m` groups
+    of `k` (Rainforth et al., 2018), `ciwae` mixes ELBO and IWAE with weight `beta` on the
+    ELBO. `train_size=None` uses all 60,000 training images; `eval_size=0` skips the final
+    test log-likelihood, which uses `eval_k` importance samples and always runs in fp32.
+    """
+
+    k: int = 50
+    objective: Objective = "iwae"
+    m: int = 1
+    beta: float = 0.5
+    epochs: int = 1
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    schedule: Schedule = "constant"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_size: int | None = None
+    eval_size: int = 10_000
+    eval_k: int = 5000
+    seed: int = 0
+    device: Device = "auto"
+    precision: Precision = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose from {OBJECTIVES}")
+        for name in ("k", "m", "epochs", "batch_size", "eval_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError("beta must lie in [0, 1]")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError("train_size must be positive (or None for all images)")
+        if self.eval_size < 0:
+            raise ValueError("eval_size must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are refused so typos do not pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("model"), dict):
+            values["model"] = ModelConfig(**values["model"])
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
