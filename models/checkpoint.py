@@ -1,0 +1,135 @@
+"""Checkpoints: one safetensors file holding weights, optimizer state, RNG state and config.
+
+safetensors stores tensors and a string-to-string metadata map only, so loading a checkpoint
+never unpickles code. Writes are atomic (temporary file, fsync, rename), so a crash leaves
+either the previous checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from models.config import TrainConfig
+from models.networks import IWAEModel
+
+_FORMAT = "iwae-checkpoint/1"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: epochs and steps completed, training wall time so far."""
+
+    epoch: int = 0
+    step: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    config: TrainConfig
+    state: TrainState
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    generator_state: torch.Tensor
+
+
+def save_checkpoint(
+    path: Path,
+    model: IWAEModel,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    state: TrainState,
+    generator: torch.Generator,
+) -> None:
+    """Write everything a resumed run needs to `path`, atomically."""
+    tensors = {f"model.{name}": t.detach().cpu() for name, t in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in optim["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.generator"] = generator.get_state().cpu()
+    metadata = {
+        "format": _FORMAT,
+        "config": json.dumps(config.to_dict()),
+        "state": json.dumps(asdict(state)),
+        "optim_param_groups": json.dumps(optim["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+    }
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    write_atomic(Path(path), save(tensors, metadata=metadata))
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`; tensors land on `device`."""
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not an iwae checkpoint (format {metadata.get('format')!r})")
+    optimizer_state: dict[str, Any] = {
+        "state": {},
+        "param_groups": json.loads(metadata["optim_param_groups"]),
+    }
+    for index, values in json.loads(metadata["optim_scalars"]).items():
+        optimizer_state["state"].setdefault(int(index), {}).update(values)
+    model_state = {}
+    for name, tensor in tensors.items():
+        kind, _, rest = name.partition(".")
+        if kind == "model":
+            model_state[rest] = tensor
+        elif kind == "optim":
+            index, _, key = rest.partition(".")
+            # Adam keeps `step` on the CPU unless it runs capturable/fused.
+            value = tensor.cpu() if key == "step" else tensor
+            optimizer_state["state"].setdefault(int(index), {})[key] = value
+    return Checkpoint(
+        config=TrainConfig.from_dict(json.loads(metadata["config"])),
+        state=TrainState(**json.loads(metadata["state"])),
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        generator_state=tensors["rng.generator"].cpu(),
+    )
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[IWAEModel, TrainConfig]:
+    """The trained model in eval mode on `device`, with the config it was trained with."""
+    checkpoint = load_checkpoint(path, device)
+    model = IWAEModel(checkpoint.config.model).to(device)
+    model.load_state_dict(checkpoint.model_state)
+    return model.eval(), checkpoint.config
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,155 @@
+"""Burda et al.'s MNIST VAE/IWAE networks with one or two stochastic layers.
+
+Inference path q(z_1|x) q(z_2|z_1) ...; generative path p(z_L) p(z_{L-1}|z_L) ... p(x|z_1).
+Every conditional is a two-hidden-layer tanh MLP; latent conditionals are diagonal Gaussians
+parameterised by mean and log-variance, p(x|z_1) is a Bernoulli with logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from models.config import ModelConfig
+from models.distributions import (
+    bernoulli_log_prob,
+    gaussian_log_prob,
+    standard_normal_log_prob,
+)
+
+
+def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, d_out),
+    )
+
+
+class GaussianLayer(nn.Module):
+    """h [..., d_in] -> (mu, logvar), each [..., d_out], computed in fp32 under autocast."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.net = _mlp(d_in, hidden, 2 * d_out)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.net(h).float().chunk(2, dim=-1)
+        return mu, logvar
+
+
+class IWAEModel(nn.Module):
+    """The generative model p(x, z) and its inference network q(z|x).
+
+    `encoders[i]` is q(z_{i+1} | z_i) with z_0 = x; `decoders[0]` gives the logits of
+    p(x | z_1) and `decoders[i]` (i >= 1) the Gaussian p(z_i | z_{i+1}).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = (config.x_dim, *config.latent_dims)
+        # Block i's hidden width: Burda's h for the first block, the latent width above it.
+        hidden = (config.hidden_dim, *config.latent_dims[1:])
+        self.encoders = nn.ModuleList(
+            GaussianLayer(widths[i], hidden[i], widths[i + 1]) for i in range(config.layers)
+        )
+        self.decoders = nn.ModuleList(
+            [_mlp(widths[1], hidden[0], widths[0])]
+            + [GaussianLayer(widths[i + 1], hidden[i], widths[i]) for i in range(1, config.layers)]
+        )
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        return self.encoders.parameters()
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        return self.decoders.parameters()
+
+    def log_weights(
+        self,
+        x: Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+        *,
+        stop_q_params: bool = False,
+    ) -> Tensor:
+        """log w = log p(x, z) - log q(z|x) for K reparameterised draws z ~ q(z|x).
+
+        x: [B, D] -> log_w: [K, B]. With `stop_q_params`, log q is evaluated with the
+        inference network's parameters detached while z keeps its reparameterisation
+        gradient: the path-derivative form that STL and DReG need.
+        """
+        log_q = x.new_zeros(())
+        h = x
+        zs = []
+        for i, encoder in enumerate(self.encoders):
+            mu, logvar = encoder(h)  # [B, d] for i == 0, else [K, B, d]
+            shape = (k, *mu.shape) if i == 0 else mu.shape
+            eps = torch.randn(shape, generator=generator, device=x.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, d]
+            if stop_q_params:
+                mu, logvar = self._detached_params(i, encoder, h, mu, logvar)
+            log_q = log_q + gaussian_log_prob(z, mu, logvar)  # [K, B]
+            zs.append(z)
+            h = z
+        return self._log_joint(x, zs) - log_q
+
+    @staticmethod
+    def _detached_params(
+        i: int, encoder: GaussianLayer, h: Tensor, mu: Tensor, logvar: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if i == 0:  # q(z_1|x): x carries no gradient, so detaching the outputs suffices
+            return mu.detach(), logvar.detach()
+        # q(z_{i+1}|z_i): keep the gradient through z_i, stop it through the weights.
+        frozen = {name: p.detach() for name, p in encoder.named_parameters()}
+        return functional_call(encoder, frozen, (h,))
+
+    def _log_joint(self, x: Tensor, zs: list[Tensor]) -> Tensor:
+        """log p(x, z_1..z_L): x [B, D], zs[i] [K, B, d_i] -> [K, B]."""
+        log_p = standard_normal_log_prob(zs[-1])
+        for i in range(1, len(zs)):
+            mu, logvar = self.decoders[i](zs[i])
+            log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logvar)
+        logits = self.decoders[0](zs[0]).float()  # [K, B, D]
+        return log_p + bernoulli_log_prob(x, logits)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Bernoulli means of p(x|z_1) for z drawn from the prior: [n, D] in [0, 1]."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dims[-1], generator=generator, device=device)
+        for decoder in reversed(self.decoders[1:]):
+            mu, logvar = decoder(z)
+            eps = torch.randn(mu.shape, generator=generator, device=device)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        return torch.sigmoid(self.decoders[0](z).float())
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Bernoulli means of p(x | z_1 = E_q[z_1|x]): [B, D] -> [B, D] in [0, 1]."""
+        mu, _ = self.encoders[0](x)
+        return torch.sigmoid(self.decoders[0](mu).float())
+
+    def posterior_means(
+        self, x: Tensor, k: int = 100, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        """E_q[z_i | x] for each stochastic layer: x [B, D] -> [[B, d_i], ...].
+
+        Exact for the first layer; higher layers average their conditional means over K
+        draws of the layer below (they have no closed form).
+        """
+        mu, logvar = self.encoders[0](x)
+        means = [mu]
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(
+            (k, *mu.shape), generator=generator, device=x.device
+        )  # [K, B, d_1]
+        for encoder in self.encoders[1:]:
+            mu, logvar = encoder(z)  # [K, B, d_i]
+            means.append(mu.mean(0))
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(
+                mu.shape, generator=generator, device=x.device
+            )
+        return means
