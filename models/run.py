@@ -1,0 +1,80 @@
+"""The one pipeline behind `iwae train` and the worker: train, evaluate, record metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import write_atomic
+from models.config import TrainConfig
+from models.data import Mnist, binarized_test_images
+from models.estimators import evaluate
+from models.training import Progress, TrainCallback, train
+
+CHECKPOINT_NAME = "model.safetensors"
+METRICS_NAME = "metrics.json"
+
+
+@dataclass
+class RunResult:
+    stopped: bool
+    metrics: dict[str, Any] | None
+    checkpoint: Path
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    data: Mnist,
+    out_dir: Path,
+    callbacks: Sequence[TrainCallback] = (),
+) -> RunResult:
+    """Train (resuming from `out_dir`'s checkpoint if any), then score the test set.
+
+    Writes `out_dir/model.safetensors` at every epoch end and `out_dir/metrics.json` at the
+    end. Evaluation uses the first `eval_size` test images, binarized with a fixed seed, in
+    fp32 with `eval_k` importance samples; callbacks see its progress as phase "eval".
+    """
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    result = train(config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks)
+    if result.stopped:
+        return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
+    metrics: dict[str, Any] = {
+        "train_seconds": result.train_seconds,
+        "epochs": result.epochs_done,
+        "steps": result.steps,
+    }
+    if config.eval_size > 0:
+        device = next(result.model.parameters()).device
+        test_x = binarized_test_images(data.test_images[: config.eval_size]).to(device)
+        generator = torch.Generator(device).manual_seed(config.seed)
+        started = time.perf_counter()
+
+        def on_progress(done: int, total: int) -> bool:
+            rate = done / (time.perf_counter() - started)
+            progress = Progress(
+                phase="eval",
+                epoch=result.epochs_done,
+                epochs=config.epochs,
+                step=done,
+                steps=total,
+                loss=None,
+                images_per_s=rate,
+                eta_s=(total - done) / rate,
+            )
+            return any([callback(progress) for callback in callbacks])
+
+        evaluation = evaluate(
+            result.model, test_x, config.eval_k, generator=generator, on_progress=on_progress
+        )
+        if evaluation is None:
+            return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
+        metrics.update(evaluation.to_dict())
+    write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode())
+    return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)
