@@ -572,7 +572,7 @@ def test_binarized_test_images_is_the_same_on_cuda() -> None:
 
 def real_data_dir() -> Path:
     configured = os.environ.get("IWAE_DATA_DIR")
-    return Path(configured) if configured else Path(__file__).parents[2] / "shared/data/mnist"
+    return Path(configured) if configured else Path(__file__).parents[3] / "shared/data/mnist"
 
 
 def real_files() -> dict[str, Path]:
