@@ -1,0 +1,280 @@
+"""The `iwae` command: train and evaluate in the foreground, or run the service.
+
+    iwae train --k 50 [--objective iwae] [--epochs 1] ...   train, evaluate, write a checkpoint
+    iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
+    iwae serve [--host 127.0.0.1] [--port 8000]             the API (+ a local worker if embedded)
+    iwae worker                                             a Celery worker (distributed mode)
+
+Data comes from IWAE_DATA_DIR (default IWAE_HOME/data, downloaded there when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.config import OBJECTIVES, ModelConfig, TrainConfig
+from models.data import DataError
+
+_TRAIN_DEFAULTS = TrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iwae",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    train = commands.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train a model in the foreground, then evaluate it on the test set",
+    )
+    train.add_argument("--k", type=int, required=True, help="importance samples per image")
+    train.add_argument("--objective", choices=OBJECTIVES, default=_TRAIN_DEFAULTS.objective)
+    train.add_argument(
+        "--m", type=int, default=_TRAIN_DEFAULTS.m, help="groups of k samples for miwae/piwae"
+    )
+    train.add_argument(
+        "--beta", type=float, default=_TRAIN_DEFAULTS.beta, help="ELBO weight of ciwae"
+    )
+    train.add_argument("--epochs", type=int, default=_TRAIN_DEFAULTS.epochs)
+    train.add_argument("--batch-size", type=int, default=_TRAIN_DEFAULTS.batch_size)
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=_TRAIN_DEFAULTS.learning_rate,
+        help="Adam learning rate (the first stage's with --schedule burda)",
+    )
+    train.add_argument(
+        "--schedule",
+        choices=("constant", "burda"),
+        default="constant",
+        help="burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 (3280 epochs)",
+    )
+    train.add_argument(
+        "--layers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="stochastic layers (Burda's two MNIST architectures)",
+    )
+    train.add_argument("--latent-dim", type=int, default=ModelConfig().latent_dim)
+    train.add_argument(
+        "--hidden-dim",
+        type=int,
+        default=None,
+        help="hidden width (default 200 with 1 layer, 100 with 2)",
+    )
+    train.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="use the first N training images (default all 60000)",
+    )
+    _add_eval_arguments(train, eval_size=_TRAIN_DEFAULTS.eval_size)
+    train.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS.seed)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="training arithmetic; evaluation always runs in fp32",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/<objective>-k<K>-<time>); an "
+        "existing checkpoint there is resumed",
+    )
+
+    evaluate = commands.add_parser(
+        "eval", formatter_class=fmt, help="test log-likelihood and active units of a checkpoint"
+    )
+    evaluate.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a model.safetensors file or the folder holding it",
+    )
+    _add_eval_arguments(evaluate, eval_size=10_000)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--seed", type=int, default=0)
+
+    serve = commands.add_parser(
+        "serve",
+        formatter_class=fmt,
+        help="run the REST API; without IWAE_BROKER_URL also a local worker (embedded mode)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    commands.add_parser("worker", help="run a Celery worker for IWAE_BROKER_URL")
+    return parser
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, *, eval_size: int) -> None:
+    flag = "--k" if parser.prog.endswith("eval") else "--eval-k"
+    parser.add_argument(
+        flag,
+        dest="eval_k",
+        type=int,
+        default=_TRAIN_DEFAULTS.eval_k,
+        help="importance samples per test image for the log-likelihood",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=eval_size,
+        help="test images to score (0 skips the evaluation)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"train": _train, "eval": _eval, "serve": _serve, "worker": _worker}[args.command]
+    try:
+        return command(args) or 0
+    except (ValueError, OSError, DataError) as exc:  # bad input or data: a message, no trace
+        print(f"iwae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.run import train_and_evaluate
+
+    config = TrainConfig(
+        k=args.k,
+        objective=args.objective,
+        m=args.m,
+        beta=args.beta,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        model=ModelConfig(
+            layers=args.layers, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim
+        ),
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        eval_k=args.eval_k,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+    )
+    out = (
+        args.out
+        or Path("runs") / f"{config.objective}-k{config.k}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    data = _load_data()
+    with _ProgressBar() as bar:
+        result = train_and_evaluate(config, data, out, callbacks=[bar])
+    print(json.dumps({"out": str(out), **(result.metrics or {})}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_model
+    from models.data import binarized_test_images
+    from models.estimators import evaluate
+    from models.run import CHECKPOINT_NAME
+    from models.training import resolve_device
+
+    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    device = resolve_device(args.device)
+    model, config = load_model(path, device)
+    test_x = binarized_test_images(_load_data().test_images[: args.eval_size]).to(device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with _ProgressBar() as bar:
+        metrics = evaluate(model, test_x, args.eval_k, generator=generator, on_progress=bar.on_eval)
+    print(
+        f"test log-likelihood: {metrics.test_loglik:.2f} ± {metrics.test_loglik_std_error:.2f}"
+        f" nats per image (IWAE bound, k={args.eval_k}, {len(test_x)} test images, "
+        f"binarized MNIST)"
+    )
+    print(f"active units per stochastic layer: {metrics.active_units}")
+    print(json.dumps({"model": str(path), "config": config.to_dict(), **metrics.to_dict()}))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.server import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.runner import run_worker
+
+    run_worker()
+    return 0
+
+
+def _load_data():
+    from app.settings import get_settings
+    from models.data import load_mnist
+
+    settings = get_settings()
+    return load_mnist(settings.mnist_dir, download_dir=settings.download_dir)
+
+
+class _ProgressBar:
+    """A tqdm bar per phase (training epochs, evaluation) driven by the training callbacks."""
+
+    def __enter__(self) -> _ProgressBar:
+        self._bar = None
+        self._key = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __call__(self, progress) -> None:
+        key = (progress.phase, progress.epoch)
+        if key != self._key:
+            self._restart(
+                key,
+                progress.steps,
+                f"epoch {progress.epoch}/{progress.epochs}"
+                if progress.phase == "train"
+                else "evaluating",
+            )
+        if progress.loss is not None:
+            self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)
+        self._bar.update(progress.step - self._bar.n)  # redraws at most every mininterval
+
+    def on_eval(self, done: int, total: int) -> None:
+        if self._key is None:
+            self._restart(("eval", 0), total, "evaluating")
+        self._bar.update(done - self._bar.n)
+
+    def _restart(self, key, total: int, description: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is not None:
+            self._bar.close()
+        self._key = key
+        self._bar = tqdm(
+            total=total,
+            desc=description,
+            unit="step" if key[0] == "train" else "image",
+            leave=True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
