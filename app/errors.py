@@ -1,0 +1,105 @@
+"""Domain exceptions of the API and the one place that maps each to an HTTP answer.
+
+Code below the routes raises these; `install_error_handlers` registers one handler per
+exception, so every error leaves as JSON `{"detail": "..."}` with its status code, and
+nothing a client sends can produce a 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from worker.jobs import JobAlreadyFinished, JobNotFound
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    """No trained model has this id."""
+
+
+class NoModelTrained(LookupError):
+    """A model was asked for by default, and none has been trained yet."""
+
+
+class ModelUnavailable(RuntimeError):
+    """A listed model's checkpoint cannot be loaded (a server-side fault, not the client's)."""
+
+
+class InvalidImage(ValueError):
+    """Base of the upload errors: the file cannot be turned into a digit."""
+
+
+class EmptyImage(InvalidImage):
+    """The uploaded file has no bytes."""
+
+
+class UnreadableImage(InvalidImage):
+    """Pillow cannot decode the file: not an image, or a format it does not know."""
+
+
+class ImageTooLarge(InvalidImage):
+    """The image has more pixels than the limit (a decompression bomb, or a huge photo)."""
+
+
+class NoDigitFound(InvalidImage):
+    """The image decodes but is blank: nothing stands out from the background."""
+
+
+class QueueUnavailable(RuntimeError):
+    """The job was recorded but could not be handed to the broker."""
+
+
+class NotAuthenticated(PermissionError):
+    """A write endpoint needs `Authorization: Bearer <IWAE_API_TOKEN>`."""
+
+
+class NotReady(RuntimeError):
+    """A dependency of the service (storage, job store, broker) does not answer."""
+
+
+# One status per exception; the handler below turns any of them into {"detail": str(exc)}.
+STATUS_CODES: dict[type[Exception], int] = {
+    EmptyImage: 400,
+    NoDigitFound: 400,
+    NotAuthenticated: 401,
+    ModelNotFound: 404,
+    JobNotFound: 404,
+    NoModelTrained: 409,
+    JobAlreadyFinished: 409,
+    ImageTooLarge: 413,
+    UnreadableImage: 415,
+    ModelUnavailable: 500,
+    NotReady: 503,
+    QueueUnavailable: 503,
+}
+
+
+def _detail(request: Request, exc: Exception) -> JSONResponse:
+    status = next(STATUS_CODES[t] for t in type(exc).__mro__ if t in STATUS_CODES)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's `max_body_size` counts the bytes as they arrive and raises a bare 413."""
+    limit = request.app.state.settings.max_upload_bytes
+    return JSONResponse(
+        {"detail": f"request body larger than the limit of {limit} bytes (IWAE_MAX_UPLOAD_BYTES)"},
+        status_code=413,
+    )
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type in STATUS_CODES:
+        app.add_exception_handler(exc_type, _detail)
+    app.add_exception_handler(413, _body_too_large)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,183 @@
+"""Image codecs: uploaded pictures in, MNIST-style 28x28 digits out, and PNGs back.
+
+`preprocess` turns any image Pillow reads into what the models were trained on, the way
+MNIST itself was made (LeCun et al.): greyscale, light digit on a dark background, the
+digit's bounding box scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28
+field so that its centre of mass sits at the centre. Pure functions over bytes and numpy
+arrays; the only state is `configure_pillow`, called once by the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import EmptyImage, ImageTooLarge, NoDigitFound, UnreadableImage
+
+SIDE = 28  # MNIST images are SIDE x SIDE
+BOX = 20  # the digit's bounding box is scaled to fit BOX x BOX
+# A pixel belongs to the digit when its contrast above the background is at least this
+# fraction of the brightest pixel's.
+INK_THRESHOLD = 0.2
+# Below this contrast (on a 0..1 scale) between the brightest pixel and the background,
+# the picture is blank.
+MIN_CONTRAST = 0.1
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Make Pillow refuse decompression bombs itself, as a second line behind `decode`.
+
+    Pillow only warns between MAX_IMAGE_PIXELS and twice that; the filter turns the warning
+    into an error. Process-wide, so called once at startup rather than per request.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode an image file into greyscale `[H, W] float32` in [0, 1] (1 = white).
+
+    The header is checked against `max_pixels` before any pixel is decompressed, so a
+    decompression bomb costs microseconds. Transparent pixels are composited on white
+    (drawing apps export dark strokes on a transparent canvas); animated images give their
+    first frame; EXIF orientation is applied.
+    """
+    if not data:
+        raise EmptyImage("the uploaded file is empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise UnreadableImage(
+            "the uploaded file is not an image this service can read "
+            "(PNG, JPEG, GIF, BMP, WebP, TIFF ...)"
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, "
+            f"more than the limit of {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise UnreadableImage("the image has no pixels")
+    try:
+        image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        return _to_grey(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Truncated or corrupt pixel data behind a valid header.
+        raise UnreadableImage(f"the image could not be decoded: {exc}") from exc
+
+
+def _to_grey(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> [H, W] float32 in [0, 1], transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            return (values / 65535.0).astype(np.float32)
+        low, high = float(values.min()), float(values.max())
+        scale = high - low if high > low else 1.0
+        return ((values - low) / scale).astype(np.float32)
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def to_mnist(grey: np.ndarray) -> np.ndarray:
+    """Greyscale `[H, W]` in [0, 1] -> MNIST-style digit `[784] float32` in [0, 1].
+
+    1. Light digit on dark ground: invert when the border (the outermost rows and
+       columns) is mostly light, as when someone draws dark ink on white paper.
+    2. Remove the background level (the border's median) and stretch the contrast so that
+       the brightest pixel is 1; a picture with no contrast has no digit.
+    3. Crop to the bounding box of the ink, scale it to fit 20x20 keeping its aspect ratio.
+    4. Paste it into 28x28 so that its centre of mass lands on the centre pixel (14, 14),
+       shifted back inside the field when the digit is very lopsided.
+    """
+    border = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
+    if border.mean() > 0.5:
+        grey = 1.0 - grey
+        border = 1.0 - border
+    background = float(np.median(border))
+    contrast = float(grey.max()) - background
+    if contrast < MIN_CONTRAST:
+        raise NoDigitFound("no digit found: the image is blank or has too little contrast")
+    ink = np.clip((grey - background) / contrast, 0.0, 1.0)
+    rows = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink >= INK_THRESHOLD).any(axis=0))
+    box = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # [h, w]
+    digit = _fit(box, BOX)  # [h', w'] with max(h', w') == BOX
+    return _centre(digit, SIDE).reshape(SIDE * SIDE)
+
+
+def _fit(box: np.ndarray, side: int) -> np.ndarray:
+    """Resize `box` so that its longer side is `side`, keeping the aspect ratio."""
+    height, width = box.shape
+    scale = side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray(box.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _centre(digit: np.ndarray, side: int) -> np.ndarray:
+    """Paste `digit` [h, w] into a `side` x `side` field, centre of mass at (side/2, side/2)."""
+    height, width = digit.shape
+    mass = float(digit.sum())
+    if mass <= 0.0:
+        raise NoDigitFound("no digit found: the image is blank or has too little contrast")
+    cy = float((digit.sum(axis=1) * np.arange(height)).sum()) / mass
+    cx = float((digit.sum(axis=0) * np.arange(width)).sum()) / mass
+    top = min(max(round(side / 2 - cy), 0), side - height)
+    left = min(max(round(side / 2 - cx), 0), side - width)
+    field = np.zeros((side, side), dtype=np.float32)
+    field[top : top + height, left : left + width] = digit
+    return field
+
+
+def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+    """An uploaded image file -> MNIST-style digit `[784] float32` in [0, 1]."""
+    return to_mnist(decode(data, max_pixels))
+
+
+def binarize(digit: np.ndarray) -> np.ndarray:
+    """Threshold at 0.5, as the models were trained on binarized digits: [..., 784] in {0, 1}."""
+    return (digit >= 0.5).astype(np.float32)
+
+
+def encode_png(digit: np.ndarray) -> bytes:
+    """One digit `[784]` (or `[28, 28]`) in [0, 1] -> an 8-bit greyscale 28x28 PNG."""
+    return _png(np.asarray(digit, dtype=np.float32).reshape(SIDE, SIDE))
+
+
+def encode_png_grid(digits: np.ndarray, padding: int = 2) -> bytes:
+    """n digits `[n, 784]` in [0, 1] -> one PNG, a near-square grid with black padding.
+
+    `ceil(sqrt(n))` columns and as many rows as needed, like torchvision's `make_grid`.
+    """
+    digits = np.asarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE)  # [n, 28, 28]
+    n = digits.shape[0]
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    cell = SIDE + padding
+    grid = np.zeros((rows * cell + padding, cols * cell + padding), dtype=np.float32)
+    for i, digit in enumerate(digits):
+        top = padding + (i // cols) * cell
+        left = padding + (i % cols) * cell
+        grid[top : top + SIDE, left : left + SIDE] = digit
+    return _png(grid)
+
+
+def _png(values: np.ndarray) -> bytes:
+    pixels = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

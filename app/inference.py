@@ -1,0 +1,73 @@
+"""What the API computes with a served model: samples, reconstructions, log-likelihoods.
+
+Called from sync routes, so in the server's thread pool and never on the event loop; every
+call runs under `torch.inference_mode()`. Inputs and outputs are numpy arrays on the CPU,
+whatever device the model lives on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.registry import ServedModel
+from models.estimators import log_likelihood
+
+D = 784
+
+
+@dataclass(frozen=True)
+class Score:
+    """Per-image estimates in nats; `bits_per_dim = -log_likelihood / (784 ln 2)`."""
+
+    log_likelihood: float
+    std_error: float
+    elbo: float
+
+    @property
+    def bits_per_dim(self) -> float:
+        return -self.log_likelihood / (D * math.log(2.0))
+
+
+def _generator(served: ServedModel, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=served.device).manual_seed(seed)
+
+
+def sample(served: ServedModel, n: int, seed: int | None = None) -> np.ndarray:
+    """n digits from the model: Bernoulli means `[n, 784]` in [0, 1]; same seed, same digits."""
+    with torch.inference_mode():
+        x = served.model.sample(n, _generator(served, seed))  # [n, D]
+    return x.float().cpu().numpy()
+
+
+def reconstruct(served: ServedModel, digit: np.ndarray) -> np.ndarray:
+    """One digit `[784]` -> its reconstruction `[784]` in [0, 1]."""
+    with torch.inference_mode():
+        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
+        return served.model.reconstruct(x)[0].float().cpu().numpy()  # [D]
+
+
+def score(
+    served: ServedModel,
+    digit: np.ndarray,
+    k: int,
+    *,
+    chunk_size: int | None = None,
+    seed: int | None = None,
+) -> Score:
+    """K-sample importance-weighted estimate of log p(x) for one binarized digit `[784]`."""
+    with torch.inference_mode():
+        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
+        result = log_likelihood(
+            served.model, x, k, generator=_generator(served, seed), chunk_size=chunk_size
+        )  # fields [1]
+        return Score(
+            log_likelihood=float(result.log_px[0]),
+            std_error=float(result.std_error[0]),
+            elbo=float(result.elbo[0]),
+        )

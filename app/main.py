@@ -1,0 +1,66 @@
+"""`create_app()`: the FastAPI application, wired once per process.
+
+Nothing here touches the disk or the network at import or in `create_app`; the lifespan
+opens the job store and checks the storage directory when the server starts, and closes
+the store when it stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.images import configure_pillow
+from app.metrics import Metrics, MetricsMiddleware
+from app.registry import ModelRegistry
+from app.routes import router
+from app.settings import Settings, get_settings
+from worker.jobs import open_job_store
+
+DESCRIPTION = """
+Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
+
+* `POST /train` queues a training job; `GET /jobs/{job_id}` shows its progress.
+* `GET /samples`, `POST /reconstruct` and `POST /loglik` use a trained model: the newest one,
+  or the one named by `model_id` (see `GET /models`).
+* Log-likelihoods are in nats per image, estimated with `k` importance samples.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    configure_pillow(settings.max_image_pixels)
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    store = open_job_store(settings)
+    app.state.store = store
+    app.state.registry = ModelRegistry(
+        settings.models_dir, settings.model_cache_size, device=settings.inference_device
+    )
+    try:
+        yield
+    finally:
+        store.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API; `settings` default to the environment's (`get_settings()`)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="IWAE service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # Counted as the bytes arrive (and from Content-Length up front): 413 before the
+        # whole body is read.
+        max_body_size=settings.max_upload_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

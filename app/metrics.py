@@ -1,0 +1,90 @@
+"""Prometheus metrics: requests and latencies per route template, jobs per status.
+
+Each app owns its `CollectorRegistry`, so several apps in one process (tests) do not clash.
+Routes are labelled by their template (`/jobs/{job_id}`), never the raw path, to keep the
+number of series bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+UNMATCHED = "<unmatched>"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "iwae_http_requests",
+            "HTTP requests answered, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "iwae_http_request_duration_seconds",
+            "Time from request to the end of the response, by method and route template.",
+            ["method", "route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "iwae_jobs",
+            "Training jobs in the job store, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self, job_statuses: Iterable[str] | None) -> bytes:
+        """The text exposition; `job_statuses` (one per job) sets the jobs gauge, when known."""
+        if job_statuses is not None:
+            counts = Tally(job_statuses)
+            for status in JOB_STATUSES:
+                self.jobs.labels(status).set(counts.get(status, 0))
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware): times each HTTP request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            self.metrics.observe(scope["method"], template, status, time.perf_counter() - start)

@@ -1,0 +1,193 @@
+"""The REST API. Each route parses (schema, dependencies), makes one call, encodes the answer.
+
+Routes that run models are plain `def`: FastAPI runs them in its thread pool, so inference
+never blocks the event loop. Errors are raised as domain exceptions (app.errors).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Response, status
+
+from app import inference
+from app.deps import (
+    MetricsDep,
+    QueueDep,
+    RegistryDep,
+    Seed,
+    SettingsDep,
+    StoreDep,
+    loglik_k,
+    readiness,
+    require_token,
+    sample_count,
+    served_model,
+    uploaded_digit,
+)
+from app.images import encode_png, encode_png_grid
+from app.metrics import CONTENT_TYPE
+from app.registry import ServedModel
+from app.schemas import (
+    ID_PATTERN,
+    ErrorOut,
+    HealthOut,
+    ImageFormat,
+    JobList,
+    JobOut,
+    LoglikOut,
+    ModelList,
+    ModelOut,
+    ReadyOut,
+    ReconstructionOut,
+    SamplesOut,
+    TrainRequest,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+JobId = Annotated[str, Path(pattern=ID_PATTERN, description="The id POST /train returned.")]
+ModelId = Annotated[str, Path(pattern=ID_PATTERN, description="An id from GET /models.")]
+Model = Annotated[ServedModel, Depends(served_model)]
+Digit = Annotated[np.ndarray, Depends(uploaded_digit)]
+Format = Annotated[ImageFormat, Query(description="`png` (an image) or `json` (the pixel values).")]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+_MODEL_ERRORS = _errors(404, 409)
+_UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415)
+_PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON on request."}}
+
+
+@router.post(
+    "/train",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_token)],
+    responses=_errors(401),
+    tags=["jobs"],
+)
+def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
+    """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress."""
+    job = store.create(body.to_config())
+    try:
+        enqueue(job.job_id)
+    except Exception:  # the job is recorded: the workers' reaper sends its message later
+        log.exception("could not enqueue job %s; it stays queued for the reaper", job.job_id)
+    response.headers["Location"] = f"/jobs/{job.job_id}"
+    return JobOut.model_validate(job, from_attributes=True)
+
+
+@router.get("/jobs", tags=["jobs"])
+def list_jobs(store: StoreDep) -> JobList:
+    """Every job, newest first."""
+    return JobList(jobs=[JobOut.model_validate(j, from_attributes=True) for j in store.list()])
+
+
+@router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
+def get_job(job_id: JobId, store: StoreDep) -> JobOut:
+    """A job's status, progress, metrics and model id."""
+    return JobOut.model_validate(store.get(job_id), from_attributes=True)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_token)],
+    responses=_errors(401, 404, 409),
+    tags=["jobs"],
+)
+def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
+    """Cancel a queued job now, or stop a running one within one training step."""
+    return JobOut.model_validate(store.request_cancel(job_id), from_attributes=True)
+
+
+@router.get("/models", tags=["models"])
+def list_models(registry: RegistryDep) -> ModelList:
+    """Every trained model with its config and final metrics, newest first."""
+    return ModelList(models=[ModelOut.model_validate(m) for m in registry.list()])
+
+
+@router.get("/models/{model_id}", responses=_errors(404), tags=["models"])
+def get_model(model_id: ModelId, registry: RegistryDep) -> ModelOut:
+    return ModelOut.model_validate(registry.describe(model_id))
+
+
+@router.get(
+    "/samples", response_model=SamplesOut, responses={**_PNG, **_MODEL_ERRORS}, tags=["models"]
+)
+def samples(
+    model: Model,
+    n: Annotated[int, Depends(sample_count)],
+    seed: Seed = None,
+    format: Format = "png",
+) -> Any:
+    """Digits drawn from the model: a PNG grid, or JSON with 784 Bernoulli means each."""
+    images = inference.sample(model, n, seed)  # [n, 784]
+    if format == "png":
+        return Response(encode_png_grid(images), media_type="image/png")
+    return SamplesOut(model_id=model.model_id, samples=np.round(images, 4).tolist())
+
+
+@router.post(
+    "/reconstruct",
+    response_model=ReconstructionOut,
+    responses={**_PNG, **_UPLOAD_ERRORS},
+    tags=["models"],
+)
+def reconstruct(digit: Digit, model: Model, format: Format = "png") -> Any:
+    """The uploaded digit passed through the encoder's mean and the decoder."""
+    image = inference.reconstruct(model, digit)  # [784]
+    if format == "png":
+        return Response(encode_png(image), media_type="image/png")
+    return ReconstructionOut(
+        model_id=model.model_id, input=digit.tolist(), reconstruction=np.round(image, 4).tolist()
+    )
+
+
+@router.post("/loglik", responses=_UPLOAD_ERRORS, tags=["models"])
+def loglik(
+    digit: Digit,
+    model: Model,
+    k: Annotated[int, Depends(loglik_k)],
+    settings: SettingsDep,
+    seed: Seed = None,
+) -> LoglikOut:
+    """log p(x) of the uploaded digit, estimated with K importance samples, in nats."""
+    score = inference.score(model, digit, k, chunk_size=settings.loglik_chunk_size, seed=seed)
+    return LoglikOut(
+        model_id=model.model_id,
+        k=k,
+        log_likelihood=score.log_likelihood,
+        std_error=score.std_error,
+        elbo=score.elbo,
+        bits_per_dim=score.bits_per_dim,
+    )
+
+
+@router.get("/healthz", tags=["ops"])
+def healthz() -> HealthOut:
+    """The process is alive."""
+    return HealthOut()
+
+
+@router.get("/readyz", responses=_errors(503), tags=["ops"])
+def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
+    """Storage is writable and the job store and broker answer; 503 otherwise."""
+    return ready
+
+
+@router.get("/metrics", response_class=Response, tags=["ops"])
+def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
+    """Prometheus text: requests and latencies per route, jobs per status."""
+    try:
+        statuses = [job.status for job in store.list()]
+    except Exception:  # the request metrics stay useful while the job store is down
+        log.warning("job store unreachable; /metrics without job counts", exc_info=True)
+        statuses = None
+    return Response(metrics.render(statuses), media_type=CONTENT_TYPE)

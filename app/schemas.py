@@ -1,0 +1,227 @@
+"""Every request and response body of the REST API, with its limits and /docs examples."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.config import ModelConfig, Objective, Precision, Schedule, TrainConfig
+
+# Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_SEED = 2**63 - 1
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ImageFormat = Literal["png", "json"]
+
+_TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
+_MODEL = ModelConfig()
+
+
+class TrainRequest(BaseModel):
+    """A training job: objective, optimisation, architecture and final evaluation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(ge=1, le=5000, description="Importance samples per data point.", examples=[5])
+    objective: Objective = Field(
+        _TRAIN.objective,
+        description="Training objective: `vae` is the ELBO; `iwae` the K-sample bound; "
+        "`iwae-stl` and `iwae-dreg` its lower-variance gradient estimators; `miwae`, "
+        "`ciwae` and `piwae` the combinations of Rainforth et al. (2018).",
+        examples=["iwae"],
+    )
+    m: int = Field(
+        _TRAIN.m,
+        ge=1,
+        le=64,
+        description="Groups of K samples for `miwae` and `piwae` (ignored otherwise).",
+        examples=[1],
+    )
+    beta: float = Field(
+        _TRAIN.beta,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the ELBO in `ciwae` (ignored otherwise).",
+        examples=[0.5],
+    )
+    epochs: int = Field(
+        _TRAIN.epochs, ge=1, le=10_000, description="Passes over the training set.", examples=[5]
+    )
+    batch_size: int = Field(
+        _TRAIN.batch_size, ge=1, le=10_000, description="Images per step.", examples=[100]
+    )
+    learning_rate: float = Field(
+        _TRAIN.learning_rate,
+        gt=0.0,
+        le=1.0,
+        description="Adam's learning rate (the starting one under the `burda` schedule).",
+        examples=[0.001],
+    )
+    schedule: Schedule = Field(
+        _TRAIN.schedule,
+        description="`constant`, or `burda`: the paper's 3^i epochs at 1e-3 * 10^(-i/7).",
+        examples=["constant"],
+    )
+    layers: Literal[1, 2] = Field(
+        _MODEL.layers,
+        description="Stochastic layers (Burda et al.'s two MNIST models).",
+        examples=[1],
+    )
+    latent_dim: int = Field(
+        _MODEL.latent_dim,
+        ge=1,
+        le=1024,
+        description="Width of the top latent layer.",
+        examples=[50],
+    )
+    hidden_dim: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Width of the deterministic hidden layers; null: 200 for one stochastic "
+        "layer, 100 for two.",
+        examples=[200],
+    )
+    train_size: int | None = Field(
+        _TRAIN.train_size,
+        ge=1,
+        le=60_000,
+        description="Train on the first N of the 60,000 training images; null: all of them.",
+        examples=[10_000],
+    )
+    eval_size: int = Field(
+        _TRAIN.eval_size,
+        ge=0,
+        le=10_000,
+        description="Test images for the final log-likelihood; 0 skips the evaluation.",
+        examples=[1000],
+    )
+    eval_k: int = Field(
+        _TRAIN.eval_k,
+        ge=1,
+        le=5000,
+        description="Importance samples for the final log-likelihood.",
+        examples=[5000],
+    )
+    seed: int = Field(
+        _TRAIN.seed, ge=0, le=MAX_SEED, description="Seed of every random draw.", examples=[0]
+    )
+    precision: Precision = Field(
+        _TRAIN.precision,
+        description="Training arithmetic; evaluation always runs in fp32.",
+        examples=["fp32"],
+    )
+
+    def to_config(self) -> dict[str, Any]:
+        """The job's `TrainConfig` as a dict (validated by building it)."""
+        values = self.model_dump()
+        model = ModelConfig(
+            layers=values.pop("layers"),
+            latent_dim=values.pop("latent_dim"),
+            hidden_dim=values.pop("hidden_dim"),
+        )
+        return TrainConfig(model=model, **values).to_dict()
+
+
+class ProgressOut(BaseModel):
+    """Where a running job stands; updated after every training step."""
+
+    phase: Literal["train", "eval"] | None = Field(None, examples=["train"])
+    epoch: int | None = Field(None, description="Epochs completed.", examples=[2])
+    epochs: int | None = Field(None, description="Epochs in the run.", examples=[5])
+    step: int | None = Field(
+        None, description="Steps done (of the current phase).", examples=[1200]
+    )
+    steps: int | None = Field(None, description="Steps in the current phase.", examples=[3000])
+    loss: float | None = Field(None, description="Last training loss, nats.", examples=[95.3])
+    images_per_s: float | None = Field(None, examples=[25_000.0])
+    eta_s: float | None = Field(None, description="Estimated seconds to the end.", examples=[42.0])
+
+
+class JobOut(BaseModel):
+    """A training job as the job store records it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    job_id: str = Field(examples=["3f2c9a1e0b7d4c55a1e2f3b4c5d6e7f8"])
+    status: JobStatus = Field(examples=["running"])
+    config: dict[str, Any] = Field(description="The job's full TrainConfig.")
+    progress: ProgressOut | None = None
+    metrics: dict[str, Any] | None = Field(
+        None,
+        description="Final metrics: test_loglik (nats), test_loglik_std_error, active_units, "
+        "train_seconds, ...",
+        examples=[{"test_loglik": -86.7, "test_loglik_std_error": 0.05, "active_units": [19]}],
+    )
+    model_id: str | None = Field(None, description="Set once a checkpoint exists.")
+    error: str | None = Field(None, description="Why the job failed.")
+    attempts: int = Field(0, description="How many times a worker started this job.")
+    worker: str | None = Field(None, description="host:pid of the last worker to run it.")
+    cancel_requested: bool = False
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ModelOut(BaseModel):
+    """A trained model: what it was trained with and how well it scores."""
+
+    model_id: str = Field(examples=["3f2c9a1e0b7d4c55a1e2f3b4c5d6e7f8"])
+    job_id: str | None = None
+    config: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut] = Field(description="Newest first.")
+
+
+class SamplesOut(BaseModel):
+    model_id: str
+    samples: list[list[float]] = Field(
+        description="n images of 784 Bernoulli means in [0, 1], row-major 28x28."
+    )
+
+
+class ReconstructionOut(BaseModel):
+    model_id: str
+    input: list[float] = Field(
+        description="The uploaded digit as the model saw it: 784 binarized pixels."
+    )
+    reconstruction: list[float] = Field(description="784 Bernoulli means in [0, 1].")
+
+
+class LoglikOut(BaseModel):
+    """The K-sample importance-weighted estimate of log p(x) for the binarized upload."""
+
+    model_id: str
+    k: int = Field(description="Importance samples used.", examples=[5000])
+    log_likelihood: float = Field(
+        description="IWAE bound log (1/K) sum_k w_k, nats; a lower bound on log p(x) in "
+        "expectation.",
+        examples=[-85.2],
+    )
+    std_error: float = Field(description="Delta-method standard error, nats.", examples=[0.4])
+    elbo: float = Field(description="Mean log-weight (the ELBO), nats.", examples=[-91.0])
+    bits_per_dim: float = Field(description="-log_likelihood / (784 ln 2).", examples=[0.157])
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, bool] = Field(examples=[{"storage": True, "job_store": True, "broker": True}])
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(examples=["no model with id 'abc'"])
