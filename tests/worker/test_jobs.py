@@ -1,0 +1,210 @@
+"""The job store's life cycle, leases, reaping and cancellation, on both implementations."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worker.jobs import ClaimRefused, JobAlreadyFinished, JobNotFound, JobStore
+
+CONFIG = {"k": 5, "epochs": 2}
+
+
+def wait_for_lease_expiry(store: JobStore) -> None:
+    time.sleep(store.lease_s + 0.15)
+
+
+def test_create_get_list(store: JobStore) -> None:
+    first = store.create(CONFIG)
+    time.sleep(0.01)
+    second = store.create({"k": 1})
+
+    assert first.status == "queued"
+    assert first.attempts == 0
+    assert first.job_id != second.job_id
+    got = store.get(first.job_id)
+    assert got == first
+    assert got.config == CONFIG
+    assert [r.job_id for r in store.list()] == [second.job_id, first.job_id]
+
+
+def test_unknown_job(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        store.get("0123abcd")
+    with pytest.raises(JobNotFound):
+        store.request_cancel("0123abcd")
+    with pytest.raises(JobNotFound):
+        store.claim("0123abcd", "w")
+    assert store.list() == []
+
+
+def test_ping(store: JobStore) -> None:
+    assert store.ping()
+
+
+def test_new_job_awaits_its_message_until_enqueued(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    assert store.awaiting_message() == [job.job_id]
+    assert store.awaiting_message(older_than_s=60) == []
+    store.mark_enqueued(job.job_id)
+    assert store.awaiting_message() == []
+
+
+def test_claim_runs_once_and_refuses_duplicates(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    lease = store.claim(job.job_id, "host:1")
+
+    record = store.get(job.job_id)
+    assert record.status == "running"
+    assert record.attempts == 1
+    assert record.worker == "host:1"
+    assert record.started_at is not None
+    assert store.awaiting_message() == []
+    assert lease.record == record
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(job.job_id, "host:2")
+    assert refused.value.reason == "running"
+
+
+def test_progress_and_finish(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    lease = store.claim(job.job_id, "w")
+    assert store.update_progress(lease, {"epoch": 1, "loss": 90.5})
+    assert store.get(job.job_id).progress == {"epoch": 1, "loss": 90.5}
+    assert store.get(job.job_id).model_id is None
+    assert store.update_progress(lease, {"epoch": 2}, model_id=job.job_id)
+    assert store.get(job.job_id).model_id == job.job_id
+
+    assert store.finish(lease, "succeeded", metrics={"test_loglik": -99.0}, model_id=job.job_id)
+    record = store.get(job.job_id)
+    assert record.status == "succeeded"
+    assert record.metrics == {"test_loglik": -99.0}
+    assert record.finished_at is not None
+    assert record.finished
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(job.job_id, "w")
+    assert refused.value.reason == "finished"
+    # A finished job's lease is spent: no further writes.
+    assert not store.renew(lease)
+    assert not store.update_progress(lease, {"epoch": 3})
+    assert not store.finish(lease, "failed", error="late")
+    assert store.get(job.job_id).status == "succeeded"
+
+
+def test_failed_job_keeps_its_error(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    lease = store.claim(job.job_id, "w")
+    assert store.finish(lease, "failed", error="ValueError: boom")
+    record = store.get(job.job_id)
+    assert (record.status, record.error) == ("failed", "ValueError: boom")
+
+
+def test_renewed_lease_is_not_reaped(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    lease = store.claim(job.job_id, "w")
+    for _ in range(4):
+        time.sleep(store.lease_s / 3)
+        assert store.renew(lease)
+    assert store.reap() == []
+    assert store.get(job.job_id).status == "running"
+
+
+def test_expired_lease_is_requeued_then_resumed_by_another_worker(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    store.mark_enqueued(job.job_id)
+    lost = store.claim(job.job_id, "dead:1")
+    wait_for_lease_expiry(store)
+
+    assert store.reap() == [job.job_id]
+    record = store.get(job.job_id)
+    assert record.status == "queued"
+    assert record.attempts == 1
+    assert store.awaiting_message() == [job.job_id]
+    assert store.reap() == []
+
+    lease = store.claim(job.job_id, "alive:2")
+    assert store.get(job.job_id).attempts == 2
+    # The lost worker, should it come back, owns nothing any more.
+    assert not store.renew(lost)
+    assert not store.update_progress(lost, {"epoch": 1})
+    assert not store.finish(lost, "succeeded")
+    assert store.finish(lease, "succeeded")
+
+
+def test_claim_takes_over_an_expired_lease_before_the_reaper(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    store.claim(job.job_id, "dead:1")
+    wait_for_lease_expiry(store)
+    store.claim(job.job_id, "alive:2")
+    record = store.get(job.job_id)
+    assert (record.status, record.attempts, record.worker) == ("running", 2, "alive:2")
+
+
+def test_worker_lost_too_often_fails_the_job(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    for _ in range(store.max_attempts):
+        store.claim(job.job_id, "w")
+        wait_for_lease_expiry(store)
+        store.reap()
+    record = store.get(job.job_id)
+    assert record.status == "failed"
+    assert record.attempts == store.max_attempts
+    assert record.error == f"worker lost {store.max_attempts} times (out of memory?)"
+    assert store.awaiting_message() == []
+
+
+def test_exhausted_job_refused_at_claim(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    store.claim(job.job_id, "w")
+    wait_for_lease_expiry(store)
+    store.reap()
+    store.claim(job.job_id, "w")
+    wait_for_lease_expiry(store)
+    with pytest.raises(ClaimRefused) as refused:
+        store.claim(job.job_id, "w")
+    assert refused.value.reason == "exhausted"
+    assert store.get(job.job_id).status == "failed"
+
+
+def test_cancel_queued_job_is_immediate_and_final(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    record = store.request_cancel(job.job_id)
+    assert record.status == "cancelled"
+    assert record.cancel_requested
+    assert record.finished_at is not None
+    assert store.awaiting_message() == []
+    with pytest.raises(ClaimRefused):
+        store.claim(job.job_id, "w")
+    assert store.request_cancel(job.job_id).status == "cancelled"  # idempotent
+
+
+def test_cancel_running_job_sets_the_flag(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    lease = store.claim(job.job_id, "w")
+    assert not store.cancel_requested(job.job_id)
+
+    record = store.request_cancel(job.job_id)
+    assert record.status == "running"
+    assert record.cancel_requested
+    assert store.cancel_requested(job.job_id)
+    assert store.finish(lease, "cancelled")
+    assert store.get(job.job_id).status == "cancelled"
+
+
+def test_cancel_of_a_lost_running_job_cancels_it_at_reaping(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    store.claim(job.job_id, "w")
+    store.request_cancel(job.job_id)
+    wait_for_lease_expiry(store)
+    assert store.reap() == []
+    assert store.get(job.job_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_cancel_finished_job_refused(store: JobStore, outcome: str) -> None:
+    job = store.create(CONFIG)
+    store.finish(store.claim(job.job_id, "w"), outcome)
+    with pytest.raises(JobAlreadyFinished):
+        store.request_cancel(job.job_id)
+    assert store.get(job.job_id).status == outcome

@@ -1,0 +1,128 @@
+"""Settings shared by every worker process (and inherited by the API's `app.settings`).
+
+Read from the environment with the prefix `IWAE_` (e.g. `IWAE_HOME`, `IWAE_BROKER_URL`).
+Every field has a safe default, and building the settings never touches the disk or the
+network: directories are created by the code that uses them.
+
+Recovery time: a job whose worker dies is re-queued at most `job_lease_s + reaper_interval_s`
+after the worker's last heartbeat (75 s with the defaults), by the reaper of any live worker;
+see `worker.reaper`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    """Where state lives, which broker to use, and the job-lease timings."""
+
+    model_config = SettingsConfigDict(env_prefix="IWAE_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.iwae"),
+        description="Root of all state: models/, and in embedded mode jobs/ and broker/.",
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        description="Folder with the four MNIST files; None means home/data, where they are "
+        "downloaded when missing.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="redis://host:6379/0 for the distributed mode (the job store lives in the "
+        "same Redis database); unset for the embedded mode (no server needed).",
+    )
+    redis_prefix: str = Field(
+        default="iwae:",
+        description="Prefix of every Redis key the service writes (job store and Celery queue), "
+        "so that several deployments or test runs can share one Redis database.",
+    )
+    queue: str = Field(default="iwae.training", description="Celery queue of training jobs.")
+    job_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job whose lease is not renewed for this long is presumed lost.",
+    )
+    heartbeat_interval_s: float = Field(
+        default=10.0, gt=0, description="How often a running job renews its lease."
+    )
+    reaper_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often each worker looks for running jobs whose lease expired.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Starts allowed per job; a job whose worker is lost this many times fails.",
+    )
+    progress_interval_s: float = Field(
+        default=1.0, ge=0, description="Minimum time between progress writes of a running job."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Device for jobs whose config says device='auto'; 'auto' picks CUDA when "
+        "available. Chosen inside the task, never in a parent process.",
+    )
+
+    @field_validator("broker_url", "data_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("home", "data_dir")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_interval_s >= self.job_lease_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be shorter than "
+                f"job_lease_s ({self.job_lease_s}), or every running job would look lost"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: filesystem queue and file job store."""
+        return self.broker_url is None
+
+    @property
+    def mnist_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.home / "data"
+
+    @property
+    def download_dir(self) -> Path:
+        """Where missing MNIST files are downloaded (the default data folder)."""
+        return self.home / "data"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def recovery_bound_s(self) -> float:
+        """Longest time from a worker's death to its job being queued again."""
+        return self.job_lease_s + self.reaper_interval_s
+
+
+@lru_cache
+def get_worker_settings() -> WorkerSettings:
+    """The process's settings, read once; tests call `get_worker_settings.cache_clear()`."""
+    return WorkerSettings()
