@@ -1,0 +1,128 @@
+"""The Celery application: one training job at a time per worker process, JSON messages.
+
+`celery -A worker.celery_app worker` (or `iwae worker`, see `worker.runner`) uses `app`,
+built from the environment's settings. `create_celery_app(settings)` builds another, e.g. for
+tests. Building an app connects to nothing and creates no folder.
+
+Transports: Redis in the distributed mode (every key under `settings.redis_prefix`, through
+kombu's `global_keyprefix`); kombu's filesystem transport under `home/broker/` in the
+embedded mode, which needs no server. The message carries only the job id; the job's config
+and everything a user reads live in the job store (`worker.jobs`).
+
+Why `task_acks_late=False`: recovery does not rest on the broker redelivering messages. A
+task claims its job in the job store under a lease renewed by heartbeats, and a reaper
+re-queues jobs whose lease expired (see `worker.jobs` and `worker.reaper`): a lost job is
+queued again within `job_lease_s + reaper_interval_s` (75 s by default). With late acks a
+message would instead stay unacknowledged for the whole training run, and Redis would
+redeliver it every `visibility_timeout` (one hour by default) while the job still runs, or
+again and again after a job that kills its worker (out of memory); the lease makes such
+copies harmless, but they would be noise. Early ack plus `worker_disable_prefetch` means a
+worker that dies holds no message at all.
+
+Why the solo pool: a worker runs one training job at a time anyway (one per GPU), and the
+solo pool runs it in the worker process itself, so nothing forks after torch is imported
+(the CUDA-after-fork trap cannot happen), a SIGKILL stops training and heartbeats together
+(the lease then expires as it should), and there is no child process to orphan. To use
+several GPUs on one machine, run one `iwae worker` per GPU with `CUDA_VISIBLE_DEVICES` set.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from worker.jobs import JobStore, open_job_store
+from worker.settings import WorkerSettings, get_worker_settings
+
+TRAIN_TASK = "iwae.train"
+
+
+class IwaeCelery(Celery):
+    """A Celery app that carries the settings it was built from."""
+
+    settings: WorkerSettings
+
+    @cached_property
+    def job_store(self) -> JobStore:
+        """This process's job store, opened on first use."""
+        return open_job_store(self.settings)
+
+
+def create_celery_app(settings: WorkerSettings) -> IwaeCelery:
+    app = IwaeCelery("iwae", include=["worker.tasks"], set_as_current=False)
+    app.settings = settings
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "task_default_queue": settings.queue,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        # The lease, not redelivery, recovers lost jobs (module docstring).
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,
+        # One job at a time, and no message reserved behind it.
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": "solo",
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": True,
+        "broker_connection_retry_on_startup": True,
+    }
+    if settings.embedded:
+        queue_dir = str(settings.broker_dir / "queue")
+        config.update(
+            broker_url="filesystem://",
+            broker_transport_options={
+                "data_folder_in": queue_dir,
+                "data_folder_out": queue_dir,
+                "control_folder": str(settings.broker_dir / "control"),
+                "processed_folder": str(settings.broker_dir / "processed"),
+                "store_processed": False,
+                "polling_interval": 0.5,
+            },
+            # The filesystem transport has no broadcast for remote control.
+            worker_enable_remote_control=False,
+        )
+    else:
+        config.update(
+            broker_url=settings.broker_url,
+            broker_transport_options={"global_keyprefix": settings.redis_prefix},
+            worker_disable_prefetch=True,
+        )
+    return config
+
+
+def prepare_storage(settings: WorkerSettings) -> None:
+    """Create the folders a worker or the embedded queue writes to."""
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    if settings.embedded:
+        for name in ("queue", "control", "processed"):
+            (settings.broker_dir / name).mkdir(parents=True, exist_ok=True)
+        settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if isinstance(app, IwaeCelery):
+        from worker.reaper import start_reaper
+
+        start_reaper(app)
+
+
+@worker_shutdown.connect
+def _stop_reaper(sender: Any = None, **_: Any) -> None:
+    from worker.reaper import stop_reapers
+
+    stop_reapers()
+
+
+app = create_celery_app(get_worker_settings())

@@ -1,0 +1,22 @@
+"""The Celery task: a thin wrapper over `worker.execution.run_job`.
+
+Its only argument is the job id (a JSON string); the config comes from the job store.
+Importing it imports torch but touches no device: the device is chosen and the model built
+inside the task, in the worker process.
+"""
+
+from __future__ import annotations
+
+from celery import Task, shared_task
+
+from worker.celery_app import TRAIN_TASK, IwaeCelery
+from worker.execution import run_job
+
+
+@shared_task(name=TRAIN_TASK, bind=True, ignore_result=True)
+def train(self: Task, job_id: str) -> str:
+    """Train the job `job_id`; returns its outcome ("succeeded", "dropped", ...)."""
+    app = self.app
+    if not isinstance(app, IwaeCelery):
+        raise TypeError("the training task runs only in an app from worker.celery_app")
+    return run_job(job_id, app.settings, app.job_store)
