@@ -86,9 +86,19 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def tiny_model(home: Path, tiny_config: TrainConfig) -> str:
+def add_model(home: Path, tiny_config: TrainConfig) -> Callable[..., Path]:
+    """`add_model(model_id, seed=0, created_at=None, describe=True)`: a tiny model in `home`."""
+
+    def add(model_id: str, **options: Any) -> Path:
+        return write_model(home / "models", model_id, tiny_config, **options)
+
+    return add
+
+
+@pytest.fixture
+def tiny_model(add_model: Callable[..., Path]) -> str:
     """The id of a tiny trained model under `home/models/`."""
-    write_model(home / "models", TINY_MODEL_ID, tiny_config)
+    add_model(TINY_MODEL_ID)
     return TINY_MODEL_ID
 
 

@@ -1,0 +1,209 @@
+"""POST /train, GET /jobs, GET /jobs/{id}, POST /jobs/{id}/cancel, and the optional token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.deps import get_job_queue
+
+VALID = {"k": 5}
+
+
+def train(client: TestClient, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    return client.post("/train", json=VALID if body is None else body, **kwargs)
+
+
+def test_train_answers_202_with_location_and_queues_the_job(client: TestClient, fake_queue) -> None:
+    response = train(client, {"k": 50, "objective": "iwae-dreg", "epochs": 3, "layers": 2})
+    assert response.status_code == 202
+    job = response.json()
+    assert job["status"] == "queued"
+    assert response.headers["location"] == f"/jobs/{job['job_id']}"
+    assert fake_queue.job_ids == [job["job_id"]]
+    polled = client.get(response.headers["location"])
+    assert polled.status_code == 200
+    assert polled.json()["job_id"] == job["job_id"]
+
+
+def test_train_records_the_full_config(client: TestClient) -> None:
+    body = {
+        "k": 5,
+        "objective": "miwae",
+        "m": 4,
+        "beta": 0.3,
+        "epochs": 2,
+        "batch_size": 20,
+        "learning_rate": 0.0005,
+        "schedule": "burda",
+        "layers": 2,
+        "latent_dim": 10,
+        "hidden_dim": 64,
+        "train_size": 1000,
+        "eval_size": 0,
+        "eval_k": 100,
+        "seed": 7,
+        "precision": "bf16",
+    }
+    config = train(client, body).json()["config"]
+    assert config["model"] == {"layers": 2, "latent_dim": 10, "hidden_dim": 64, "x_dim": 784}
+    flat = {key: value for key, value in body.items() if key not in config["model"]}
+    assert {key: config[key] for key in flat} == flat
+
+
+def test_train_defaults_follow_the_paper(client: TestClient) -> None:
+    config = train(client).json()["config"]
+    assert config["objective"] == "iwae"
+    assert config["eval_k"] == 5000
+    assert config["model"]["hidden_dim"] == 200  # one stochastic layer: Burda's 200 units
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},  # k is required
+        {"k": 0},
+        {"k": 5001},
+        {"k": "many"},
+        {"k": 5, "objective": "gan"},
+        {"k": 5, "m": 0},
+        {"k": 5, "beta": 1.5},
+        {"k": 5, "beta": -0.1},
+        {"k": 5, "epochs": 0},
+        {"k": 5, "batch_size": 0},
+        {"k": 5, "learning_rate": 0},
+        {"k": 5, "learning_rate": 2},
+        {"k": 5, "schedule": "cosine"},
+        {"k": 5, "layers": 3},
+        {"k": 5, "latent_dim": 0},
+        {"k": 5, "hidden_dim": 0},
+        {"k": 5, "train_size": 0},
+        {"k": 5, "train_size": 60_001},
+        {"k": 5, "eval_size": -1},
+        {"k": 5, "eval_size": 10_001},
+        {"k": 5, "eval_k": 0},
+        {"k": 5, "seed": -1},
+        {"k": 5, "precision": "fp16"},
+        {"k": 5, "device": "cuda"},  # not an API field: the worker decides
+        {"k": 5, "learning_rte": 0.01},  # a typo is refused, not ignored
+    ],
+)
+def test_train_refuses_out_of_range_and_unknown_fields(
+    client: TestClient, fake_queue, body: dict[str, Any]
+) -> None:
+    response = train(client, body)
+    assert response.status_code == 422
+    assert isinstance(response.json()["detail"], list)
+    assert fake_queue.job_ids == []
+
+
+def test_train_refuses_a_body_that_is_not_json(client: TestClient) -> None:
+    response = client.post("/train", content=b"k=5", headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    response = client.post("/train", content=b"{", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+
+
+def test_a_failing_broker_still_leaves_the_job_recorded(client: TestClient) -> None:
+    def broken(job_id: str) -> None:
+        raise ConnectionError("broker down")
+
+    client.app.dependency_overrides[get_job_queue] = lambda: broken
+    response = train(client)
+    assert response.status_code == 202
+    assert client.get(response.headers["location"]).json()["status"] == "queued"
+
+
+def test_jobs_are_listed_newest_first(client: TestClient) -> None:
+    ids = [train(client).json()["job_id"] for _ in range(3)]
+    listed = client.get("/jobs").json()["jobs"]
+    assert [job["job_id"] for job in listed] == ids[::-1]
+
+
+def test_job_record_has_every_documented_field(client: TestClient) -> None:
+    job = client.get(train(client).headers["location"]).json()
+    for field in ("status", "config", "progress", "metrics", "model_id", "error"):
+        assert field in job
+    for field in ("created_at", "started_at", "finished_at", "updated_at"):
+        assert field in job
+
+
+def test_running_job_shows_its_progress(client: TestClient) -> None:
+    job_id = train(client).json()["job_id"]
+    store = client.app.state.store
+    lease = store.claim(job_id, "test-worker")
+    progress = {"phase": "train", "epoch": 0, "epochs": 1, "step": 3, "steps": 10, "loss": 180.5}
+    store.update_progress(lease, {**progress, "images_per_s": 900.0, "eta_s": 2.0})
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "running"
+    assert job["progress"]["step"] == 3 and job["progress"]["loss"] == 180.5
+
+
+def test_unknown_job_is_404(client: TestClient) -> None:
+    response = client.get("/jobs/ffffffffffffffffffffffffffffffff")
+    assert response.status_code == 404
+    assert "ffff" in response.json()["detail"]
+    assert client.post("/jobs/ffffffffffffffffffffffffffffffff/cancel").status_code == 404
+
+
+def test_malformed_job_id_is_422(client: TestClient) -> None:
+    assert client.get("/jobs/..%2F..%2Fetc").status_code in (404, 422)
+    assert client.get("/jobs/.hidden").status_code == 422
+
+
+def test_cancel_a_queued_job(client: TestClient) -> None:
+    job_id = train(client).json()["job_id"]
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 202  # idempotent
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_cancel_a_running_job_asks_it_to_stop(client: TestClient) -> None:
+    job_id = train(client).json()["job_id"]
+    client.app.state.store.claim(job_id, "test-worker")
+    job = client.post(f"/jobs/{job_id}/cancel").json()
+    assert job["status"] == "running" and job["cancel_requested"] is True
+    assert client.app.state.store.cancel_requested(job_id)
+
+
+def test_cancel_a_finished_job_is_409(client: TestClient) -> None:
+    job_id = train(client).json()["job_id"]
+    store = client.app.state.store
+    store.finish(store.claim(job_id, "test-worker"), "succeeded", metrics={"test_loglik": -90})
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 409
+    assert "finished" in response.json()["detail"]
+
+
+@pytest.fixture
+def guarded(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client(api_token="s3cret")
+
+
+def test_token_guards_train(guarded: TestClient, fake_queue) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
+        response = train(guarded, headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer" in response.json()["detail"]
+    assert fake_queue.job_ids == []
+    assert train(guarded, headers={"Authorization": "Bearer s3cret"}).status_code == 202
+
+
+def test_token_guards_cancel_but_not_reads(guarded: TestClient) -> None:
+    auth = {"Authorization": "Bearer s3cret"}
+    job_id = train(guarded, headers=auth).json()["job_id"]
+    assert guarded.post(f"/jobs/{job_id}/cancel").status_code == 401
+    assert guarded.get("/jobs").status_code == 200
+    assert guarded.get(f"/jobs/{job_id}").status_code == 200
+    assert guarded.get("/models").status_code == 200
+    assert guarded.post(f"/jobs/{job_id}/cancel", headers=auth).status_code == 202
+
+
+def test_without_a_token_setting_writes_are_open(client: TestClient) -> None:
+    assert train(client, headers={"Authorization": "Bearer anything"}).status_code == 202
