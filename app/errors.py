@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -84,13 +85,10 @@ def _detail(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
-def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's `max_body_size` counts the bytes as they arrive and raises a bare 413."""
-    limit = request.app.state.settings.max_upload_bytes
-    return JSONResponse(
-        {"detail": f"request body larger than the limit of {limit} bytes (IWAE_MAX_UPLOAD_BYTES)"},
-        status_code=413,
-    )
+def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The Redis of the distributed mode (job store and broker) does not answer."""
+    log.warning("job store unreachable: %s", exc)
+    return JSONResponse({"detail": f"job store unavailable: {exc}"}, status_code=503)
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -101,5 +99,5 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     for exc_type in STATUS_CODES:
         app.add_exception_handler(exc_type, _detail)
-    app.add_exception_handler(413, _body_too_large)
+    app.add_exception_handler(redis.RedisError, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.images import configure_pillow
+from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.registry import ModelRegistry
 from app.routes import router
@@ -54,13 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        # Counted as the bytes arrive (and from Content-Length up front): 413 before the
-        # whole body is read.
-        max_body_size=settings.max_upload_bytes,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     install_error_handlers(app)
     app.include_router(router)
     return app

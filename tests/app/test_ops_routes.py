@@ -1,0 +1,150 @@
+"""/healthz, /readyz, /metrics, /docs and /openapi.json; errors are JSON everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.deps import job_store
+from app.schemas import TrainRequest
+from app.settings import Settings
+
+
+def test_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_when_storage_and_job_store_answer(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"storage": True, "job_store": True, "broker": True},
+    }
+
+
+def test_readyz_is_503_when_the_job_store_does_not_answer(client: TestClient) -> None:
+    class Down:
+        def ping(self) -> bool:
+            return False
+
+    client.app.dependency_overrides[job_store] = Down
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "job_store" in response.json()["detail"]
+
+
+@pytest.fixture
+def no_redis(make_client: Callable[..., TestClient]) -> TestClient:
+    """Distributed mode with a broker URL where nothing listens."""
+    return make_client(broker_url="redis://127.0.0.1:9/0")
+
+
+def test_readyz_is_503_when_the_broker_is_unreachable(no_redis: TestClient) -> None:
+    response = no_redis.get("/readyz")
+    assert response.status_code == 503
+    assert "broker" in response.json()["detail"]
+
+
+def test_job_routes_are_503_when_redis_is_down(no_redis: TestClient) -> None:
+    response = no_redis.get("/jobs")
+    assert response.status_code == 503
+    assert "job store unavailable" in response.json()["detail"]
+    assert no_redis.get("/metrics").status_code == 200  # still scrapeable
+
+
+def test_metrics_count_requests_per_route_template(client: TestClient) -> None:
+    job_id = client.post("/train", json={"k": 5}).json()["job_id"]
+    client.get(f"/jobs/{job_id}")
+    client.get("/jobs/ffffffffffffffffffffffffffffffff")
+    client.get("/no/such/route")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'iwae_http_requests_total{method="POST",route="/train",status="202"} 1.0' in text
+    assert 'iwae_http_requests_total{method="GET",route="/jobs/{job_id}",status="200"} 1.0' in text
+    assert 'iwae_http_requests_total{method="GET",route="/jobs/{job_id}",status="404"} 1.0' in text
+    assert 'route="<unmatched>",status="404"' in text
+    assert job_id not in text  # ids never become labels
+    assert 'iwae_http_request_duration_seconds_count{method="POST",route="/train"} 1.0' in text
+
+
+def test_metrics_count_jobs_per_status(client: TestClient) -> None:
+    for _ in range(2):
+        client.post("/train", json={"k": 5})
+    job_id = client.post("/train", json={"k": 5}).json()["job_id"]
+    client.post(f"/jobs/{job_id}/cancel")
+    text = client.get("/metrics").text
+    assert 'iwae_jobs{status="queued"} 2.0' in text
+    assert 'iwae_jobs{status="cancelled"} 1.0' in text
+    assert 'iwae_jobs{status="running"} 0.0' in text
+
+
+def test_unknown_route_and_wrong_method_are_json(client: TestClient) -> None:
+    assert client.get("/nope").json() == {"detail": "Not Found"}
+    response = client.get("/train")
+    assert response.status_code == 405
+    assert "detail" in response.json()
+
+
+def test_docs_render(client: TestClient) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert "swagger" in response.text.lower()
+    assert client.get("/redoc").status_code == 200
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        ("post", "/train"),
+        ("get", "/jobs"),
+        ("get", "/jobs/{job_id}"),
+        ("post", "/jobs/{job_id}/cancel"),
+        ("get", "/models"),
+        ("get", "/models/{model_id}"),
+        ("get", "/samples"),
+        ("post", "/reconstruct"),
+        ("post", "/loglik"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    }
+    assert {(m, p) for p, methods in paths.items() for m in methods} == expected
+    assert "202" in paths["/train"]["post"]["responses"]
+    assert "multipart/form-data" in paths["/loglik"]["post"]["requestBody"]["content"]
+
+
+def test_every_train_field_has_a_description_and_an_example(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainRequest"]
+    assert set(schema["properties"]) == set(TrainRequest.model_fields)
+    for name, prop in schema["properties"].items():
+        assert prop.get("examples"), f"{name} has no example"
+        assert prop.get("description"), f"{name} has no description"
+    assert schema["required"] == ["k"]
+    assert schema["additionalProperties"] is False
+
+
+def test_every_setting_has_a_default_and_a_description() -> None:
+    for name, field in Settings.model_fields.items():
+        assert not field.is_required(), f"{name} has no default"
+        assert field.description, f"{name} has no description"
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IWAE_API_TOKEN", "t0ken")
+    monkeypatch.setenv("IWAE_MAX_SAMPLES", "12")
+    settings = Settings()
+    assert settings.api_token is not None
+    assert settings.api_token.get_secret_value() == "t0ken"
+    assert "t0ken" not in repr(settings)
+    assert settings.max_samples == 12
+
+
+def test_default_k_must_not_exceed_the_limit() -> None:
+    with pytest.raises(ValueError, match="default_loglik_k"):
+        Settings(max_loglik_k=10, default_loglik_k=100)
