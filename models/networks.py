@@ -21,6 +21,11 @@ from models.distributions import (
 )
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision outputs of autocast back to fp32; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(d_in, hidden),
@@ -39,7 +44,7 @@ class GaussianLayer(nn.Module):
         self.net = _mlp(d_in, hidden, 2 * d_out)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.net(h).float().chunk(2, dim=-1)
+        mu, logvar = _upcast(self.net(h)).chunk(2, dim=-1)
         return mu, logvar
 
 
@@ -115,23 +120,29 @@ class IWAEModel(nn.Module):
         for i in range(1, len(zs)):
             mu, logvar = self.decoders[i](zs[i])
             log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logvar)
-        logits = self.decoders[0](zs[0]).float()  # [K, B, D]
+        logits = _upcast(self.decoders[0](zs[0]))  # [K, B, D]
         return log_p + bernoulli_log_prob(x, logits)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Bernoulli means of p(x|z_1) for z drawn from the prior: [n, D] in [0, 1]."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.config.latent_dims[-1], generator=generator, device=device)
+        weight = next(self.parameters())
+        z = torch.randn(
+            n,
+            self.config.latent_dims[-1],
+            generator=generator,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         for decoder in reversed(self.decoders[1:]):
             mu, logvar = decoder(z)
-            eps = torch.randn(mu.shape, generator=generator, device=device)
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * eps
-        return torch.sigmoid(self.decoders[0](z).float())
+        return torch.sigmoid(_upcast(self.decoders[0](z)))
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Bernoulli means of p(x | z_1 = E_q[z_1|x]): [B, D] -> [B, D] in [0, 1]."""
         mu, _ = self.encoders[0](x)
-        return torch.sigmoid(self.decoders[0](mu).float())
+        return torch.sigmoid(_upcast(self.decoders[0](mu)))
 
     def posterior_means(
         self, x: Tensor, k: int = 100, generator: torch.Generator | None = None
@@ -144,12 +155,12 @@ class IWAEModel(nn.Module):
         mu, logvar = self.encoders[0](x)
         means = [mu]
         z = mu + torch.exp(0.5 * logvar) * torch.randn(
-            (k, *mu.shape), generator=generator, device=x.device
+            (k, *mu.shape), generator=generator, device=x.device, dtype=mu.dtype
         )  # [K, B, d_1]
         for encoder in self.encoders[1:]:
             mu, logvar = encoder(z)  # [K, B, d_i]
             means.append(mu.mean(0))
             z = mu + torch.exp(0.5 * logvar) * torch.randn(
-                mu.shape, generator=generator, device=x.device
+                mu.shape, generator=generator, device=x.device, dtype=mu.dtype
             )
         return means
