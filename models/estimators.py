@@ -41,7 +41,7 @@ class LogLikelihood:
     elbo: Tensor
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def log_likelihood(
     model: ImportanceModel,
     x: Tensor,
@@ -74,7 +74,7 @@ def log_likelihood(
     )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def active_units(
     model: IWAEModel,
     x: Tensor,
