@@ -159,6 +159,7 @@ class FileJobStore(JobStore):
                 status="running",
                 attempts=record["attempts"] + 1,
                 worker=worker,
+                progress=None,
                 started_at=now,
                 updated_at=now,
             )

@@ -160,7 +160,7 @@ class JobStore(abc.ABC):
     def claim(self, job_id: str, worker: str) -> Lease:
         """Atomically start the job under a new lease, if it is queued or its lease expired.
 
-        Counts an attempt. Raises `ClaimRefused` (drop the message) or `JobNotFound`.
+        Counts an attempt and clears the previous attempt's progress. Raises `ClaimRefused` (drop the message) or `JobNotFound`.
         """
 
     @abc.abstractmethod

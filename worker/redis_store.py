@@ -71,7 +71,7 @@ elseif status ~= 'queued' then
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'lease_token', ARGV[2],
-           'started_at', ARGV[5], 'updated_at', ARGV[5])
+           'started_at', ARGV[5], 'updated_at', ARGV[5], 'progress', '')
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])

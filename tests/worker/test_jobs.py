@@ -114,6 +114,7 @@ def test_expired_lease_is_requeued_then_resumed_by_another_worker(store: JobStor
     job = store.create(CONFIG)
     store.mark_enqueued(job.job_id)
     lost = store.claim(job.job_id, "dead:1")
+    store.update_progress(lost, {"epoch": 1})
     wait_for_lease_expiry(store)
 
     assert store.reap() == [job.job_id]
@@ -124,7 +125,8 @@ def test_expired_lease_is_requeued_then_resumed_by_another_worker(store: JobStor
     assert store.reap() == []
 
     lease = store.claim(job.job_id, "alive:2")
-    assert store.get(job.job_id).attempts == 2
+    record = store.get(job.job_id)
+    assert (record.attempts, record.progress) == (2, None)
     # The lost worker, should it come back, owns nothing any more.
     assert not store.renew(lost)
     assert not store.update_progress(lost, {"epoch": 1})

@@ -1,0 +1,71 @@
+"""Real worker processes (`python -m worker`) against the real Redis, or in embedded mode.
+
+Redis: 127.0.0.1:6379, database 14 (override with IWAE_TEST_REDIS_URL); every test uses its
+own key prefix for the job store and the Celery queue, and deletes its keys afterwards, so
+concurrent runs do not meet. MNIST comes from IWAE_DATA_DIR or ../shared/data/mnist beside
+the repository; nothing is downloaded. Short lease timings (lease 3 s, heartbeat 1 s, reaper
+1 s) make recovery take seconds. Every worker started is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.integration.service import Service
+from worker.settings import WorkerSettings
+
+REDIS_URL = os.environ.get("IWAE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+MNIST_DIR = Path(
+    os.environ.get("IWAE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared/data/mnist"
+)
+
+
+def _settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found in {MNIST_DIR} (set IWAE_DATA_DIR)")
+    return WorkerSettings(
+        home=tmp_path / "home",
+        data_dir=MNIST_DIR,
+        job_lease_s=3.0,
+        heartbeat_interval_s=1.0,
+        reaper_interval_s=1.0,
+        device="cpu",
+        **changes,
+    )
+
+
+@pytest.fixture
+def redis_service(tmp_path: Path) -> Iterator[Service]:
+    """Distributed mode on the test Redis database, with a key prefix of its own."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); start redis-server")
+    prefix = f"iwae-test-{uuid.uuid4().hex[:8]}:"
+    service = Service(_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix), tmp_path)
+    try:
+        yield service
+    finally:
+        service.stop()
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def embedded_service(tmp_path: Path) -> Iterator[Service]:
+    """Embedded mode: filesystem queue and file job store under a temporary IWAE_HOME."""
+    service = Service(_settings(tmp_path, broker_url=None), tmp_path)
+    try:
+        yield service
+    finally:
+        service.stop()
