@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -45,11 +46,11 @@ def app_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_job_queue() -> JobQueue:
+def get_job_queue(request: Request) -> JobQueue:
     """`enqueue_training(job_id)`: the only Celery call the API makes (tests fake it)."""
     from worker.queue import enqueue_training  # Celery is loaded only when a job is queued
 
-    return enqueue_training
+    return partial(enqueue_training, settings=current_settings(request))
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]

@@ -1,15 +1,15 @@
 """The request body limit: 413 for bodies above `max_bytes`, before they are read whole.
 
 Uploads are streamed by the server; without a cap, a client could make the API spool
-gigabytes to disk. A body whose Content-Length is too large is refused before a byte of it
-is read; a body without one (chunked) is counted as it arrives and refused as soon as the
-count passes the limit.
+gigabytes to disk. When the app first asks for the body, one whose Content-Length is too
+large is refused before a byte of it is read; a body without one (chunked) is counted as it
+arrives and refused as soon as the count passes the limit. The error is raised inside the
+app, so the route is known (for the metrics) and the usual handler writes the JSON.
 """
 
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -31,15 +31,12 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            error = BodyTooLarge(self.max_bytes)
-            response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
-            await response(scope, receive, send)
-            return
         received = 0
 
-        async def counting_receive() -> Message:
+        async def limited_receive() -> Message:
             nonlocal received
+            if declared is not None and declared > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)  # before reading a single byte
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -47,7 +44,7 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -1,0 +1,58 @@
+"""`serve(host, port)`: the API under uvicorn, plus a local worker in the embedded mode.
+
+Without IWAE_BROKER_URL (embedded mode) the command also starts one training worker as a
+child process sharing IWAE_HOME, so that `iwae serve` alone trains and serves; with a broker
+URL it runs the API only and workers are started with `iwae worker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from types import FrameType
+
+import uvicorn
+
+from app.main import create_app
+from app.settings import get_settings
+from worker.runner import start_local_worker_process
+
+log = logging.getLogger(__name__)
+
+# How long a stopping local worker may take before it is killed. Its job is not lost: the
+# lease expires and the next worker resumes it from the last checkpoint.
+WORKER_STOP_GRACE_S = 10.0
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the API until SIGINT/SIGTERM; in embedded mode, with a local worker alongside."""
+    settings = get_settings()
+    app = create_app(settings)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the
+    # default handler the process would die there, skipping the `finally` that stops the
+    # worker. As an exception, it unwinds.
+    signal.signal(signal.SIGTERM, _exit)
+    worker = start_local_worker_process(settings) if settings.embedded else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+
+
+def _exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_worker(worker: subprocess.Popen[bytes], grace_s: float = WORKER_STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: a training job could otherwise hold exit for hours."""
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("local worker still busy after %.0f s; killing it", grace_s)
+        worker.kill()
+        worker.wait()
