@@ -1,6 +1,7 @@
 """The `iwae` command: train and evaluate in the foreground, or run the service.
 
     iwae train --k 50 [--objective iwae] [--epochs 1] ...   train, evaluate, write a checkpoint
+    iwae study --ks 1 5 50 [...]                            train per K: table and figure
     iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
     iwae serve [--host 127.0.0.1] [--port 8000]             the API (+ a local worker if embedded)
     iwae worker                                             a Celery worker (distributed mode)
@@ -38,62 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model in the foreground, then evaluate it on the test set",
     )
     train.add_argument("--k", type=int, required=True, help="importance samples per image")
-    train.add_argument("--objective", choices=OBJECTIVES, default=_TRAIN_DEFAULTS.objective)
-    train.add_argument(
-        "--m", type=int, default=_TRAIN_DEFAULTS.m, help="groups of k samples for miwae/piwae"
-    )
-    train.add_argument(
-        "--beta", type=float, default=_TRAIN_DEFAULTS.beta, help="ELBO weight of ciwae"
-    )
-    train.add_argument("--epochs", type=int, default=_TRAIN_DEFAULTS.epochs)
-    train.add_argument("--batch-size", type=int, default=_TRAIN_DEFAULTS.batch_size)
-    train.add_argument(
-        "--lr",
-        type=float,
-        default=_TRAIN_DEFAULTS.learning_rate,
-        help="Adam learning rate (the first stage's with --schedule burda)",
-    )
-    train.add_argument(
-        "--schedule",
-        choices=("constant", "burda"),
-        default="constant",
-        help="burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 (3280 epochs)",
-    )
-    train.add_argument(
-        "--layers",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="stochastic layers (Burda's two MNIST architectures)",
-    )
-    train.add_argument("--latent-dim", type=int, default=ModelConfig().latent_dim)
-    train.add_argument(
-        "--hidden-dim",
-        type=int,
-        default=None,
-        help="hidden width (default 200 with 1 layer, 100 with 2)",
-    )
-    train.add_argument(
-        "--train-size",
-        type=int,
-        default=None,
-        help="use the first N training images (default all 60000)",
-    )
-    _add_eval_arguments(train, eval_size=_TRAIN_DEFAULTS.eval_size)
-    train.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS.seed)
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    train.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="training arithmetic; evaluation always runs in fp32",
-    )
+    _add_training_arguments(train)
     train.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="output folder (default runs/<objective>-k<K>-<time>); an "
-        "existing checkpoint there is resumed",
+        help="output folder (default runs/<objective>-k<K>-<time>); an existing checkpoint "
+        "there is resumed",
+    )
+
+    study = commands.add_parser(
+        "study",
+        formatter_class=fmt,
+        help="train once per K; table and figure of test log-likelihood, active units, "
+        "training time and gradient SNR against K",
+    )
+    study.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
+    _add_training_arguments(study)
+    study.add_argument(
+        "--snr-draws", type=int, default=100, help="gradient estimates per SNR measurement"
+    )
+    study.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/study"),
+        help="one folder per K plus study.json, study.md and study.svg; finished runs are reused",
     )
 
     evaluate = commands.add_parser(
@@ -121,6 +91,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a training run other than K (shared by `train` and `study`)."""
+    d = _TRAIN_DEFAULTS
+    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    parser.add_argument("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
+    parser.add_argument("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=d.learning_rate,
+        help="Adam learning rate (the first stage's with --schedule burda)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("constant", "burda"),
+        default=d.schedule,
+        help="burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 (3280 epochs)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        choices=(1, 2),
+        default=d.model.layers,
+        help="stochastic layers (Burda's two MNIST architectures)",
+    )
+    parser.add_argument("--latent-dim", type=int, default=d.model.latent_dim)
+    parser.add_argument(
+        "--hidden-dim",
+        type=int,
+        default=None,
+        help="hidden width (default 200 with 1 layer, 100 with 2)",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="use the first N training images (default all 60000)",
+    )
+    _add_eval_arguments(parser, eval_size=d.eval_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=d.precision,
+        help="training arithmetic; evaluation always runs in fp32",
+    )
+
+
+def _config(args: argparse.Namespace, k: int) -> TrainConfig:
+    return TrainConfig(
+        k=k,
+        objective=args.objective,
+        m=args.m,
+        beta=args.beta,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        schedule=args.schedule,
+        model=ModelConfig(
+            layers=args.layers, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim
+        ),
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        eval_k=args.eval_k,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+    )
+
+
 def _add_eval_arguments(parser: argparse.ArgumentParser, *, eval_size: int) -> None:
     flag = "--k" if parser.prog.endswith("eval") else "--eval-k"
     parser.add_argument(
@@ -140,7 +183,13 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, *, eval_size: int) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": _train, "eval": _eval, "serve": _serve, "worker": _worker}[args.command]
+    command = {
+        "train": _train,
+        "study": _study,
+        "eval": _eval,
+        "serve": _serve,
+        "worker": _worker,
+    }[args.command]
     try:
         return command(args) or 0
     except (ValueError, OSError, DataError) as exc:  # bad input or data: a message, no trace
@@ -151,25 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from models.run import train_and_evaluate
 
-    config = TrainConfig(
-        k=args.k,
-        objective=args.objective,
-        m=args.m,
-        beta=args.beta,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        schedule=args.schedule,
-        model=ModelConfig(
-            layers=args.layers, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim
-        ),
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-        eval_k=args.eval_k,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-    )
+    config = _config(args, args.k)
     out = (
         args.out
         or Path("runs") / f"{config.objective}-k{config.k}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -178,6 +209,26 @@ def _train(args: argparse.Namespace) -> int:
     with _ProgressBar() as bar:
         result = train_and_evaluate(config, data, out, callbacks=[bar])
     print(json.dumps({"out": str(out), **(result.metrics or {})}, indent=2))
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from app.report import study_markdown, study_svg
+    from models.study import run_study
+
+    base = _config(args, args.ks[0])
+    with _ProgressBar() as bar:
+        rows = run_study(
+            base, args.ks, _load_data(), args.out, snr_draws=args.snr_draws, callbacks=[bar]
+        )
+    if rows is None:  # a callback stopped it
+        return 1
+    table = study_markdown(rows, base.eval_k)
+    (args.out / "study.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+    (args.out / "study.md").write_text(table)
+    (args.out / "study.svg").write_text(study_svg(rows))
+    print(table)
+    print(f"wrote {args.out}/study.json, study.md and study.svg")
     return 0
 
 
