@@ -1,0 +1,41 @@
+"""Study tables and figures: every row rendered, valid SVG, missing evaluations tolerated."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from app.report import study_markdown, study_svg
+from models.study import StudyRow
+
+ROWS = [
+    StudyRow(1, "iwae", -95.5, 0.2, [19], 10.0, 0.9, 5.0),
+    StudyRow(5, "iwae", -90.25, 0.21, [22], 20.0, 0.5, 7.5),
+    StudyRow(50, "iwae", -88.0, 0.19, [25], 150.0, 0.2, 9.0),
+]
+
+
+def test_markdown_has_a_row_per_k_with_its_values():
+    lines = study_markdown(ROWS, eval_k=5000).splitlines()
+    assert "k=5000" in lines[0]
+    assert len(lines) == 2 + len(ROWS)
+    assert lines[3].startswith("| 5 | iwae | -90.25 ± 0.21 | 22 | 20.0 | 0.500 | 7.500 |")
+
+
+def test_markdown_says_when_a_run_was_not_evaluated():
+    row = StudyRow(5, "vae", None, None, None, 1.0, 0.1, 0.2)
+    assert "| 5 | vae | not evaluated | - |" in study_markdown([row], eval_k=10)
+
+
+def test_svg_is_well_formed_with_a_point_per_k_and_series():
+    root = ET.fromstring(study_svg(ROWS))
+    circles = root.findall("{http://www.w3.org/2000/svg}circle")
+    # bound, units and time have one series each; SNR has two (encoder, decoder).
+    assert len(circles) == 5 * len(ROWS)
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "gradient SNR" in texts and "K=50" in texts
+
+
+def test_svg_of_a_single_k_without_evaluation_is_still_valid():
+    row = StudyRow(5, "vae", None, None, None, 1.0, 0.1, 0.2)
+    root = ET.fromstring(study_svg([row]))
+    assert len(root.findall("{http://www.w3.org/2000/svg}circle")) == 3
