@@ -32,13 +32,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the
     # default handler the process would die there, skipping the `finally` that stops the
     # worker. As an exception, it unwinds.
-    signal.signal(signal.SIGTERM, _exit)
+    previous = signal.signal(signal.SIGTERM, _exit)
     worker = start_local_worker_process(settings) if settings.embedded else None
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         if worker is not None:
             stop_worker(worker)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit(signum: int, frame: FrameType | None) -> None:

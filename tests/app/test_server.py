@@ -1,0 +1,125 @@
+"""app.server: the embedded mode starts a local worker and always stops it; the job queue
+seam hands the app's settings to the worker's enqueue function."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app import server
+from app.settings import get_settings
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        return 0 if self.stopped else None
+
+    def terminate(self) -> None:
+        self.stopped = True
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+@pytest.fixture
+def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[..., dict[str, Any]]:
+    """Run `serve` with uvicorn and the worker process replaced by recorders."""
+
+    def run(uvicorn_error: Exception | None = None, **overrides: Any) -> dict[str, Any]:
+        seen: dict[str, Any] = {"workers": []}
+        monkeypatch.setattr(server, "get_settings", lambda: make_settings(**overrides))
+
+        def start(settings: Any) -> FakeWorker:
+            worker = FakeWorker()
+            seen["workers"].append(worker)
+            return worker
+
+        def fake_run(app: Any, host: str, port: int, **_: Any) -> None:
+            seen["address"] = (host, port)
+            if uvicorn_error is not None:
+                raise uvicorn_error
+
+        monkeypatch.setattr(server, "start_local_worker_process", start)
+        monkeypatch.setattr(server.uvicorn, "run", fake_run)
+        try:
+            server.serve("127.0.0.1", 8123)
+        except Exception as exc:
+            seen["error"] = exc
+        return seen
+
+    return run
+
+
+def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
+    seen = fake_serving()
+    assert seen["address"] == ("127.0.0.1", 8123)
+    assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
+
+
+def test_the_worker_is_stopped_even_when_the_server_fails(fake_serving) -> None:
+    seen = fake_serving(uvicorn_error=OSError("address already in use"))
+    assert isinstance(seen["error"], OSError)
+    assert seen["workers"][0].stopped
+
+
+def test_distributed_mode_runs_the_api_only(fake_serving) -> None:
+    seen = fake_serving(broker_url="redis://127.0.0.1:6379/0")
+    assert seen["workers"] == []
+
+
+def test_stop_worker_kills_a_worker_that_ignores_sigterm() -> None:
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    start = time.monotonic()
+    server.stop_worker(stubborn, grace_s=0.5)
+    assert stubborn.returncode is not None
+    assert time.monotonic() - start < 5
+
+
+def test_get_settings_is_cached_and_resettable(monkeypatch: pytest.MonkeyPatch) -> None:
+    get_settings.cache_clear()
+    monkeypatch.setenv("IWAE_MAX_SAMPLES", "7")
+    assert get_settings() is get_settings()
+    assert get_settings().max_samples == 7
+    get_settings.cache_clear()
+
+
+def test_the_real_queue_gets_the_apps_settings(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.queue
+    from app.deps import get_job_queue
+
+    sent: list[tuple[str, Any]] = []
+    monkeypatch.setattr(
+        worker.queue, "enqueue_training", lambda job_id, settings: sent.append((job_id, settings))
+    )
+    client = make_client()
+    client.app.dependency_overrides.pop(get_job_queue)
+    job_id = client.post("/train", json={"k": 5}).json()["job_id"]
+    assert sent == [(job_id, client.app.state.settings)]
+
+
+def test_serve_restores_the_sigterm_handler(fake_serving) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    fake_serving()
+    assert signal.getsignal(signal.SIGTERM) is before
