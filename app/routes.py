@@ -37,6 +37,7 @@ from app.schemas import (
     ImageFormat,
     JobList,
     JobOut,
+    JobStatus,
     LoglikOut,
     ModelList,
     ModelOut,
@@ -84,9 +85,14 @@ def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Resp
 
 
 @router.get("/jobs", tags=["jobs"])
-def list_jobs(store: StoreDep) -> JobList:
-    """Every job, newest first."""
-    return JobList(jobs=[JobOut.model_validate(j, from_attributes=True) for j in store.list()])
+def list_jobs(
+    store: StoreDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
+) -> JobList:
+    """Jobs, newest first."""
+    jobs = [job for job in store.list() if status is None or job.status == status][:limit]
+    return JobList(jobs=[JobOut.model_validate(job, from_attributes=True) for job in jobs])
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])

@@ -207,3 +207,13 @@ def test_token_guards_cancel_but_not_reads(guarded: TestClient) -> None:
 
 def test_without_a_token_setting_writes_are_open(client: TestClient) -> None:
     assert train(client, headers={"Authorization": "Bearer anything"}).status_code == 202
+
+
+def test_jobs_can_be_filtered_by_status_and_limited(client: TestClient) -> None:
+    ids = [train(client).json()["job_id"] for _ in range(3)]
+    client.post(f"/jobs/{ids[0]}/cancel")
+    queued = client.get("/jobs", params={"status": "queued"}).json()["jobs"]
+    assert [job["job_id"] for job in queued] == [ids[2], ids[1]]
+    assert len(client.get("/jobs", params={"limit": 1}).json()["jobs"]) == 1
+    assert client.get("/jobs", params={"status": "lost"}).status_code == 422
+    assert client.get("/jobs", params={"limit": 0}).status_code == 422
