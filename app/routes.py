@@ -10,7 +10,7 @@ import logging
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from app import inference
 from app.deps import (
@@ -68,7 +68,7 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON
 
 @router.post(
     "/train",
-    status_code=status.HTTP_202_ACCEPTED,
+    status_code=202,
     dependencies=[Depends(require_token)],
     responses=_errors(401),
     tags=["jobs"],
@@ -81,7 +81,7 @@ def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Resp
     except Exception:  # the job is recorded: the workers' reaper sends its message later
         log.exception("could not enqueue job %s; it stays queued for the reaper", job.job_id)
     response.headers["Location"] = f"/jobs/{job.job_id}"
-    return JobOut.model_validate(job, from_attributes=True)
+    return JobOut.of(job)
 
 
 @router.get("/jobs", tags=["jobs"])
@@ -92,25 +92,25 @@ def list_jobs(
 ) -> JobList:
     """Jobs, newest first."""
     jobs = [job for job in store.list() if status is None or job.status == status][:limit]
-    return JobList(jobs=[JobOut.model_validate(job, from_attributes=True) for job in jobs])
+    return JobList(jobs=[JobOut.of(job) for job in jobs])
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
 def get_job(job_id: JobId, store: StoreDep) -> JobOut:
     """A job's status, progress, metrics and model id."""
-    return JobOut.model_validate(store.get(job_id), from_attributes=True)
+    return JobOut.of(store.get(job_id))
 
 
 @router.post(
     "/jobs/{job_id}/cancel",
-    status_code=status.HTTP_202_ACCEPTED,
+    status_code=202,
     dependencies=[Depends(require_token)],
     responses=_errors(401, 404, 409),
     tags=["jobs"],
 )
 def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
     """Cancel a queued job now, or stop a running one within one training step."""
-    return JobOut.model_validate(store.request_cancel(job_id), from_attributes=True)
+    return JobOut.of(store.request_cancel(job_id))
 
 
 @router.get("/models", tags=["models"])

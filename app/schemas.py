@@ -165,6 +165,11 @@ class JobOut(BaseModel):
     finished_at: datetime | None = None
     updated_at: datetime | None = None
 
+    @classmethod
+    def of(cls, record: Any) -> JobOut:
+        """From the job store's `JobRecord`."""
+        return cls.model_validate(record, from_attributes=True)
+
 
 class JobList(BaseModel):
     jobs: list[JobOut]
