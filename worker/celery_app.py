@@ -24,20 +24,30 @@ solo pool runs it in the worker process itself, so nothing forks after torch is 
 (the CUDA-after-fork trap cannot happen), a SIGKILL stops training and heartbeats together
 (the lease then expires as it should), and there is no child process to orphan. To use
 several GPUs on one machine, run one `iwae worker` per GPU with `CUDA_VISIBLE_DEVICES` set.
+
+Stopping a worker (SIGTERM, Ctrl-C: Celery's warm shutdown) stops its job at the next
+training step and hands it back to the queue (`JobStore.release`, attempt not counted); it
+resumes elsewhere from its last checkpoint. A second signal forces the worker out.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.jobs import JobStore, open_job_store
 from worker.settings import WorkerSettings, get_worker_settings
 
 TRAIN_TASK = "iwae.train"
+
+# Set when this worker process is asked to stop (SIGTERM, Ctrl-C): the running job stops at
+# its next step and goes back to the queue for another worker, instead of the warm shutdown
+# waiting for the whole training run.
+shutdown_requested = threading.Event()
 
 
 class IwaeCelery(Celery):
@@ -116,6 +126,11 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
         from worker.reaper import start_reaper
 
         start_reaper(app)
+
+
+@worker_shutting_down.connect
+def _request_shutdown(**_: Any) -> None:
+    shutdown_requested.set()
 
 
 @worker_shutdown.connect

@@ -9,6 +9,8 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
 - training raises: the job is `failed` with the error, and the worker takes the next job;
 - a cancel was requested: the training callback stops the loop within one step and the job
   is `cancelled`;
+- the worker is shutting down (`stop` is set): the loop stops within one step and the job
+  is released back to the queue, its attempt not counted;
 - the lease was lost (this worker stalled past `job_lease_s` and the job went to another
   worker): the run stops and writes nothing more.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +42,17 @@ log = logging.getLogger(__name__)
 MODEL_INFO_NAME = "model.json"
 
 
-def run_job(job_id: str, settings: WorkerSettings, store: JobStore) -> str:
+def run_job(
+    job_id: str,
+    settings: WorkerSettings,
+    store: JobStore,
+    *,
+    stop: threading.Event | None = None,
+) -> str:
     """Run the job if it can be claimed; returns the outcome, for logs and tests:
-    "dropped", "succeeded", "failed", "cancelled" or "lost".
+    "dropped", "succeeded", "failed", "cancelled", "released" or "lost".
     """
+    stop = stop or threading.Event()
     try:
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
@@ -51,7 +61,7 @@ def run_job(job_id: str, settings: WorkerSettings, store: JobStore) -> str:
     log.info("job %s: started (attempt %d)", job_id, lease.record.attempts)
     with LeaseKeeper(store, lease, settings.heartbeat_interval_s) as keeper:
         try:
-            outcome = _train(lease, settings, store, keeper)
+            outcome = _train(lease, settings, store, keeper, stop)
         except Exception as exc:
             if keeper.lost.is_set():
                 return "lost"
@@ -62,13 +72,19 @@ def run_job(job_id: str, settings: WorkerSettings, store: JobStore) -> str:
     return outcome
 
 
-def _train(lease: Lease, settings: WorkerSettings, store: JobStore, keeper: LeaseKeeper) -> str:
+def _train(
+    lease: Lease,
+    settings: WorkerSettings,
+    store: JobStore,
+    keeper: LeaseKeeper,
+    stop: threading.Event,
+) -> str:
     config = TrainConfig.from_dict(lease.record.config)
     if config.device == "auto" and settings.device != "auto":
         config = config.with_changes(device=settings.device)
     out_dir = settings.models_dir / lease.job_id
     reporter = ProgressReporter(
-        store, lease, out_dir / CHECKPOINT_NAME, keeper, settings.progress_interval_s
+        store, lease, out_dir / CHECKPOINT_NAME, keeper, stop, settings.progress_interval_s
     )
     data = load_mnist(settings.mnist_dir, download_dir=settings.download_dir)
     result = train_and_evaluate(config, data, out_dir, callbacks=[reporter])
@@ -77,6 +93,9 @@ def _train(lease: Lease, settings: WorkerSettings, store: JobStore, keeper: Leas
     reporter.flush()
     model_id = lease.job_id if result.checkpoint.exists() else None
     if result.stopped:
+        if stop.is_set() and not store.cancel_requested(lease.job_id):
+            store.release(lease)
+            return "released"
         store.finish(lease, "cancelled", model_id=model_id)
         return "cancelled"
     metrics = result.metrics or {}
@@ -91,7 +110,7 @@ class ProgressReporter:
 
     Writes at most once per `interval_s` (always the first step, and `flush()` writes the
     last one seen), sets the job's `model_id` once the checkpoint file exists, and returns
-    True (stop) when a cancel was requested or the lease was lost.
+    True (stop) when a cancel was requested, the lease was lost or the worker is stopping.
     """
 
     def __init__(
@@ -100,8 +119,10 @@ class ProgressReporter:
         lease: Lease,
         checkpoint: Path,
         keeper: LeaseKeeper,
+        stop: threading.Event,
         interval_s: float,
     ) -> None:
+        self.stop = stop
         self.store = store
         self.lease = lease
         self.checkpoint = checkpoint
@@ -115,7 +136,7 @@ class ProgressReporter:
         self._pending = dataclasses.asdict(progress)
         if time.monotonic() - self._last_write >= self.interval_s:
             self.flush()
-        if self.keeper.lost.is_set():
+        if self.keeper.lost.is_set() or self.stop.is_set():
             return True
         try:
             return self.store.cancel_requested(self.lease.job_id)

@@ -212,6 +212,15 @@ class FileJobStore(JobStore):
             entry.update(lease_token=None, lease_expires_at=None)
         return True
 
+    def release(self, lease: Lease) -> bool:
+        with self._modify(lease.job_id) as entry:
+            if not _ours(entry, lease):
+                return False
+            record = entry["record"]
+            record.update(status="queued", attempts=record["attempts"] - 1, updated_at=_now())
+            entry.update(lease_token=None, lease_expires_at=None, awaiting_since=time.time())
+        return True
+
     def reap(self) -> list[str]:
         requeued = []
         for path in sorted(self.root.glob("*.json")):

@@ -160,7 +160,8 @@ class JobStore(abc.ABC):
     def claim(self, job_id: str, worker: str) -> Lease:
         """Atomically start the job under a new lease, if it is queued or its lease expired.
 
-        Counts an attempt and clears the previous attempt's progress. Raises `ClaimRefused` (drop the message) or `JobNotFound`.
+        Counts an attempt and clears the previous attempt's progress. Raises `ClaimRefused`
+        (drop the message) or `JobNotFound`.
         """
 
     @abc.abstractmethod
@@ -188,6 +189,14 @@ class JobStore(abc.ABC):
         model_id: str | None = None,
     ) -> bool:
         """Record the outcome and release the lease; False (nothing written) if not ours."""
+
+    @abc.abstractmethod
+    def release(self, lease: Lease) -> bool:
+        """Give a running job back to the queue (its worker is shutting down).
+
+        The attempt is not counted, and the job is marked as awaiting a message (which the
+        releasing worker sends; the reaper does if it cannot). False if not ours.
+        """
 
     @abc.abstractmethod
     def reap(self) -> list[str]:

@@ -11,7 +11,7 @@ Keys, all under the configured prefix `p` (default "iwae:"), in the broker's dat
 - `p awaiting`: sorted set of queued job ids whose message may not have been sent, by the
   time they were marked.
 
-Each transition (claim, renew, progress, finish, cancel, reap) is one Lua script, so it is
+Each transition (claim, renew, progress, finish, release, cancel, reap) is one Lua script, so it is
 atomic with respect to every other worker and the API.
 """
 
@@ -141,6 +141,20 @@ return 1
 """
 )
 
+# KEYS: job, lease, running, awaiting. ARGV: token, now, id, now_epoch.
+_RELEASE = (
+    _OURS
+    + """
+if not ours(KEYS[1], ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', ARGV[2], 'lease_token', '')
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+return 1
+"""
+)
+
 # KEYS: job, awaiting. ARGV: id, now.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -173,6 +187,7 @@ class RedisJobStore(JobStore):
         self._progress = client.register_script(_PROGRESS)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(
@@ -309,6 +324,16 @@ class RedisJobStore(JobStore):
             lease.job_id,
         ]
         return bool(self._finish(keys=keys, args=args))
+
+    def release(self, lease: Lease) -> bool:
+        keys = [
+            self._job(lease.job_id),
+            self._lease(lease.job_id),
+            self._running,
+            self._awaiting,
+        ]
+        args = [lease.token, _now(), lease.job_id, time.time()]
+        return bool(self._release(keys=keys, args=args))
 
     def reap(self) -> list[str]:
         requeued = []

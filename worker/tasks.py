@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from worker.celery_app import TRAIN_TASK, IwaeCelery
+from worker.celery_app import TRAIN_TASK, IwaeCelery, shutdown_requested
 from worker.execution import run_job
+from worker.queue import send_training
 
 
 @shared_task(name=TRAIN_TASK, bind=True, ignore_result=True)
@@ -19,4 +20,7 @@ def train(self: Task, job_id: str) -> str:
     app = self.app
     if not isinstance(app, IwaeCelery):
         raise TypeError("the training task runs only in an app from worker.celery_app")
-    return run_job(job_id, app.settings, app.job_store)
+    outcome = run_job(job_id, app.settings, app.job_store, stop=shutdown_requested)
+    if outcome == "released":  # this worker is stopping: hand the job to another one now
+        send_training(app, job_id)
+    return outcome

@@ -4,7 +4,7 @@ Redis: 127.0.0.1:6379, database 14 (override with IWAE_TEST_REDIS_URL); every te
 own key prefix for the job store and the Celery queue, and deletes its keys afterwards, so
 concurrent runs do not meet. MNIST comes from IWAE_DATA_DIR or ../shared/data/mnist beside
 the repository; nothing is downloaded. Short lease timings (lease 3 s, heartbeat 1 s, reaper
-1 s) make recovery take seconds. Every worker started is killed at teardown.
+1 s; progress every 0.25 s) make recovery take seconds. Every worker started is killed at teardown.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def _settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
         job_lease_s=3.0,
         heartbeat_interval_s=1.0,
         reaper_interval_s=1.0,
+        progress_interval_s=0.25,
         device="cpu",
         **changes,
     )

@@ -41,6 +41,7 @@ class Service:
         self.store: JobStore = open_job_store(settings)
         self.log_dir = log_dir
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.signalled: set[int] = set()  # pids of the workers a test stops on purpose
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **settings_env(self.settings)}
@@ -55,6 +56,12 @@ class Service:
         log.close()
         self.workers.append(process)
         return process
+
+    def signal_worker(self, worker: subprocess.Popen[bytes], sig: signal.Signals) -> int:
+        """Send `sig` (SIGKILL: the worker is lost; SIGTERM: asked to stop); its exit code."""
+        self.signalled.add(worker.pid)
+        worker.send_signal(sig)
+        return worker.wait(timeout=20)
 
     def submit(self, **changes: Any) -> str:
         """Create a job (TINY_CONFIG with `changes`) and queue it, as the API does."""
@@ -80,7 +87,7 @@ class Service:
                     f"timed out after {timeout} s waiting for {what}: {record}\n{self.logs()}"
                 )
             for worker in self.workers:
-                if worker.poll() not in (None, -signal.SIGKILL):
+                if worker.pid not in self.signalled and worker.poll() is not None:
                     pytest.fail(f"worker exited with {worker.returncode}\n{self.logs()}")
             time.sleep(0.05)
 

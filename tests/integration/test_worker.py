@@ -9,6 +9,7 @@ and the worker goes on; the embedded mode (no Redis) does the same end to end.
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -54,20 +55,19 @@ def test_job_runs_to_success(redis_service: Service) -> None:
 def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) -> None:
     service = redis_service
     first = service.start_worker()
-    job_id = service.submit(epochs=20, train_size=1000, eval_size=50)
+    job_id = service.submit(epochs=10, train_size=1000, eval_size=50)
     # Past the first epoch's checkpoint (model_id appears with it), still training.
     service.wait_for(
         job_id,
         lambda r: r.model_id is not None and r.status == "running",
         what="the first checkpoint",
     )
-    first.kill()
-    first.wait(timeout=10)
+    service.signal_worker(first, signal.SIGKILL)
     killed_at = time.monotonic()
     assert service.store.get(job_id).status == "running"  # nobody knows yet
     checkpoint = load_checkpoint(service.settings.models_dir / job_id / "model.safetensors")
     done_epochs = checkpoint.state.epoch
-    assert 1 <= done_epochs < 20
+    assert 1 <= done_epochs < 10
 
     service.start_worker()
     resumed = service.wait_for(
@@ -85,6 +85,26 @@ def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) ->
     service.wait_finished(job_id, timeout=90)
     assert_trained(service, job_id)
     assert service.store.get(job_id).attempts == 2
+
+
+def test_stopped_worker_hands_its_job_to_the_next_worker(redis_service: Service) -> None:
+    service = redis_service
+    first = service.start_worker()
+    job_id = service.submit(epochs=10, train_size=1000, eval_size=50)
+    service.wait_for(
+        job_id,
+        lambda r: r.model_id is not None and r.status == "running",
+        what="the first checkpoint",
+    )
+    # Warm shutdown: the job stops within a step and goes back to the queue.
+    assert service.signal_worker(first, signal.SIGTERM) == 0, service.logs()
+    record = service.store.get(job_id)
+    assert (record.status, record.attempts) == ("queued", 0), record
+
+    service.start_worker()
+    service.wait_finished(job_id, timeout=90)
+    assert_trained(service, job_id)
+    assert service.store.get(job_id).attempts == 1
 
 
 def test_cancel_running_job(redis_service: Service) -> None:

@@ -210,3 +210,19 @@ def test_cancel_finished_job_refused(store: JobStore, outcome: str) -> None:
     with pytest.raises(JobAlreadyFinished):
         store.request_cancel(job.job_id)
     assert store.get(job.job_id).status == outcome
+
+
+def test_released_job_is_queued_again_without_counting_the_attempt(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    store.mark_enqueued(job.job_id)
+    lease = store.claim(job.job_id, "stopping:1")
+
+    assert store.release(lease)
+    record = store.get(job.job_id)
+    assert (record.status, record.attempts) == ("queued", 0)
+    assert store.awaiting_message() == [job.job_id]
+    assert not store.renew(lease)
+    assert not store.release(lease)
+    wait_for_lease_expiry(store)
+    assert store.reap() == []  # not running: nothing to reap
+    assert store.claim(job.job_id, "other:2").record.attempts == 1
