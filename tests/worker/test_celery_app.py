@@ -1,0 +1,60 @@
+"""The Celery configuration, and sending a job in the embedded mode (no worker needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from worker.celery_app import TRAIN_TASK, create_celery_app
+from worker.file_store import FileJobStore
+from worker.queue import enqueue_training
+from worker.settings import WorkerSettings
+
+
+def test_one_job_at_a_time_early_ack_json() -> None:
+    conf = create_celery_app(WorkerSettings(broker_url="redis://127.0.0.1:6379/14")).conf
+    assert conf.worker_pool == "solo"
+    assert conf.worker_concurrency == 1
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_disable_prefetch
+    assert conf.task_acks_late is False
+    assert conf.task_reject_on_worker_lost is False
+    assert conf.task_serializer == "json"
+    assert conf.accept_content == ["json"]
+    assert conf.task_ignore_result
+
+
+def test_redis_keys_share_the_job_store_prefix() -> None:
+    settings = WorkerSettings(broker_url="redis://127.0.0.1:6379/14", redis_prefix="test-x:")
+    conf = create_celery_app(settings).conf
+    assert conf.broker_url == "redis://127.0.0.1:6379/14"
+    assert conf.broker_transport_options["global_keyprefix"] == "test-x:"
+    assert conf.task_default_queue == settings.queue
+
+
+def test_embedded_app_uses_folders_under_home_and_creates_none(tmp_path: Path) -> None:
+    settings = WorkerSettings(home=tmp_path / "home")
+    conf = create_celery_app(settings).conf
+    assert conf.broker_url == "filesystem://"
+    options = conf.broker_transport_options
+    assert options["data_folder_in"] == options["data_folder_out"]
+    assert Path(options["data_folder_in"]).is_relative_to(settings.broker_dir)
+    assert not (tmp_path / "home").exists()
+
+
+def test_enqueue_training_embedded_writes_one_message(tmp_path: Path) -> None:
+    settings = WorkerSettings(home=tmp_path)
+    store = FileJobStore(settings.jobs_dir, lease_s=60, max_attempts=3)
+    job = store.create({"k": 1})
+    assert store.awaiting_message() == [job.job_id]
+
+    enqueue_training(job.job_id, settings=settings)
+
+    messages = list((settings.broker_dir / "queue").glob("*.msg"))
+    assert len(messages) == 1
+    message = json.loads(messages[0].read_text())
+    assert message["headers"]["task"] == TRAIN_TASK
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == ([job.job_id], {})  # the id only: the config is in the store
+    assert store.awaiting_message() == []

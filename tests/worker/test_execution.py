@@ -1,0 +1,204 @@
+"""run_job's outcomes, with the training pipeline replaced by a scripted fake.
+
+The fake calls the callbacks like the real loop (one `Progress` per step, stopping when one
+returns True), writes a checkpoint file after the first step, and returns a `RunResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.config import TrainConfig
+from models.run import RunResult
+from models.training import Progress
+from worker import execution
+from worker.execution import run_job
+from worker.file_store import FileJobStore
+from worker.jobs import JobStore
+from worker.settings import WorkerSettings
+
+CONFIG = TrainConfig(k=2, epochs=2, train_size=100, eval_size=0, device="auto").to_dict()
+METRICS = {"test_loglik": -120.5, "epochs": 2}
+
+
+class FakeTraining:
+    """Stands in for `train_and_evaluate`; `on_step(i)` runs before each step's callbacks."""
+
+    def __init__(self, steps: int = 5, on_step: Callable[[int], None] | None = None) -> None:
+        self.steps = steps
+        self.on_step = on_step or (lambda i: None)
+        self.configs: list[TrainConfig] = []
+        self.seen: list[Progress] = []
+
+    def __call__(
+        self, config: TrainConfig, data: Any, out_dir: Path, callbacks: Sequence[Any] = ()
+    ) -> RunResult:
+        self.configs.append(config)
+        checkpoint = out_dir / "model.safetensors"
+        for i in range(self.steps):
+            self.on_step(i)
+            if i == 1:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                checkpoint.write_bytes(b"weights")
+            progress = Progress("train", 1, 2, i + 1, self.steps, 100.0 - i, 1000.0, 1.0)
+            self.seen.append(progress)
+            if any([callback(progress) for callback in callbacks]):
+                return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
+        return RunResult(stopped=False, metrics=dict(METRICS), checkpoint=checkpoint)
+
+
+@pytest.fixture
+def worker_settings(tmp_path: Path) -> WorkerSettings:
+    return WorkerSettings(
+        home=tmp_path,
+        job_lease_s=5,
+        heartbeat_interval_s=0.05,
+        progress_interval_s=0,
+        device="cpu",
+    )
+
+
+@pytest.fixture
+def store(worker_settings: WorkerSettings) -> JobStore:
+    return FileJobStore(worker_settings.jobs_dir, lease_s=5, max_attempts=3)
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeTraining]:
+    def install(**options: Any) -> FakeTraining:
+        training = FakeTraining(**options)
+        monkeypatch.setattr(execution, "train_and_evaluate", training)
+        monkeypatch.setattr(execution, "load_mnist", lambda *a, **k: object())
+        return training
+
+    return install
+
+
+def test_success_writes_model_json_and_metrics(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    training = fake()
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, worker_settings, store) == "succeeded"
+
+    record = store.get(job_id)
+    assert record.status == "succeeded"
+    assert record.metrics == METRICS
+    assert record.model_id == job_id
+    assert record.progress is not None
+    assert record.progress["step"] == 5  # the last step is flushed
+    info = json.loads((worker_settings.models_dir / job_id / "model.json").read_text())
+    assert info["model_id"] == info["job_id"] == job_id
+    assert info["metrics"] == METRICS
+    assert TrainConfig.from_dict(info["config"]) == training.configs[0]
+    # device "auto" in the job follows the worker's setting.
+    assert training.configs[0].device == "cpu"
+
+
+def test_duplicate_message_is_dropped(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    fake()
+    job_id = store.create(CONFIG).job_id
+    assert run_job(job_id, worker_settings, store) == "succeeded"
+    assert run_job(job_id, worker_settings, store) == "dropped"
+    assert run_job("0123abcd", worker_settings, store) == "dropped"
+    assert store.get(job_id).attempts == 1
+
+
+def test_exception_fails_the_job_with_its_message(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    def boom(i: int) -> None:
+        if i == 2:
+            raise RuntimeError("CUDA out of memory")
+
+    fake(on_step=boom)
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, worker_settings, store) == "failed"
+    record = store.get(job_id)
+    assert (record.status, record.error) == ("failed", "RuntimeError: CUDA out of memory")
+    assert not (worker_settings.models_dir / job_id / "model.json").exists()
+
+
+def test_invalid_config_fails_the_job(worker_settings: WorkerSettings, store: JobStore) -> None:
+    job_id = store.create({"k": 0}).job_id
+    assert run_job(job_id, worker_settings, store) == "failed"
+    assert store.get(job_id).error == "ValueError: k must be at least 1"
+
+
+def test_cancel_stops_within_one_step(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    job_id = store.create(CONFIG).job_id
+    training = fake(on_step=lambda i: i == 2 and store.request_cancel(job_id))
+
+    assert run_job(job_id, worker_settings, store) == "cancelled"
+    assert len(training.seen) == 3
+    record = store.get(job_id)
+    assert record.status == "cancelled"
+    assert record.model_id == job_id  # the checkpoint exists, but no model.json
+    assert not (worker_settings.models_dir / job_id / "model.json").exists()
+
+
+def test_stopping_worker_releases_the_job(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    stop = threading.Event()
+    training = fake(on_step=lambda i: i == 1 and stop.set())
+    job_id = store.create(CONFIG).job_id
+    store.mark_enqueued(job_id)
+
+    assert run_job(job_id, worker_settings, store, stop=stop) == "released"
+    assert len(training.seen) == 2
+    record = store.get(job_id)
+    assert (record.status, record.attempts) == ("queued", 0)
+    assert store.awaiting_message() == [job_id]
+
+
+def test_lost_lease_stops_training_and_writes_nothing(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    job_id = store.create(CONFIG).job_id
+    entry = worker_settings.jobs_dir / f"{job_id}.json"
+
+    def taken_over(i: int) -> None:
+        if i == 1:  # another worker claimed the job: the token in the store changes
+            data = json.loads(entry.read_text())
+            data["lease_token"] = "someone-else"
+            entry.write_text(json.dumps(data))
+            threading.Event().wait(1.0)  # heartbeats (every 0.05 s) notice it
+
+    training = fake(steps=50, on_step=taken_over)
+    assert run_job(job_id, worker_settings, store) == "lost"
+    assert len(training.seen) == 2
+    assert store.get(job_id).status == "running"  # the other worker's to finish
+    assert not (worker_settings.models_dir / job_id / "model.json").exists()
+
+
+def test_progress_is_throttled(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    writes: list[dict[str, Any]] = []
+    original = store.update_progress
+
+    def counting(lease: Any, progress: dict[str, Any], **kwargs: Any) -> bool:
+        writes.append(progress)
+        return original(lease, progress, **kwargs)
+
+    store.update_progress = counting  # type: ignore[method-assign]
+    fake(steps=100)
+    settings = worker_settings.model_copy(update={"progress_interval_s": 60})
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, settings, store) == "succeeded"
+    assert [w["step"] for w in writes] == [1, 100]  # the first step, then the final flush
+    assert store.get(job_id).progress["step"] == 100

@@ -1,0 +1,36 @@
+"""reap_once: lost jobs and never-sent jobs are sent again, each once per pass."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from worker.file_store import FileJobStore
+from worker.reaper import reap_once
+
+
+def test_reap_once_sends_lost_and_unsent_jobs(tmp_path: Path) -> None:
+    store = FileJobStore(tmp_path, lease_s=0.2, max_attempts=3)
+    lost = store.create({"k": 1}).job_id
+    store.claim(lost, "dead:1")
+    unsent = store.create({"k": 2}).job_id
+    sent = store.create({"k": 3}).job_id
+    store.mark_enqueued(sent)
+    time.sleep(0.3)
+
+    enqueued: list[str] = []
+
+    def enqueue(job_id: str) -> None:
+        enqueued.append(job_id)
+        store.mark_enqueued(job_id)
+
+    assert reap_once(store, enqueue, grace_s=0.1) == enqueued
+    assert sorted(enqueued) == sorted([lost, unsent])
+    assert store.get(lost).status == "queued"
+    assert reap_once(store, enqueue, grace_s=0.1) == []
+
+
+def test_unsent_job_gets_a_grace_period(tmp_path: Path) -> None:
+    store = FileJobStore(tmp_path, lease_s=1, max_attempts=3)
+    store.create({"k": 1})
+    assert reap_once(store, lambda job_id: None, grace_s=60) == []
