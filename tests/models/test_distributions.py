@@ -1,0 +1,99 @@
+"""Tests for models.distributions against torch.distributions, in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+from models.distributions import (
+    bernoulli_log_prob,
+    gaussian_log_prob,
+    standard_normal_log_prob,
+)
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_gaussian_log_prob_matches_torch_normal() -> None:
+    z = randn(5, 3, 4, seed=0)  # [K, B, d]
+    mu = randn(3, 4, seed=1)  # [B, d], broadcast over K
+    logvar = randn(3, 4, seed=2)
+
+    expected = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)  # [K, B]
+
+    actual = gaussian_log_prob(z, mu, logvar)
+    assert actual.shape == (5, 3)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_gaussian_log_prob_of_one_point_by_hand() -> None:
+    # d=1: log N(2; 1, e^2) = -0.5 * (log 2 pi + 2 + 1 / e^2).
+    actual = gaussian_log_prob(
+        torch.tensor([2.0], dtype=torch.float64),
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.tensor([2.0], dtype=torch.float64),
+    )
+    assert actual.item() == pytest.approx(-0.5 * (math.log(2 * math.pi) + 2.0 + math.exp(-2.0)))
+
+
+def test_standard_normal_log_prob_matches_torch_normal() -> None:
+    z = randn(7, 2, 5, seed=3)
+
+    expected = Normal(0.0, 1.0).log_prob(z).sum(-1)
+
+    torch.testing.assert_close(standard_normal_log_prob(z), expected, rtol=0, atol=1e-12)
+    # At the origin in d dimensions: -d/2 log 2 pi.
+    assert standard_normal_log_prob(torch.zeros(5, dtype=torch.float64)).item() == pytest.approx(
+        -2.5 * math.log(2 * math.pi)
+    )
+
+
+def test_bernoulli_log_prob_broadcasts_x_against_k_logits() -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.bernoulli(torch.full((3, 6), 0.5, dtype=torch.float64), generator=generator)
+    logits = 3.0 * randn(5, 3, 6, seed=5)  # [K, B, D]
+
+    expected = Bernoulli(logits=logits).log_prob(x.expand(5, 3, 6)).sum(-1)  # [K, B]
+
+    actual = bernoulli_log_prob(x, logits)
+    assert actual.shape == (5, 3)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_bernoulli_log_prob_by_hand() -> None:
+    # x = (1, 0), p = (sigmoid(0), sigmoid(log 3)) = (1/2, 3/4): log(1/2) + log(1/4).
+    x = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    logits = torch.tensor([0.0, math.log(3.0)], dtype=torch.float64)
+
+    assert bernoulli_log_prob(x, logits).item() == pytest.approx(math.log(0.5 * 0.25))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_prob_is_finite_and_exact_for_huge_logits(dtype: torch.dtype) -> None:
+    x = torch.tensor([[1.0], [0.0], [1.0], [0.0]], dtype=dtype)  # four 1-pixel images
+    logits = torch.tensor([[1e4], [1e4], [-1e4], [-1e4]], dtype=dtype)
+
+    actual = bernoulli_log_prob(x, logits)
+
+    assert torch.isfinite(actual).all()
+    # A confident right answer costs nothing; a confident wrong one costs |logit| nats.
+    torch.testing.assert_close(
+        actual, torch.tensor([0.0, -1e4, -1e4, 0.0], dtype=dtype), rtol=0, atol=1e-6
+    )
+    expected = Bernoulli(logits=logits.double()).log_prob(x.double()).sum(-1)
+    torch.testing.assert_close(actual.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_bernoulli_log_prob_gradient_is_finite_for_huge_logits() -> None:
+    logits = torch.tensor([1e4, -1e4, 1e4, -1e4], dtype=torch.float32, requires_grad=True)
+    x = torch.tensor([1.0, 1.0, 0.0, 0.0])
+
+    bernoulli_log_prob(x, logits).backward()
+
+    # d/dl [x l - softplus(l)] = x - sigmoid(l).
+    torch.testing.assert_close(logits.grad, torch.tensor([0.0, 1.0, -1.0, 0.0]))

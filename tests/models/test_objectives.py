@@ -1,0 +1,311 @@
+"""Tests for models.objectives: the bounds' exact identities, stability, and the gradients.
+
+The bounds are checked against identities that hold for any log-weights (K=1 IWAE is the
+ELBO, a shift of log w shifts every bound, Jensen) and against values worked out by hand for
+extreme weights. The gradient tests compare estimators in expectation over thousands of draws
+on a tiny float64 model, with a tolerance of 5 standard errors of the mean difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from models.config import TrainConfig
+from models.networks import IWAEModel
+from models.objectives import (
+    backward,
+    ciwae_bound,
+    dreg_encoder_surrogate,
+    elbo,
+    iwae_bound,
+    miwae_bound,
+    surrogates,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def log_weights(k: int, b: int = 3, seed: int = 0, scale: float = 2.0) -> Tensor:
+    """Random log-weights [K, B] in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(k, b, generator=generator, dtype=torch.float64) - 5.0
+
+
+def naive_iwae(log_w: Tensor) -> Tensor:
+    """log mean_k exp(log w_k) the obvious way; fine for moderate float64 values."""
+    return torch.log(torch.exp(log_w).mean(0))
+
+
+# --- bounds -------------------------------------------------------------------------------
+
+
+def test_elbo_and_iwae_match_their_definitions() -> None:
+    log_w = log_weights(6)
+
+    torch.testing.assert_close(elbo(log_w), log_w.sum(0) / 6, rtol=0, atol=1e-12)
+    torch.testing.assert_close(iwae_bound(log_w), naive_iwae(log_w), rtol=0, atol=1e-12)
+
+
+def test_iwae_with_one_sample_is_the_elbo() -> None:
+    log_w = log_weights(1, b=5)
+
+    torch.testing.assert_close(iwae_bound(log_w), elbo(log_w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(iwae_bound(log_w), log_w[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [-1e4, -3.5, 0.0, 7.25, 1e3])
+def test_shifting_log_weights_by_c_shifts_every_bound_by_c(c: float) -> None:
+    log_w = log_weights(12)
+    bounds: dict[str, Callable[[Tensor], Tensor]] = {
+        "elbo": elbo,
+        "iwae": iwae_bound,
+        "miwae(m=3)": lambda w: miwae_bound(w, 3),
+        "ciwae(beta=0.3)": lambda w: ciwae_bound(w, 0.3),
+    }
+    for name, bound in bounds.items():
+        torch.testing.assert_close(bound(log_w + c), bound(log_w) + c, rtol=0, atol=1e-9, msg=name)
+
+
+def test_iwae_is_at_least_the_elbo_and_tightens_with_k() -> None:
+    log_w = log_weights(64, b=50, scale=3.0)
+
+    assert (iwae_bound(log_w) > elbo(log_w)).all()  # strict: the weights are not all equal
+    # Averaged over disjoint groups, the bound with more samples per group is higher
+    # (Burda et al., theorem 1): MIWAE with fewer, larger groups is closer to IWAE.
+    by_group_size = [miwae_bound(log_w, m).mean() for m in (64, 16, 4, 1)]  # K/M = 1, 4, 16, 64
+    assert by_group_size == sorted(by_group_size)
+    assert by_group_size[0] == pytest.approx(elbo(log_w).mean().item(), abs=1e-12)
+
+
+def test_miwae_limits_and_groups() -> None:
+    log_w = log_weights(12)
+
+    torch.testing.assert_close(miwae_bound(log_w, 1), iwae_bound(log_w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(miwae_bound(log_w, 12), elbo(log_w), rtol=0, atol=1e-12)
+    # M=3 groups of 4 consecutive samples along the K axis.
+    groups = [naive_iwae(log_w[4 * i : 4 * i + 4]) for i in range(3)]
+    torch.testing.assert_close(miwae_bound(log_w, 3), sum(groups) / 3, rtol=0, atol=1e-12)
+
+
+def test_ciwae_limits_and_mixture() -> None:
+    log_w = log_weights(8)
+
+    torch.testing.assert_close(ciwae_bound(log_w, 1.0), elbo(log_w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ciwae_bound(log_w, 0.0), iwae_bound(log_w), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        ciwae_bound(log_w, 0.25),
+        0.25 * elbo(log_w) + 0.75 * iwae_bound(log_w),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7, 100_000])
+def test_equal_log_weights_give_exactly_that_value(k: int, dtype: torch.dtype) -> None:
+    for c in (-1e4, 0.0, 30.0):
+        log_w = torch.full((k, 2), c, dtype=dtype)
+        expected = torch.full((2,), c, dtype=dtype)
+        for value in (elbo(log_w), iwae_bound(log_w), ciwae_bound(log_w, 0.5)):
+            assert torch.isfinite(value).all()
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+        if k % 4 == 0:
+            torch.testing.assert_close(miwae_bound(log_w, 4), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_extreme_log_weights_are_finite_and_exact(dtype: torch.dtype) -> None:
+    k = 100_000
+    half = torch.cat([torch.zeros(k // 2, 1), torch.full((k // 2, 1), -1e4)]).to(dtype)
+    one_alive = torch.full((k, 1), -1e4, dtype=dtype)
+    one_alive[17] = 0.0
+
+    # mean of (1, ..., 1, e^-1e4, ...) = 1/2, and mean of one 1 among K zeros = 1/K.
+    assert iwae_bound(half).item() == pytest.approx(math.log(0.5), abs=1e-5)
+    assert elbo(half).item() == pytest.approx(-5e3, rel=1e-6)
+    assert iwae_bound(one_alive).item() == pytest.approx(-math.log(k), abs=1e-5)
+    assert elbo(one_alive).item() == pytest.approx(-1e4 * (k - 1) / k, rel=1e-6)
+    # MIWAE with 2 groups of K/2: the first holds the surviving weight, the second has none.
+    two_groups = 0.5 * (-math.log(k / 2)) + 0.5 * (-1e4)
+    assert miwae_bound(one_alive, 2).item() == pytest.approx(two_groups, rel=1e-6)
+    for value in (iwae_bound(half), ciwae_bound(one_alive, 0.5), miwae_bound(half, 2)):
+        assert torch.isfinite(value).all()
+
+
+def test_iwae_gradient_is_finite_for_extreme_log_weights() -> None:
+    log_w = torch.full((1000, 2), -1e4, dtype=torch.float32)
+    log_w[3, 0] = 0.0
+    log_w.requires_grad_(True)
+
+    iwae_bound(log_w).sum().backward()
+
+    # d/d log w_k of logsumexp is the normalized weight: all of it on the survivor in column 0,
+    # spread evenly in column 1.
+    assert torch.isfinite(log_w.grad).all()
+    assert log_w.grad[3, 0].item() == pytest.approx(1.0)
+    assert log_w.grad[:, 0].sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(log_w.grad[:, 1], torch.full((1000,), 1e-3))
+
+
+def test_dreg_encoder_surrogate_value_and_gradient() -> None:
+    # w = (1, 3): normalized weights (1/4, 3/4).
+    log_w = torch.tensor([[0.0], [math.log(3.0)]], dtype=torch.float64, requires_grad=True)
+
+    value = dreg_encoder_surrogate(log_w)
+    value.sum().backward()
+
+    assert value.item() == pytest.approx((3 / 4) ** 2 * math.log(3.0))
+    # The normalized weights are held constant: the gradient is their square.
+    torch.testing.assert_close(log_w.grad, torch.tensor([[1 / 16], [9 / 16]], dtype=torch.float64))
+
+
+def test_dreg_encoder_surrogate_is_stable_for_extreme_log_weights() -> None:
+    log_w = torch.full((100_000, 1), -1e4, dtype=torch.float32)
+    log_w[0] = 0.0
+
+    # All the normalized weight sits on w_0 = 1 (log w_0 = 0); the rest contribute e^-1e4 * ...
+    assert dreg_encoder_surrogate(log_w).item() == pytest.approx(0.0, abs=1e-3)
+    assert torch.isfinite(dreg_encoder_surrogate(torch.full((100_000, 2), -1e4))).all()
+
+
+# --- surrogates by objective name ---------------------------------------------------------
+
+
+def config(objective: str, **options: object) -> TrainConfig:
+    return TrainConfig(objective=objective, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("objective", "samples", "bound"),
+    [
+        ("vae", 4, elbo),
+        ("iwae", 4, iwae_bound),
+        ("iwae-stl", 4, iwae_bound),
+        ("iwae-dreg", 4, iwae_bound),
+        ("miwae", 8, lambda w: miwae_bound(w, 2)),
+        ("ciwae", 4, lambda w: ciwae_bound(w, 0.3)),
+        ("piwae", 8, iwae_bound),
+    ],
+)
+def test_surrogates_report_the_bound_of_their_objective(
+    model64: IWAEModel,
+    x_binary: Tensor,
+    objective: str,
+    samples: int,
+    bound: Callable[[Tensor], Tensor],
+) -> None:
+    """The reported bound is the named bound of K (M*K for miwae/piwae) fresh log-weights."""
+    cfg = config(objective, k=4, m=2, beta=0.3)
+
+    s = surrogates(model64, x_binary, cfg, torch.Generator().manual_seed(5))
+    log_w = model64.log_weights(x_binary, samples, torch.Generator().manual_seed(5))
+
+    assert s.bound.shape == (4,)
+    assert not s.bound.requires_grad
+    torch.testing.assert_close(s.bound, bound(log_w), rtol=0, atol=1e-12)
+
+
+# --- gradients in expectation -------------------------------------------------------------
+
+GROUPS = 100  # gradient estimates compared
+REPLICAS = 50  # independent draws averaged into each estimate: 5000 draws in all
+
+
+def flat_grads(params: list[torch.nn.Parameter]) -> Tensor:
+    return torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel())
+                      for p in params])  # fmt: skip
+
+
+def gradient_draws(
+    model: IWAEModel, x: Tensor, cfg: TrainConfig, seed: int = 11
+) -> tuple[Tensor, Tensor]:
+    """GROUPS estimates of `cfg.objective`'s gradient at x [B, D]: ([G, P_enc], [G, P_dec]).
+
+    Each estimate averages REPLICAS independent draws: x is repeated along the batch axis,
+    and every row gets its own importance samples. The same seed gives the same samples to
+    objectives that draw the same number of them, so comparisons are paired.
+    """
+    x_rep = x.repeat(REPLICAS, 1)  # [R*B, D]
+    generator = torch.Generator().manual_seed(seed)
+    encoder, decoder = [], []
+    for _ in range(GROUPS):
+        model.zero_grad(set_to_none=True)
+        backward(model, surrogates(model, x_rep, cfg, generator))
+        encoder.append(flat_grads(list(model.encoder_parameters())))
+        decoder.append(flat_grads(list(model.decoder_parameters())))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(encoder), torch.stack(decoder)
+
+
+def z_scores(a: Tensor, b: Tensor) -> Tensor:
+    """|mean difference| / (its standard error + 1e-8/5), per parameter: [G, P] x2 -> [P]."""
+    diff = a - b  # [G, P]
+    se = diff.std(0) / math.sqrt(len(diff))
+    return diff.mean(0).abs() / (se + 2e-9)
+
+
+def assert_same_expectation(a: Tensor, b: Tensor, what: str) -> None:
+    """|mean(a) - mean(b)| < 5 SE + 1e-8 for every parameter."""
+    z = z_scores(a, b)
+    assert (z < 5).all(), f"{what}: max |diff| / SE = {z.max():.2f}"
+
+
+@pytest.mark.parametrize("objective", ["iwae-dreg", "iwae-stl"])
+def test_dreg_and_stl_decoder_gradients_equal_iwae_in_expectation(
+    model64: IWAEModel, x_binary: Tensor, objective: str
+) -> None:
+    # With paired samples the decoder gradients even agree draw by draw: stopping q's
+    # parameters changes nothing that depends on the decoder.
+    _, decoder_iwae = gradient_draws(model64, x_binary, config("iwae", k=5))
+    _, decoder = gradient_draws(model64, x_binary, config(objective, k=5))
+
+    assert_same_expectation(decoder, decoder_iwae, f"{objective} decoder")
+
+
+def test_dreg_encoder_gradient_equals_iwae_in_expectation(
+    model64: IWAEModel, x_binary: Tensor
+) -> None:
+    encoder_iwae, _ = gradient_draws(model64, x_binary, config("iwae", k=5))
+    encoder_dreg, _ = gradient_draws(model64, x_binary, config("iwae-dreg", k=5))
+    encoder_vae, _ = gradient_draws(model64, x_binary, config("vae", k=5))
+
+    assert_same_expectation(encoder_dreg, encoder_iwae, "iwae-dreg encoder")
+    # The test can tell different expectations apart: the ELBO's encoder gradient is not
+    # the IWAE bound's.
+    assert z_scores(encoder_vae, encoder_iwae).max() > 10
+    # DReG is the low-variance estimator of the two.
+    assert encoder_dreg.var(0).sum() < encoder_iwae.var(0).sum()
+
+
+def test_piwae_gradients_are_iwae_for_the_decoder_and_miwae_for_the_encoder(
+    model64: IWAEModel, x_binary: Tensor
+) -> None:
+    # Paired samples again: PIWAE's M*K log-weights are the ones IWAE(M*K) and MIWAE(M, K) see.
+    encoder_piwae, decoder_piwae = gradient_draws(model64, x_binary, config("piwae", k=3, m=2))
+    _, decoder_iwae = gradient_draws(model64, x_binary, config("iwae", k=6))
+    encoder_miwae, _ = gradient_draws(model64, x_binary, config("miwae", k=3, m=2))
+
+    assert_same_expectation(decoder_piwae, decoder_iwae, "piwae decoder vs iwae with M*K")
+    assert_same_expectation(encoder_piwae, encoder_miwae, "piwae encoder vs miwae")
+
+
+def test_backward_routes_each_surrogate_to_its_own_network(
+    model64: IWAEModel, x_binary: Tensor
+) -> None:
+    """DReG: encoder gradients come from the DReG surrogate only, decoder ones from the bound."""
+    s = surrogates(model64, x_binary, config("iwae-dreg", k=5), torch.Generator().manual_seed(2))
+    encoder, decoder = list(model64.encoder_parameters()), list(model64.decoder_parameters())
+    expected_encoder = torch.autograd.grad(-s.encoder.mean(), encoder, retain_graph=True)
+    expected_decoder = torch.autograd.grad(-s.decoder.mean(), decoder, retain_graph=True)
+
+    model64.zero_grad(set_to_none=True)
+    backward(model64, s)
+
+    for p, g in zip(encoder + decoder, expected_encoder + expected_decoder, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in expected_encoder)
