@@ -1,9 +1,15 @@
-"""Tests for models.networks: shapes, dtypes, seeding and the stop-gradient option."""
+"""Tests for models.networks: shapes, dtypes, the log-weights, seeding, the stop-gradient
+option, and Burda's architectures."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
 
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+from models.config import ModelConfig
 from models.networks import IWAEModel
 
 
@@ -15,3 +21,141 @@ def test_float64_model_computes_in_float64(model64: IWAEModel, x_binary: torch.T
     assert model64.sample(2, torch.Generator().manual_seed(0)).dtype == torch.float64
     means = model64.posterior_means(x_binary, k=3, generator=torch.Generator().manual_seed(0))
     assert all(m.dtype == torch.float64 for m in means)
+
+
+def test_shapes_and_ranges(model64: IWAEModel, x_binary: torch.Tensor) -> None:
+    config = model64.config
+
+    log_w = model64.log_weights(x_binary, 5, torch.Generator().manual_seed(0))
+    samples = model64.sample(7, torch.Generator().manual_seed(0))
+    recon = model64.reconstruct(x_binary)
+    means = model64.posterior_means(x_binary, k=3, generator=torch.Generator().manual_seed(0))
+
+    assert log_w.shape == (5, 4)
+    assert torch.isfinite(log_w).all()
+    assert samples.shape == (7, 6)
+    assert recon.shape == (4, 6)
+    for probabilities in (samples, recon):
+        assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert [tuple(m.shape) for m in means] == [(4, d) for d in config.latent_dims]
+    assert len(model64.encoders) == len(model64.decoders) == config.layers
+
+
+def test_first_posterior_mean_is_the_encoder_mean(
+    model64: IWAEModel, x_binary: torch.Tensor
+) -> None:
+    mu, _ = model64.encoders[0](x_binary)
+
+    means = model64.posterior_means(x_binary, k=2, generator=torch.Generator().manual_seed(0))
+
+    torch.testing.assert_close(means[0], mu, rtol=0, atol=0)
+
+
+def test_log_weights_are_log_joint_minus_log_q_for_one_layer(x_binary: torch.Tensor) -> None:
+    """Recompute log w for the one-layer model from the same noise, with torch.distributions."""
+    model = IWAEModel(ModelConfig(layers=1, latent_dim=2, hidden_dim=8, x_dim=6)).double()
+
+    log_w = model.log_weights(x_binary, 3, torch.Generator().manual_seed(4))
+
+    mu, logvar = model.encoders[0].net(x_binary).chunk(2, dim=-1)  # [B, d] each
+    eps = torch.randn((3, 4, 2), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, d]
+    log_q = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_lik = Bernoulli(logits=model.decoders[0](z)).log_prob(x_binary.expand(3, 4, 6)).sum(-1)
+    torch.testing.assert_close(log_w, log_prior + log_lik - log_q, rtol=0, atol=1e-10)
+
+
+def test_stop_q_params_keeps_the_value_and_changes_only_the_encoder_gradient(
+    model64: IWAEModel, x_binary: torch.Tensor
+) -> None:
+    def grads(stop: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        model64.zero_grad(set_to_none=True)
+        log_w = model64.log_weights(
+            x_binary, 4, torch.Generator().manual_seed(9), stop_q_params=stop
+        )
+        log_w.sum().backward()
+        encoder = [p.grad.clone() for p in model64.encoder_parameters()]
+        decoder = [p.grad.clone() for p in model64.decoder_parameters()]
+        return log_w.detach(), encoder, decoder
+
+    log_w, encoder, decoder = grads(stop=False)
+    log_w_stopped, encoder_stopped, decoder_stopped = grads(stop=True)
+
+    assert torch.equal(log_w, log_w_stopped)
+    for g, g_stopped in zip(decoder, decoder_stopped, strict=True):
+        torch.testing.assert_close(g, g_stopped, rtol=0, atol=1e-12)
+    # The encoder loses the score term d log q / d phi at fixed z, which is not zero per draw.
+    difference = sum((g - s).abs().sum() for g, s in zip(encoder, encoder_stopped, strict=True))
+    assert difference > 1e-3
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in encoder_stopped)
+
+
+def test_seeded_generators_reproduce_exactly(model64: IWAEModel, x_binary: torch.Tensor) -> None:
+    def draw(seed: int) -> list[torch.Tensor]:
+        return [
+            model64.log_weights(x_binary, 3, torch.Generator().manual_seed(seed)),
+            model64.sample(5, torch.Generator().manual_seed(seed)),
+            *model64.posterior_means(x_binary, k=3, generator=torch.Generator().manual_seed(seed)),
+        ]
+
+    first, again, other = draw(1), draw(1), draw(2)
+
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(first[1], other[1])
+
+
+def test_log_weights_under_bf16_autocast_come_back_in_fp32(x_binary: torch.Tensor) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = IWAEModel(ModelConfig(layers=2, latent_dim=2, hidden_dim=8, x_dim=6))
+    x = x_binary.float()
+
+    exact = model.log_weights(x, 3, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.log_weights(x, 3, torch.Generator().manual_seed(0))
+
+    assert mixed.dtype == torch.float32
+    # bf16 keeps ~3 significant digits in the matrix products; the weights stay close.
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.2)
+
+
+def test_model_config_defaults_are_burdas() -> None:
+    one, two = ModelConfig(), ModelConfig(layers=2)
+
+    assert (one.layers, one.hidden_dim, one.latent_dim, one.x_dim) == (1, 200, 50, 784)
+    assert one.latent_dims == (50,)
+    assert (two.hidden_dim, two.latent_dim) == (100, 50)
+    assert two.latent_dims == (100, 50)
+    assert ModelConfig(layers=2, hidden_dim=30, latent_dim=5).latent_dims == (30, 5)
+    for bad in ({"layers": 3}, {"latent_dim": 0}, {"hidden_dim": 0}, {"x_dim": -1}):
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)  # type: ignore[arg-type]
+
+
+def n_params(params: Iterator[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def test_full_size_architectures_have_burdas_layer_sizes() -> None:
+    """Parameter counts worked out from the layer sizes (weights + biases of each Linear)."""
+    one = IWAEModel(ModelConfig())
+    # q: 784-200-200-(50 mean + 50 log-variance); p: 50-200-200-784.
+    assert n_params(one.encoder_parameters()) == (784 * 200 + 200) + (200 * 200 + 200) + (
+        200 * 100 + 100
+    )
+    assert n_params(one.decoder_parameters()) == (50 * 200 + 200) + (200 * 200 + 200) + (
+        200 * 784 + 784
+    )
+
+    two = IWAEModel(ModelConfig(layers=2))
+    # q(z1|x): 784-100-100-(2*100); q(z2|z1): 100-50-50-(2*50).
+    q1 = (784 * 100 + 100) + (100 * 100 + 100) + (100 * 200 + 200)
+    q2 = (100 * 50 + 50) + (50 * 50 + 50) + (50 * 100 + 100)
+    # p(z1|z2): 50-50-50-(2*100); p(x|z1): 100-100-100-784.
+    p1 = (50 * 50 + 50) + (50 * 50 + 50) + (50 * 200 + 200)
+    px = (100 * 100 + 100) + (100 * 100 + 100) + (100 * 784 + 784)
+    assert n_params(two.encoder_parameters()) == q1 + q2
+    assert n_params(two.decoder_parameters()) == p1 + px
+    assert n_params(two.parameters()) == q1 + q2 + p1 + px
