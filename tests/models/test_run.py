@@ -1,0 +1,144 @@
+"""Tests for models.run.train_and_evaluate on a tiny synthetic MNIST (6-pixel images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint, load_model
+from models.config import TrainConfig
+from models.data import Mnist, binarized_test_images
+from models.estimators import evaluate
+from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
+from models.training import Progress
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRAIN_KEYS = {"train_seconds", "epochs", "steps"}
+EVAL_KEYS = {"test_loglik", "test_loglik_std_error", "active_units", "eval_k", "eval_size"}
+
+
+@pytest.fixture
+def config(train_config: TrainConfig) -> TrainConfig:
+    """One epoch of 4 steps, then 8 test images scored with K=20."""
+    return train_config.with_changes(epochs=1, eval_size=8, eval_k=20)
+
+
+class Recorder:
+    """Records every Progress; asks to stop at the first one of phase `stop_in`."""
+
+    def __init__(self, stop_in: str | None = None) -> None:
+        self.seen: list[Progress] = []
+        self.stop_in = stop_in
+
+    def __call__(self, progress: Progress) -> bool:
+        self.seen.append(progress)
+        return progress.phase == self.stop_in
+
+    def phase(self, name: str) -> list[Progress]:
+        return [p for p in self.seen if p.phase == name]
+
+
+def test_writes_the_checkpoint_and_the_documented_metrics(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    recorder = Recorder()
+
+    result = train_and_evaluate(config, synthetic_mnist, out, callbacks=[recorder])
+
+    assert not result.stopped
+    assert result.checkpoint == out / CHECKPOINT_NAME == out / "model.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors"]
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics == result.metrics
+    assert metrics.keys() == TRAIN_KEYS | EVAL_KEYS
+    assert (metrics["epochs"], metrics["steps"]) == (1, 4)
+    assert (metrics["eval_k"], metrics["eval_size"]) == (20, 8)
+    assert metrics["train_seconds"] > 0
+    assert len(metrics["active_units"]) == 1 and 0 <= metrics["active_units"][0] <= 2
+    # A bound on the probability of 6 binary pixels: negative, and not absurdly so.
+    assert -15 < metrics["test_loglik"] < 0
+    assert metrics["test_loglik_std_error"] > 0
+    assert len(recorder.phase("train")) == 4
+    assert [(p.step, p.steps, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
+
+
+def test_metrics_describe_the_saved_model_on_the_fixed_test_binarization(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    result = train_and_evaluate(config, synthetic_mnist, tmp_path)
+
+    model, saved_config = load_model(result.checkpoint)
+    again = evaluate(
+        model,
+        binarized_test_images(synthetic_mnist.test_images[:8]),
+        20,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+    assert saved_config == config
+    assert again is not None and result.metrics is not None
+    assert again.test_loglik == result.metrics["test_loglik"]
+    assert again.active_units == result.metrics["active_units"]
+
+
+def test_eval_size_zero_skips_evaluation(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+
+    result = train_and_evaluate(
+        config.with_changes(eval_size=0), synthetic_mnist, tmp_path, callbacks=[recorder]
+    )
+
+    assert result.metrics is not None and result.metrics.keys() == TRAIN_KEYS
+    assert json.loads((tmp_path / METRICS_NAME).read_text()) == result.metrics
+    assert recorder.phase("eval") == []
+
+
+def test_a_stop_during_evaluation_returns_stopped_without_metrics(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[Recorder("eval")])
+
+    assert result.stopped and result.metrics is None
+    assert not (tmp_path / METRICS_NAME).exists()
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).state.epoch == 1  # training finished
+
+    # Running again evaluates without training again.
+    recorder = Recorder()
+    rerun = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[recorder])
+    assert not rerun.stopped and rerun.metrics is not None
+    assert recorder.phase("train") == []
+    assert rerun.metrics["steps"] == 4
+
+
+def test_a_stop_during_training_returns_stopped_without_metrics(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[Recorder("train")])
+
+    assert result.stopped and result.metrics is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerunning_a_finished_run_does_not_retrain(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    first = train_and_evaluate(config, synthetic_mnist, tmp_path)
+    weights = load_checkpoint(tmp_path / CHECKPOINT_NAME).model_state
+    recorder = Recorder()
+
+    second = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[recorder])
+
+    assert recorder.phase("train") == []
+    assert first.metrics is not None and second.metrics is not None
+    assert second.metrics["steps"] == first.metrics["steps"] == 4
+    assert second.metrics["train_seconds"] == first.metrics["train_seconds"]
+    assert second.metrics["test_loglik"] == first.metrics["test_loglik"]
+    after = load_checkpoint(tmp_path / CHECKPOINT_NAME).model_state
+    assert all(torch.equal(after[name], tensor) for name, tensor in weights.items())
