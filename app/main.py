@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
@@ -35,6 +36,8 @@ Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_pillow(settings.max_image_pixels)
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     store = open_job_store(settings)
     app.state.store = store

@@ -46,6 +46,13 @@ class Settings(WorkerSettings):
         description="Importance samples evaluated at once by POST /loglik; bounds the "
         "memory of one request (about 3 MB of decoder output per 1000) whatever its `k`.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads each inference may use (torch.set_num_threads); unset: torch's "
+        "default, one per core. 1 gives steadier latency under many concurrent requests or "
+        "on a machine shared with training.",
+    )
     inference_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where the API runs its models (training runs in the worker)."
     )

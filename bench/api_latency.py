@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, choices=(1, 2), default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--chunk-size", type=int, default=None, help="IWAE_LOGLIK_CHUNK_SIZE")
+    parser.add_argument("--torch-threads", type=int, default=None, help="IWAE_TORCH_THREADS")
     parser.add_argument("--model", type=Path, help="serve this trained model directory")
     parser.add_argument("--train-epochs", type=int, default=0, help="train a model first")
     parser.add_argument("--train-size", type=int, default=10_000)
@@ -153,6 +154,8 @@ def start_server(home: Path, port: int, args: argparse.Namespace) -> subprocess.
     env.update(IWAE_HOME=str(home), IWAE_INFERENCE_DEVICE=args.device)
     if args.chunk_size:
         env["IWAE_LOGLIK_CHUNK_SIZE"] = str(args.chunk_size)
+    if args.torch_threads:
+        env["IWAE_TORCH_THREADS"] = str(args.torch_threads)
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     command += ["--no-access-log"]
@@ -216,6 +219,8 @@ def summarise(name: str, clients: int, latencies: list[float], wall: float, erro
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.torch_threads:  # the in-process side runs like the server
+        torch.set_num_threads(args.torch_threads)
     png = digit_png()
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
         home = Path(tmp)

@@ -148,3 +148,14 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_k_must_not_exceed_the_limit() -> None:
     with pytest.raises(ValueError, match="default_loglik_k"):
         Settings(max_loglik_k=10, default_loglik_k=100)
+
+
+def test_torch_threads_setting_applies_at_startup(make_client: Callable[..., TestClient]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        make_client(torch_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
