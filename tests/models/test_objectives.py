@@ -77,9 +77,11 @@ def test_iwae_is_at_least_the_elbo_and_tightens_with_k() -> None:
     assert (iwae_bound(log_w) > elbo(log_w)).all()  # strict: the weights are not all equal
     # Averaged over disjoint groups, the bound with more samples per group is higher
     # (Burda et al., theorem 1): MIWAE with fewer, larger groups is closer to IWAE.
-    by_group_size = [miwae_bound(log_w, m).mean() for m in (64, 16, 4, 1)]  # K/M = 1, 4, 16, 64
+    by_group_size = [miwae_bound(log_w, m).mean().item() for m in (64, 16, 4, 1)]  # K/M: 1..64
     assert by_group_size == sorted(by_group_size)
+    assert len(set(by_group_size)) == 4
     assert by_group_size[0] == pytest.approx(elbo(log_w).mean().item(), abs=1e-12)
+    assert by_group_size[-1] == pytest.approx(iwae_bound(log_w).mean().item(), abs=1e-12)
 
 
 def test_miwae_limits_and_groups() -> None:
