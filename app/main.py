@@ -37,6 +37,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     configure_pillow(settings.max_image_pixels)
     if settings.torch_threads is not None:
+        # Before the first request: the threads that will run inference inherit it.
         torch.set_num_threads(settings.torch_threads)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     store = open_job_store(settings)
