@@ -22,7 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class WorkerSettings(BaseSettings):
     """Where state lives, which broker to use, and the job-lease timings."""
 
-    model_config = SettingsConfigDict(env_prefix="IWAE_", extra="ignore")
+    # An empty variable (`IWAE_API_TOKEN=` in a .env file) means "unset": the default.
+    model_config = SettingsConfigDict(env_prefix="IWAE_", extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(
         default=Path("~/.iwae"),
