@@ -61,17 +61,25 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--data-dir", type=Path, default=Path(
-        os.environ.get("IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    ))
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(
+            os.environ.get(
+                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
+            )
+        ),
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = IWAEModel(ModelConfig()).to(device).eval()
     test_x = binarized_test_images(load_mnist(args.data_dir).test_images[:100]).to(device)
-    print(f"device={device} threads={torch.get_num_threads()} k={args.k} "
-          f"best of {args.repeats}, seconds per call")
+    print(
+        f"device={device} threads={torch.get_num_threads()} k={args.k} "
+        f"best of {args.repeats}, seconds per call"
+    )
     print(f"{'batch':>5} {'ours':>8} {'reference':>10} {'speed-up':>9}")
     for batch in (1, 100):
         x = test_x[:batch]

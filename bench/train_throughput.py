@@ -78,7 +78,12 @@ def reference_epoch(images: torch.Tensor, k: int, seed: int) -> tuple[float, Ref
 
 def ours_epoch(images: torch.Tensor, k: int, precision: str, device: str, seed: int):
     config = TrainConfig(
-        k=k, epochs=1, batch_size=BATCH, device=device, precision=precision, seed=seed,
+        k=k,
+        epochs=1,
+        batch_size=BATCH,
+        device=device,
+        precision=precision,
+        seed=seed,
         model=ModelConfig(layers=1, latent_dim=Z, hidden_dim=H),
     )
     start = time.perf_counter()
@@ -124,9 +129,15 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
     parser.add_argument("--train-size", type=int, default=60_000)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--data-dir", type=Path, default=Path(
-        os.environ.get("IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    ))
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(
+            os.environ.get(
+                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
+            )
+        ),
+    )
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--eval-k", type=int, default=1000)
     parser.add_argument("--skip-bf16", action="store_true")
@@ -137,11 +148,15 @@ def main() -> None:
     images = data.train_images[: args.train_size].to(device)
     test_x = binarized_test_images(data.test_images[: args.eval_size]).to(device)
     peak = matmul_peak_gflops(device)
-    print(f"device={device} threads={torch.get_num_threads()} images/epoch={len(images)} "
-          f"batch={BATCH} fp32 matmul peak={peak:.1f} GFLOP/s")
+    print(
+        f"device={device} threads={torch.get_num_threads()} images/epoch={len(images)} "
+        f"batch={BATCH} fp32 matmul peak={peak:.1f} GFLOP/s"
+    )
     print(f"test bound: {args.eval_size} test images, k={args.eval_k}, fp32, nats per image")
-    header = f"{'K':>3} {'run':<10} {'seconds':>8} {'img/s':>8} {'vs ref':>7} {'vs ftz':>7} " \
-             f"{'%peak':>6} {'test bound':>11}"
+    header = (
+        f"{'K':>3} {'run':<10} {'seconds':>8} {'img/s':>8} {'vs ref':>7} {'vs ftz':>7} "
+        f"{'%peak':>6} {'test bound':>11}"
+    )
     print(header)
     for k in args.ks:
         rows = []
@@ -160,8 +175,10 @@ def main() -> None:
             rate = len(images) / seconds
             gflops = rate * training_gflop_per_image(k)
             bound = test_bound(model, test_x, args.eval_k)
-            print(f"{k:>3} {name:<10} {seconds:>8.1f} {rate:>8.0f} {ref_s / seconds:>6.2f}x "
-                  f"{ftz_s / seconds:>6.2f}x {100 * gflops / peak:>5.1f}% {bound:>11.2f}")
+            print(
+                f"{k:>3} {name:<10} {seconds:>8.1f} {rate:>8.0f} {ref_s / seconds:>6.2f}x "
+                f"{ftz_s / seconds:>6.2f}x {100 * gflops / peak:>5.1f}% {bound:>11.2f}"
+            )
 
 
 if __name__ == "__main__":
