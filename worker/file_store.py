@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from models.checkpoint import write_atomic
 from worker.jobs import (
     ClaimRefused,
     JobAlreadyFinished,
@@ -69,7 +69,7 @@ class FileJobStore(JobStore):
             raise JobNotFound(job_id) from None
 
     def _write(self, job_id: str, entry: dict[str, Any]) -> None:
-        _write_atomic(self._path(job_id), json.dumps(entry).encode())
+        write_atomic(self._path(job_id), json.dumps(entry).encode())
 
     @contextlib.contextmanager
     def _modify(self, job_id: str) -> Iterator[dict[str, Any]]:
@@ -293,22 +293,3 @@ def _ours(entry: dict[str, Any], lease: Lease) -> bool:
 
 def _now() -> str:
     return utcnow().isoformat()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old or the new file, never a mix; the rename survives a crash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
