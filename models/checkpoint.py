@@ -8,8 +8,6 @@ either the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from models.config import TrainConfig
+from models.files import write_atomic
 from models.networks import IWAEModel
 
 _FORMAT = "iwae-checkpoint/1"
@@ -113,23 +112,3 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[IWAEMode
     model = IWAEModel(checkpoint.config.model).to(device)
     model.load_state_dict(checkpoint.model_state)
     return model.eval(), checkpoint.config
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import os
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +23,8 @@ from types import MappingProxyType
 import numpy as np
 import torch
 from torch import Tensor
+
+from models.files import write_atomic
 
 # Decompressed md5 of each standard MNIST file (the published values, see
 # ../shared/data/mnist/README.md). The .gz wrappers differ between mirrors; their contents do not.
@@ -283,7 +283,10 @@ def _download(
         except (OSError, http.client.HTTPException, DataError) as err:
             failures.append(f"{url}: {err}")
             continue
-        _write_atomically(target, raw)
+        try:
+            write_atomic(target, raw)
+        except OSError as err:
+            raise DataError(f"cannot write {target}: {err}") from err
         return target, data
     tried = "; ".join(failures) or "no mirrors given"
     folders = " and ".join(str(d) for d in looked_in)
@@ -292,27 +295,6 @@ def _download(
         f"not download it ({tried}). Without internet access, put the four MNIST files in a "
         "folder and point IWAE_DATA_DIR at it."
     )
-
-
-def _write_atomically(target: Path, payload: bytes) -> None:
-    """Write to a temporary file beside `target`, then rename it over `target`."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    except OSError as err:
-        raise DataError(f"cannot write {target}: {err}") from err
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"cannot write {target}: {err}") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _urllib_fetch(url: str) -> bytes:

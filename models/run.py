@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import write_atomic
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import evaluate
+from models.files import write_atomic
 from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.checkpoint import write_atomic
 from models.config import TrainConfig
 from models.data import load_mnist
+from models.files import write_atomic
 from models.run import CHECKPOINT_NAME, train_and_evaluate
 from models.training import Progress
 from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, utcnow, worker_name

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from models.checkpoint import write_atomic
+from models.files import write_atomic
 from worker.jobs import (
     ClaimRefused,
     JobAlreadyFinished,

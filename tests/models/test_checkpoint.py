@@ -17,9 +17,9 @@ from models.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
-    write_atomic,
 )
 from models.config import ModelConfig, TrainConfig
+from models.files import write_atomic
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
 from models.training import ADAM_EPS
