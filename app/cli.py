@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a model.safetensors file or the folder holding it",
     )
-    _add_eval_arguments(evaluate, eval_size=10_000)
+    _add_eval_arguments(evaluate, k_flag="--k", eval_size=10_000)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--seed", type=int, default=0)
 
@@ -131,7 +131,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="use the first N training images (default all 60000)",
     )
-    _add_eval_arguments(parser, eval_size=d.eval_size)
+    _add_eval_arguments(parser, k_flag="--eval-k", eval_size=d.eval_size)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     parser.add_argument(
@@ -164,10 +164,9 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
     )
 
 
-def _add_eval_arguments(parser: argparse.ArgumentParser, *, eval_size: int) -> None:
-    flag = "--k" if parser.prog.endswith("eval") else "--eval-k"
+def _add_eval_arguments(parser: argparse.ArgumentParser, *, k_flag: str, eval_size: int) -> None:
     parser.add_argument(
-        flag,
+        k_flag,
         dest="eval_k",
         type=int,
         default=_TRAIN_DEFAULTS.eval_k,
