@@ -98,7 +98,7 @@ def uploaded_digit(
     settings: SettingsDep,
     file: Annotated[
         UploadFile,
-        File(description="An image of one digit: PNG, JPEG, GIF, BMP, WebP... any size."),
+        File(description="An image of one digit: PNG, JPEG, GIF, BMP, TIFF or WebP; any size."),
     ],
 ) -> np.ndarray:
     """The upload as an MNIST digit, binarized at 0.5: `[784]` in {0, 1}."""
