@@ -23,8 +23,10 @@ from app.errors import NotAuthenticated, NotReady
 from app.images import binarize, preprocess
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ServedModel
-from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut
+from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, TrainRequest
 from app.settings import Settings
+from models.config import TrainConfig
+from models.cost import train_cost
 from worker.jobs import JobStore
 
 JobQueue = Callable[[str], None]
@@ -118,6 +120,52 @@ def _above_limit(name: str, value: int, limit: int) -> RequestValidationError:
             }
         ]
     )
+
+
+def check_budget(config: TrainConfig, settings: Settings) -> None:
+    """422 when a training run would draw more importance samples than the settings allow:
+    per step (its memory, IWAE_MAX_SAMPLES_PER_STEP) or in all (its time,
+    IWAE_MAX_TRAIN_SAMPLES). For every route that queues training."""
+    cost = train_cost(config)
+    checks = (
+        (
+            "samples_per_step",
+            cost.samples_per_step,
+            settings.max_samples_per_step,
+            "IWAE_MAX_SAMPLES_PER_STEP",
+            f"k*m*batch_size = {cost.k}*{cost.groups}*{cost.batch_size}",
+            "importance samples per training step",
+        ),
+        (
+            "train_samples",
+            cost.train_samples,
+            settings.max_train_samples,
+            "IWAE_MAX_TRAIN_SAMPLES",
+            f"epochs*images*k*m = {cost.epochs}*{cost.images}*{cost.k}*{cost.groups}",
+            "importance samples in the whole run",
+        ),
+    )
+    errors = [
+        {
+            "type": "compute_budget",
+            "loc": ("body",),
+            "msg": f"the job asks for {formula} = {value:,} {what}, more than "
+            f"{setting} = {limit:,}; lower k, m, batch_size, epochs or train_size",
+            "input": value,
+            "ctx": {"cost": name, "limit": limit, "setting": setting},
+        }
+        for name, value, limit, setting, formula, what in checks
+        if value > limit
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def train_config(body: TrainRequest, settings: SettingsDep) -> TrainConfig:
+    """The job's config from the request body, within the compute budget (422 otherwise)."""
+    config = TrainConfig.from_dict(body.to_config())
+    check_budget(config, settings)
+    return config
 
 
 def sample_count(

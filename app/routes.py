@@ -25,6 +25,7 @@ from app.deps import (
     require_token,
     sample_count,
     served_model,
+    train_config,
     uploaded_digit,
 )
 from app.images import encode_png, encode_png_grid
@@ -44,8 +45,8 @@ from app.schemas import (
     ReadyOut,
     ReconstructionOut,
     SamplesOut,
-    TrainRequest,
 )
+from models.config import TrainConfig
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -73,9 +74,19 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON
     responses=_errors(401),
     tags=["jobs"],
 )
-def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
-    """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress."""
-    job = store.create(body.to_config())
+def train(
+    config: Annotated[TrainConfig, Depends(train_config)],
+    store: StoreDep,
+    enqueue: QueueDep,
+    response: Response,
+) -> JobOut:
+    """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress.
+
+    422 also when the job asks for more compute than the server allows: k*m*batch_size
+    importance samples per step above IWAE_MAX_SAMPLES_PER_STEP, or epochs*images*k*m in
+    all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
+    """
+    job = store.create(config.to_dict())
     try:
         enqueue(job.job_id)
     except Exception:  # the job is recorded: the workers' reaper sends its message later

@@ -18,7 +18,28 @@ class Settings(WorkerSettings):
     api_token: SecretStr | None = Field(
         None,
         description="When set, POST /train and POST /jobs/{id}/cancel require "
-        "`Authorization: Bearer <token>`; reads stay open. Unset: no authentication.",
+        "`Authorization: Bearer <token>`; reads stay open. Unset: no authentication, which "
+        "`iwae serve` allows only on a loopback address unless IWAE_ALLOW_ANONYMOUS is set.",
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="Let `iwae serve` listen on a non-loopback address (e.g. 0.0.0.0, as in "
+        "Docker) without IWAE_API_TOKEN, so that anyone who reaches the port can queue "
+        "training jobs; without it the server refuses to start.",
+    )
+    max_samples_per_step: int = Field(
+        250_000,
+        ge=1,
+        description="Largest k * m * batch_size of a training job (importance samples per "
+        "step, which bound a step's memory: about 9.4 KB each for Burda's one-layer model "
+        "on the CPU, so 2.3 GB at the limit); POST /train answers 422 above it.",
+    )
+    max_train_samples: int = Field(
+        10_000_000_000,
+        ge=1,
+        description="Largest epochs * images * k * m of a training job (importance samples "
+        "of the whole run, which bound its time); 1e10 admits Burda et al.'s K=50 run of "
+        "3280 epochs over 60,000 images. POST /train answers 422 above it.",
     )
     max_upload_bytes: int = Field(
         10 * 1024 * 1024,
@@ -55,6 +76,23 @@ class Settings(WorkerSettings):
     )
     inference_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where the API runs its models (training runs in the worker)."
+    )
+    inference_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Model calls (/samples, /reconstruct, /loglik) that run at once; unset: "
+        "one per core. Others wait in the queue below.",
+    )
+    inference_queue: int = Field(
+        16,
+        ge=0,
+        description="Model calls that may wait for a free slot; past it, 503 with Retry-After.",
+    )
+    inference_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of one model call, its wait in the queue included; checked "
+        "between chunks of importance samples, past it 503 with Retry-After.",
     )
 
     @model_validator(mode="after")
