@@ -7,6 +7,7 @@ replace with `app.dependency_overrides`. `get_job_queue` is the API's one seam t
 
 from __future__ import annotations
 
+import logging
 import secrets
 import tempfile
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 import numpy as np
 from fastapi import Depends, File, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.backpressure import InferenceCall
 from app.errors import NotAuthenticated, NotReady
 from app.images import binarize, preprocess
 from app.metrics import Metrics
@@ -29,37 +32,47 @@ from models.config import TrainConfig
 from models.cost import train_cost
 from worker.jobs import JobStore
 
+log = logging.getLogger(__name__)
+
 JobQueue = Callable[[str], None]
 
 
-def current_settings(request: Request) -> Settings:
+async def current_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def job_store(request: Request) -> JobStore:
+async def job_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def model_registry(request: Request) -> ModelRegistry:
+async def model_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def app_metrics(request: Request) -> Metrics:
+async def app_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_job_queue(request: Request) -> JobQueue:
-    """`enqueue_training(job_id)`: the only Celery call the API makes (tests fake it)."""
-    from worker.queue import enqueue_training  # Celery is loaded only when a job is queued
-
-    return partial(enqueue_training, settings=current_settings(request))
+async def inference_call(request: Request) -> InferenceCall:
+    """This request's slot at the inference gate: `await call(fn, *args)` (503 when busy)."""
+    return request.app.state.gate.call(request.receive)
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]
+
+
+def get_job_queue(settings: SettingsDep) -> JobQueue:
+    """`enqueue_training(job_id)`: the only Celery call the API makes (tests fake it)."""
+    from worker.queue import enqueue_training  # Celery is loaded only when a job is queued
+
+    return partial(enqueue_training, settings=settings)
+
+
 StoreDep = Annotated[JobStore, Depends(job_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(model_registry)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+InferenceDep = Annotated[InferenceCall, Depends(inference_call)]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -230,8 +243,17 @@ def _pings(store: JobStore) -> bool:
         return False
 
 
-def readiness(settings: SettingsDep, store: StoreDep) -> ReadyOut:
-    """Storage writable, job store and broker answering; `NotReady` (503) otherwise."""
+async def readiness(request: Request, settings: SettingsDep, store: StoreDep) -> ReadyOut:
+    """Storage writable, job store and broker answering; `NotReady` (503) otherwise.
+
+    The checks block (disk, network), so they run in the app's own few ops threads: never
+    queued behind uploads or model calls.
+    """
+    limiter = request.app.state.ops_threads
+    return await anyio.to_thread.run_sync(_readiness, settings, store, limiter=limiter)
+
+
+def _readiness(settings: Settings, store: JobStore) -> ReadyOut:
     checks = {
         "storage": _writable(settings.models_dir),
         "job_store": _pings(store),
@@ -245,3 +267,13 @@ def readiness(settings: SettingsDep, store: StoreDep) -> ReadyOut:
     if failing:
         raise NotReady(f"not ready: {', '.join(failing)} unreachable")
     return ReadyOut(checks=checks)
+
+
+async def job_statuses(request: Request, store: StoreDep) -> list[str] | None:
+    """Every job's status, for /metrics (in the ops threads); None when the store is down."""
+    try:
+        jobs = await anyio.to_thread.run_sync(store.list, limiter=request.app.state.ops_threads)
+    except Exception:  # the request metrics stay useful while the job store is down
+        log.warning("job store unreachable; /metrics without job counts", exc_info=True)
+        return None
+    return [job.status for job in jobs]

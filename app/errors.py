@@ -111,8 +111,10 @@ def _detail(request: Request, exc: Exception) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"}
     elif isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    if status >= 500:
+    if status == 500:
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc.__cause__)
+    elif status > 500:  # load shedding or an outage: expected, no traceback
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import torch
 from fastapi import FastAPI
 
+from app.backpressure import InferenceGate
 from app.errors import install_error_handlers
 from app.images import configure_pillow
 from app.limits import BodyLimitMiddleware
@@ -22,6 +24,8 @@ from app.routes import router
 from app.settings import Settings, get_settings
 from worker.jobs import open_job_store
 
+OPS_THREADS = 4
+
 DESCRIPTION = """
 Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 
@@ -29,6 +33,8 @@ Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 * `GET /samples`, `POST /reconstruct` and `POST /loglik` use a trained model: the newest one,
   or the one named by `model_id` (see `GET /models`).
 * Log-likelihoods are in nats per image, estimated with `k` importance samples.
+* Model calls are limited (IWAE_INFERENCE_CONCURRENCY running, IWAE_INFERENCE_QUEUE waiting);
+  past that, or past IWAE_INFERENCE_TIMEOUT_S, they answer 503 with `Retry-After`.
 """
 
 
@@ -45,6 +51,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = ModelRegistry(
         settings.models_dir, settings.model_cache_size, device=settings.inference_device
     )
+    app.state.gate = InferenceGate(
+        settings.inference_slots, settings.inference_queue, settings.inference_timeout_s
+    )
+    # /readyz and /metrics do blocking I/O in threads of their own, never behind other work.
+    app.state.ops_threads = anyio.CapacityLimiter(OPS_THREADS)
     try:
         yield
     finally:

@@ -1,7 +1,8 @@
 """The REST API. Each route parses (schema, dependencies), makes one call, encodes the answer.
 
-Routes that run models are plain `def`: FastAPI runs them in its thread pool, so inference
-never blocks the event loop. Errors are raised as domain exceptions (app.errors).
+Routes that run models await the inference gate (`app.backpressure`), which runs the model
+in threads of its own, a few at a time, so inference never blocks the event loop and never
+delays the ops routes, which are `async`. Errors are raised as domain exceptions (app.errors).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 
 from app import inference
 from app.deps import (
+    InferenceDep,
     MetricsDep,
     QueueDep,
     RegistryDep,
     Seed,
     SettingsDep,
     StoreDep,
+    job_statuses,
     loglik_k,
     readiness,
     require_token,
@@ -62,8 +65,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in codes}
 
 
-_MODEL_ERRORS = _errors(404, 409)
-_UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415)
+_MODEL_ERRORS = _errors(404, 409, 503)  # 503: the inference gate is full or timed out
+_UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415, 503)
 _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON on request."}}
 
 
@@ -138,14 +141,15 @@ def get_model(model_id: ModelId, registry: RegistryDep) -> ModelOut:
 @router.get(
     "/samples", response_model=SamplesOut, responses={**_PNG, **_MODEL_ERRORS}, tags=["models"]
 )
-def samples(
+async def samples(
     model: Model,
     n: Annotated[int, Depends(sample_count)],
+    call: InferenceDep,
     seed: Seed = None,
     format: Format = "png",
 ) -> Any:
     """Digits drawn from the model: a PNG grid, or JSON with 784 Bernoulli means each."""
-    images = inference.sample(model, n, seed)  # [n, 784]
+    images = await call(inference.sample, model, n, seed)  # [n, 784]
     if format == "png":
         return Response(encode_png_grid(images), media_type="image/png")
     return SamplesOut(model_id=model.model_id, samples=np.round(images, 4).tolist())
@@ -157,9 +161,11 @@ def samples(
     responses={**_PNG, **_UPLOAD_ERRORS},
     tags=["models"],
 )
-def reconstruct(digit: Digit, model: Model, format: Format = "png") -> Any:
+async def reconstruct(
+    digit: Digit, model: Model, call: InferenceDep, format: Format = "png"
+) -> Any:
     """The uploaded digit passed through the encoder's mean and the decoder."""
-    image = inference.reconstruct(model, digit)  # [784]
+    image = await call(inference.reconstruct, model, digit)  # [784]
     if format == "png":
         return Response(encode_png(image), media_type="image/png")
     return ReconstructionOut(
@@ -168,15 +174,27 @@ def reconstruct(digit: Digit, model: Model, format: Format = "png") -> Any:
 
 
 @router.post("/loglik", responses=_UPLOAD_ERRORS, tags=["models"])
-def loglik(
+async def loglik(
     digit: Digit,
     model: Model,
     k: Annotated[int, Depends(loglik_k)],
     settings: SettingsDep,
+    call: InferenceDep,
     seed: Seed = None,
 ) -> LoglikOut:
-    """log p(x) of the uploaded digit, estimated with K importance samples, in nats."""
-    score = inference.score(model, digit, k, chunk_size=settings.loglik_chunk_size, seed=seed)
+    """log p(x) of the uploaded digit, estimated with K importance samples, in nats.
+
+    Stops between chunks of samples at IWAE_INFERENCE_TIMEOUT_S or when the client leaves.
+    """
+    score = await call(
+        inference.score,
+        model,
+        digit,
+        k,
+        chunk_size=settings.loglik_chunk_size,
+        seed=seed,
+        on_chunk=call.check,
+    )
     return LoglikOut(
         model_id=model.model_id,
         k=k,
@@ -188,23 +206,20 @@ def loglik(
 
 
 @router.get("/healthz", tags=["ops"])
-def healthz() -> HealthOut:
+async def healthz() -> HealthOut:
     """The process is alive."""
     return HealthOut()
 
 
 @router.get("/readyz", responses=_errors(503), tags=["ops"])
-def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
+async def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
     """Storage is writable and the job store and broker answer; 503 otherwise."""
     return ready
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
+async def metrics(
+    metrics: MetricsDep, statuses: Annotated[list[str] | None, Depends(job_statuses)]
+) -> Response:
     """Prometheus text: requests and latencies per route, jobs per status."""
-    try:
-        statuses = [job.status for job in store.list()]
-    except Exception:  # the request metrics stay useful while the job store is down
-        log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        statuses = None
     return Response(metrics.render(statuses), media_type=CONTENT_TYPE)

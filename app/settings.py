@@ -6,6 +6,7 @@ safe default, so importing this module never fails and never touches the disk.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal, Self
 
@@ -94,6 +95,11 @@ class Settings(WorkerSettings):
         description="Deadline of one model call, its wait in the queue included; checked "
         "between chunks of importance samples, past it 503 with Retry-After.",
     )
+
+    @property
+    def inference_slots(self) -> int:
+        """`inference_concurrency`, or the number of cores when it is unset."""
+        return self.inference_concurrency or os.cpu_count() or 1
 
     @model_validator(mode="after")
     def _default_k_within_limit(self) -> Self:

@@ -1,0 +1,130 @@
+"""Backpressure for model calls: a few run, a few wait, the rest are refused at once.
+
+One torch call (a k=100000 log-likelihood takes about a second) already uses every core, so
+running forty at once, as a plain thread pool would, makes each forty times slower and the
+server's queue unbounded. `InferenceGate` lets `concurrency` calls run, each in a thread of
+its own pool, lets `queue` more wait for a slot, and refuses the rest with `Overloaded`
+(503 with Retry-After). Each call has a deadline, its wait included, and stops when its
+client disconnects: both are checked between chunks of work through `InferenceCall.check`,
+which the model code calls (`models.estimators.log_likelihood`'s `on_chunk`). Health and
+metrics routes never come here and never use the default thread pool, so they answer
+whatever the load.
+
+The counters are touched only on the event loop, so they need no lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+from starlette.types import Receive
+
+from app.errors import ClientDisconnected, DeadlineExceeded, Overloaded
+
+T = TypeVar("T")
+
+
+class InferenceGate:
+    """At most `concurrency` model calls at once, `queue` waiting, `timeout_s` each."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        queue: int,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.concurrency = concurrency
+        self.queue = queue
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.admitted = 0  # running + waiting
+        self._slots = anyio.Semaphore(concurrency)
+        self._threads = anyio.CapacityLimiter(concurrency)
+
+    def call(self, receive: Receive) -> InferenceCall:
+        """A call for one request; its deadline starts now."""
+        return InferenceCall(self, receive, self.clock() + self.timeout_s)
+
+
+class InferenceCall:
+    """One request's model call: `await call(fn, *args)` runs `fn` in the gate's threads.
+
+    `check()` may be called from that thread between chunks of work: it raises
+    `DeadlineExceeded` past the deadline and `ClientDisconnected` once the client has gone.
+    """
+
+    def __init__(self, gate: InferenceGate, receive: Receive, deadline: float) -> None:
+        self.gate = gate
+        self.deadline = deadline
+        self._receive = receive
+        self._gone = threading.Event()
+        self._waiting: anyio.CancelScope | None = None
+
+    def check(self, *_progress: object) -> None:
+        """Raise if the call should stop; ignores its arguments, so that it can serve as any
+        progress callback (`on_chunk=call.check`)."""
+        self._check_connected()
+        if self.gate.clock() > self.deadline:
+            raise DeadlineExceeded(
+                f"the model call took longer than IWAE_INFERENCE_TIMEOUT_S "
+                f"({self.gate.timeout_s:g} s); try again with a smaller k or later"
+            )
+
+    def _check_connected(self) -> None:
+        if self._gone.is_set():
+            raise ClientDisconnected("the client closed the connection")
+
+    async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        gate = self.gate
+        if gate.admitted >= gate.concurrency + gate.queue:
+            raise Overloaded(
+                f"the server is busy: {gate.concurrency} model calls running and "
+                f"{gate.queue} waiting; try again shortly"
+            )
+        gate.admitted += 1
+        try:
+            async with anyio.create_task_group() as watchers:
+                watchers.start_soon(self._watch_disconnect)
+                try:
+                    result = await self._run(partial(fn, *args, **kwargs))
+                except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                    error = exc
+                else:
+                    error = None
+                watchers.cancel_scope.cancel()
+        finally:
+            gate.admitted -= 1
+        if error is not None:
+            raise error
+        return result
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        with anyio.move_on_after(self.deadline - self.gate.clock()) as waiting:
+            self._waiting = waiting
+            await self.gate._slots.acquire()
+        self._waiting = None
+        if waiting.cancelled_caught:  # the client left, or the deadline passed
+            self._check_connected()
+            raise DeadlineExceeded(
+                f"the server is busy: no model slot was free within "
+                f"IWAE_INFERENCE_TIMEOUT_S ({self.gate.timeout_s:g} s); try again shortly"
+            )
+        try:
+            self.check()
+            return await anyio.to_thread.run_sync(work, limiter=self.gate._threads)
+        finally:
+            self.gate._slots.release()
+
+    async def _watch_disconnect(self) -> None:
+        """The body has been read, so the next ASGI message is the client's disconnect."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._gone.set()
+        if self._waiting is not None:
+            self._waiting.cancel()
