@@ -74,7 +74,8 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON
     "/train",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401),
+    # 400: a body FastAPI cannot parse at all (not UTF-8, nested too deeply); 413: too big.
+    responses=_errors(400, 401, 413, 503),
     tags=["jobs"],
 )
 def train(
