@@ -148,6 +148,7 @@ def check_budget(config: TrainConfig, settings: Settings) -> None:
             "IWAE_MAX_SAMPLES_PER_STEP",
             f"k*m*batch_size = {cost.k}*{cost.groups}*{cost.batch_size}",
             "importance samples per training step",
+            "k, m or batch_size",
         ),
         (
             "train_samples",
@@ -156,6 +157,7 @@ def check_budget(config: TrainConfig, settings: Settings) -> None:
             "IWAE_MAX_TRAIN_SAMPLES",
             f"epochs*images*k*m = {cost.epochs}*{cost.images}*{cost.k}*{cost.groups}",
             "importance samples in the whole run",
+            "epochs, train_size, k or m",
         ),
     )
     errors = [
@@ -163,11 +165,11 @@ def check_budget(config: TrainConfig, settings: Settings) -> None:
             "type": "compute_budget",
             "loc": ("body",),
             "msg": f"the job asks for {formula} = {value:,} {what}, more than "
-            f"{setting} = {limit:,}; lower k, m, batch_size, epochs or train_size",
+            f"{setting} = {limit:,}; lower {knobs}",
             "input": value,
             "ctx": {"cost": name, "limit": limit, "setting": setting},
         }
-        for name, value, limit, setting, formula, what in checks
+        for name, value, limit, setting, formula, what, knobs in checks
         if value > limit
     ]
     if errors:

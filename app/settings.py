@@ -32,8 +32,9 @@ class Settings(WorkerSettings):
         250_000,
         ge=1,
         description="Largest k * m * batch_size of a training job (importance samples per "
-        "step, which bound a step's memory: about 9.4 KB each for Burda's one-layer model "
-        "on the CPU, so 2.3 GB at the limit); POST /train answers 422 above it.",
+        "step, which bound a step's memory: about 9 KB each for Burda's one-layer model and "
+        "15 KB for the two-layer one, so 2 to 4 GB at the limit); POST /train answers 422 "
+        "above it.",
     )
     max_train_samples: int = Field(
         10_000_000_000,
