@@ -112,7 +112,7 @@ def _detail(request: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     if status == 500:
-        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc.__cause__)
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
     elif status > 500:  # load shedding or an outage: expected, no traceback
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
@@ -128,7 +128,8 @@ def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    # Handlers run outside the `except` block: the traceback must be passed explicitly.
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
