@@ -122,9 +122,13 @@ class InferenceCall:
             self.gate._slots.release()
 
     async def _watch_disconnect(self) -> None:
-        """The body has been read, so the next ASGI message is the client's disconnect."""
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
+        """Read the ASGI messages left (the body has been read, or the route takes none)
+        until the client's disconnect."""
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a body the route never reads was refused (over the size limit)
+            return
         self._gone.set()
         if self._waiting is not None:
             self._waiting.cancel()

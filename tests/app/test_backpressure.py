@@ -229,3 +229,11 @@ def test_loglik_past_its_deadline_is_503(
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert "IWAE_INFERENCE_TIMEOUT_S" in response.json()["detail"]
+
+
+def test_a_body_the_route_does_not_read_does_not_break_the_watch(
+    make_client: Callable[..., TestClient], tiny_model: str
+) -> None:
+    """GET /samples never reads a body; one over the size limit must not turn into a 500."""
+    client = make_client(max_upload_bytes=100)
+    assert client.request("GET", "/samples", content=b"x" * 1000).status_code == 200
