@@ -109,8 +109,8 @@ def _detail(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    elif isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif (retry_after_s := getattr(exc, "retry_after_s", None)) is not None:
+        headers = {"Retry-After": str(retry_after_s)}  # load shedding: when to come back
     if status == 500:
         log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
     elif status > 500:  # load shedding or an outage: expected, no traceback
