@@ -221,6 +221,39 @@ def test_past_the_queue_model_routes_answer_503_and_ops_routes_still_answer(
         assert running.result(10).status_code == waiting.result(10).status_code == 200
 
 
+def test_ops_routes_answer_while_the_default_thread_pool_is_exhausted(
+    client: TestClient, tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload being decoded holds the only thread of FastAPI's pool: health, readiness
+    and metrics must not wait for it (on a sync route they would queue behind it)."""
+    from app import deps
+
+    decoding, release = threading.Event(), threading.Event()
+
+    def slow_preprocess(data: bytes, max_pixels: int) -> np.ndarray:
+        decoding.set()
+        release.wait(10)
+        return np.zeros(784, np.float32)
+
+    monkeypatch.setattr(deps, "preprocess", slow_preprocess)
+    limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+    client.portal.call(setattr, limiter, "total_tokens", 1)
+    with ThreadPoolExecutor(4) as pool:
+        upload = pool.submit(client.post, "/reconstruct", files={"file": ("d.png", digit_png())})
+        assert decoding.wait(10)
+        probes = {
+            path: pool.submit(client.get, path) for path in ("/healthz", "/readyz", "/metrics")
+        }
+        try:
+            statuses = {
+                path: probe.result(timeout=10).status_code for path, probe in probes.items()
+            }
+        finally:
+            release.set()
+        assert statuses == {"/healthz": 200, "/readyz": 200, "/metrics": 200}
+        assert upload.result(10).status_code == 200
+
+
 def test_loglik_past_its_deadline_is_503(
     make_client: Callable[..., TestClient], tiny_model: str
 ) -> None:
