@@ -99,8 +99,12 @@ class Settings(WorkerSettings):
 
     @property
     def inference_slots(self) -> int:
-        """`inference_concurrency`, or the number of cores when it is unset."""
-        return self.inference_concurrency or os.cpu_count() or 1
+        """`inference_concurrency`, or the cores this process may run on when it is unset."""
+        if self.inference_concurrency is not None:
+            return self.inference_concurrency
+        if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and cpusets
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     @model_validator(mode="after")
     def _default_k_within_limit(self) -> Self:

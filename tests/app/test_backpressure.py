@@ -270,3 +270,12 @@ def test_a_body_the_route_does_not_read_does_not_break_the_watch(
     """GET /samples never reads a body; one over the size limit must not turn into a 500."""
     client = make_client(max_upload_bytes=100)
     assert client.request("GET", "/samples", content=b"x" * 1000).status_code == 200
+
+
+def test_the_gate_runs_one_call_per_core_by_default(
+    make_client: Callable[..., TestClient], make_settings: Callable[..., Any]
+) -> None:
+    import os
+
+    assert make_client().app.state.gate.concurrency == len(os.sched_getaffinity(0))
+    assert make_settings(inference_concurrency=3).inference_slots == 3
