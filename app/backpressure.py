@@ -4,11 +4,12 @@ One torch call (a k=100000 log-likelihood takes about a second) already uses eve
 running forty at once, as a plain thread pool would, makes each forty times slower and the
 server's queue unbounded. `InferenceGate` lets `concurrency` calls run, each in a thread of
 its own pool, lets `queue` more wait for a slot, and refuses the rest with `Overloaded`
-(503 with Retry-After). Each call has a deadline, its wait included, and stops when its
-client disconnects: both are checked between chunks of work through `InferenceCall.check`,
-which the model code calls (`models.estimators.log_likelihood`'s `on_chunk`). Health and
-metrics routes never come here and never use the default thread pool, so they answer
-whatever the load.
+(503 with Retry-After). A request is admitted before its upload is decoded or its model
+loaded, so a refused one costs neither. Each call has a deadline, its wait included, and
+stops when its client disconnects: both are checked between chunks of work through
+`InferenceCall.check`, which the model code calls (`models.estimators.log_likelihood`'s
+`on_chunk`). Health and metrics routes never come here and never use the default thread
+pool, so they answer whatever the load.
 
 The counters are touched only on the event loop, so they need no lock.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -47,13 +49,25 @@ class InferenceGate:
         self._slots = anyio.Semaphore(concurrency)
         self._threads = anyio.CapacityLimiter(concurrency)
 
-    def call(self, receive: Receive) -> InferenceCall:
-        """A call for one request; its deadline starts now."""
-        return InferenceCall(self, receive, self.clock() + self.timeout_s)
+    @contextmanager
+    def admit(self, receive: Receive) -> Iterator[InferenceCall]:
+        """A place for one request's call, held until the block ends; `Overloaded` at once
+        when `concurrency + queue` are taken. Its deadline starts now."""
+        if self.admitted >= self.concurrency + self.queue:
+            raise Overloaded(
+                f"the server is busy: {self.concurrency} model calls running and "
+                f"{self.queue} waiting; try again shortly"
+            )
+        self.admitted += 1
+        try:
+            yield InferenceCall(self, receive, self.clock() + self.timeout_s)
+        finally:
+            self.admitted -= 1
 
 
 class InferenceCall:
-    """One request's model call: `await call(fn, *args)` runs `fn` in the gate's threads.
+    """One admitted request's model call: `await call(fn, *args)` runs `fn` in the gate's
+    threads.
 
     `check()` may be called from that thread between chunks of work: it raises
     `DeadlineExceeded` past the deadline and `ClientDisconnected` once the client has gone.
@@ -81,25 +95,16 @@ class InferenceCall:
             raise ClientDisconnected("the client closed the connection")
 
     async def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        gate = self.gate
-        if gate.admitted >= gate.concurrency + gate.queue:
-            raise Overloaded(
-                f"the server is busy: {gate.concurrency} model calls running and "
-                f"{gate.queue} waiting; try again shortly"
-            )
-        gate.admitted += 1
-        try:
-            async with anyio.create_task_group() as watchers:
-                watchers.start_soon(self._watch_disconnect)
-                try:
-                    result = await self._run(partial(fn, *args, **kwargs))
-                except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
-                    error = exc
-                else:
-                    error = None
-                watchers.cancel_scope.cancel()
-        finally:
-            gate.admitted -= 1
+        """`fn(*args, **kwargs)` in a free slot's thread, waiting for one until the deadline."""
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(self._watch_disconnect)
+            try:
+                result = await self._run(partial(fn, *args, **kwargs))
+            except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                error = exc
+            else:
+                error = None
+            watchers.cancel_scope.cancel()
         if error is not None:
             raise error
         return result

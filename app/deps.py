@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -53,9 +53,12 @@ async def app_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def inference_call(request: Request) -> InferenceCall:
-    """This request's slot at the inference gate: `await call(fn, *args)` (503 when busy)."""
-    return request.app.state.gate.call(request.receive)
+async def inference_call(request: Request) -> AsyncIterator[InferenceCall]:
+    """This request's place at the inference gate (503 when full), held until it is
+    answered: `await call(fn, *args)`. Routes declare it first, so that a refused request
+    is refused before its upload is decoded or its model loaded."""
+    with request.app.state.gate.admit(request.receive) as call:
+        yield call
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]

@@ -143,9 +143,9 @@ def get_model(model_id: ModelId, registry: RegistryDep) -> ModelOut:
     "/samples", response_model=SamplesOut, responses={**_PNG, **_MODEL_ERRORS}, tags=["models"]
 )
 async def samples(
+    call: InferenceDep,
     model: Model,
     n: Annotated[int, Depends(sample_count)],
-    call: InferenceDep,
     seed: Seed = None,
     format: Format = "png",
 ) -> Any:
@@ -170,7 +170,7 @@ def _samples_answer(model: ServedModel, n: int, seed: int | None, format: str) -
     tags=["models"],
 )
 async def reconstruct(
-    digit: Digit, model: Model, call: InferenceDep, format: Format = "png"
+    call: InferenceDep, digit: Digit, model: Model, format: Format = "png"
 ) -> Any:
     """The uploaded digit passed through the encoder's mean and the decoder."""
     image = await call(inference.reconstruct, model, digit)  # [784]
@@ -183,11 +183,11 @@ async def reconstruct(
 
 @router.post("/loglik", responses=_UPLOAD_ERRORS, tags=["models"])
 async def loglik(
+    call: InferenceDep,
     digit: Digit,
     model: Model,
     k: Annotated[int, Depends(loglik_k)],
     settings: SettingsDep,
-    call: InferenceDep,
     seed: Seed = None,
 ) -> LoglikOut:
     """log p(x) of the uploaded digit, estimated with K importance samples, in nats.

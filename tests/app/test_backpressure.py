@@ -36,6 +36,12 @@ def disconnects_when(event: anyio.Event) -> Callable[[], Any]:
     return receive
 
 
+async def run(gate: InferenceGate, fn: Callable[..., Any], *args: Any, receive=connected) -> Any:
+    """Admit a call at `gate` and run `fn(*args)` there, as the routes do."""
+    with gate.admit(receive) as call:
+        return await call(fn, *args)
+
+
 class Work:
     """A model call that counts how many run at once and holds until released."""
 
@@ -66,7 +72,7 @@ def test_at_most_concurrency_calls_run_and_the_queue_is_bounded() -> None:
 
         async def submit(i: int) -> None:
             try:
-                results[i] = await gate.call(connected)(work, i)
+                results[i] = await run(gate, work, i)
             except Overloaded as exc:
                 results[i] = exc
 
@@ -103,8 +109,10 @@ def test_the_deadline_stops_a_call_between_chunks() -> None:
 
     async def main() -> None:
         gate = InferenceGate(concurrency=1, queue=0, timeout_s=10, clock=lambda: now[0])
-        call = gate.call(connected)
-        with pytest.raises(DeadlineExceeded, match="IWAE_INFERENCE_TIMEOUT_S"):
+        with (
+            gate.admit(connected) as call,
+            pytest.raises(DeadlineExceeded, match="IWAE_INFERENCE_TIMEOUT_S"),
+        ):
             await call(estimate, call.check)
 
     anyio.run(main)
@@ -117,11 +125,11 @@ def test_a_wait_past_the_deadline_is_refused() -> None:
     async def main() -> None:
         gate = InferenceGate(concurrency=1, queue=5, timeout_s=0.3)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(gate.call(connected), work, 0)
+            tasks.start_soon(run, gate, work, 0)
             await anyio.to_thread.run_sync(work.started.acquire)
             start = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="no model slot was free"):
-                await gate.call(connected)(work, 1)
+                await run(gate, work, 1)
             assert time.monotonic() - start < 5
             work.release.set()
 
@@ -142,7 +150,6 @@ def test_a_disconnect_stops_the_running_call_at_its_next_check() -> None:
     async def main() -> None:
         left = anyio.Event()
         gate = InferenceGate(concurrency=1, queue=0, timeout_s=60)
-        call = gate.call(disconnects_when(left))
         async with anyio.create_task_group() as tasks:
 
             async def leave() -> None:
@@ -150,7 +157,7 @@ def test_a_disconnect_stops_the_running_call_at_its_next_check() -> None:
                 left.set()
 
             tasks.start_soon(leave)
-            with pytest.raises(ClientDisconnected):
+            with gate.admit(disconnects_when(left)) as call, pytest.raises(ClientDisconnected):
                 await call(estimate, call.check)
         assert gate.admitted == 0
 
@@ -165,12 +172,12 @@ def test_a_client_that_leaves_while_waiting_frees_its_place() -> None:
         left = anyio.Event()
         gate = InferenceGate(concurrency=1, queue=1, timeout_s=60)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(gate.call(connected), work, 0)
+            tasks.start_soon(run, gate, work, 0)
             await anyio.to_thread.run_sync(work.started.acquire)
             left.set()
             with anyio.fail_after(5):
                 with pytest.raises(ClientDisconnected):
-                    await gate.call(disconnects_when(left))(work, 1)
+                    await run(gate, work, 1, receive=disconnects_when(left))
             assert gate.admitted == 1
             work.release.set()
 
@@ -219,6 +226,27 @@ def test_past_the_queue_model_routes_answer_503_and_ops_routes_still_answer(
             assert client.get(path).status_code == 200, path
         held.release.set()
         assert running.result(10).status_code == waiting.result(10).status_code == 200
+
+
+def test_a_refused_upload_is_never_decoded(
+    make_client: Callable[..., TestClient],
+    tiny_model: str,
+    held: Work,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app import deps
+
+    decoded = []
+    monkeypatch.setattr(deps, "preprocess", lambda data, max_pixels: decoded.append(data))
+    client = make_client(inference_concurrency=1, inference_queue=0)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.get, "/samples")
+        assert held.started.acquire(timeout=10)
+        refused = client.post("/loglik", files={"file": ("d.png", digit_png())})
+        held.release.set()
+        assert running.result(10).status_code == 200
+    assert refused.status_code == 503
+    assert decoded == []
 
 
 def test_ops_routes_answer_while_the_default_thread_pool_is_exhausted(
