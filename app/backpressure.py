@@ -46,8 +46,8 @@ class InferenceGate:
         self.timeout_s = timeout_s
         self.clock = clock
         self.admitted = 0  # running + waiting
-        self._slots = anyio.Semaphore(concurrency)
-        self._threads = anyio.CapacityLimiter(concurrency)
+        self.slots = anyio.Semaphore(concurrency)  # taken by running calls
+        self.threads = anyio.CapacityLimiter(concurrency)  # their threads, not the default pool's
 
     @contextmanager
     def admit(self, receive: Receive) -> Iterator[InferenceCall]:
@@ -112,7 +112,7 @@ class InferenceCall:
     async def _run(self, work: Callable[[], T]) -> T:
         with anyio.move_on_after(self.deadline - self.gate.clock()) as waiting:
             self._waiting = waiting
-            await self.gate._slots.acquire()
+            await self.gate.slots.acquire()
         self._waiting = None
         if waiting.cancelled_caught:  # the client left, or the deadline passed
             self._check_connected()
@@ -122,9 +122,9 @@ class InferenceCall:
             )
         try:
             self.check()
-            return await anyio.to_thread.run_sync(work, limiter=self.gate._threads)
+            return await anyio.to_thread.run_sync(work, limiter=self.gate.threads)
         finally:
-            self.gate._slots.release()
+            self.gate.slots.release()
 
     async def _watch_disconnect(self) -> None:
         """Read the ASGI messages left (the body has been read, or the route takes none)

@@ -11,6 +11,7 @@ import logging
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -138,43 +139,54 @@ def _above_limit(name: str, value: int, limit: int) -> RequestValidationError:
     )
 
 
+@dataclass(frozen=True)
+class _Budget:
+    cost: str  # the `TrainCost` property
+    setting: str
+    formula: str
+    what: str
+    knobs: str
+
+
+_BUDGETS = (
+    _Budget(
+        "samples_per_step",
+        "IWAE_MAX_SAMPLES_PER_STEP",
+        "k*m*batch_size = {c.k}*{c.groups}*{c.batch_size}",
+        "importance samples per training step",
+        "k, m or batch_size",
+    ),
+    _Budget(
+        "train_samples",
+        "IWAE_MAX_TRAIN_SAMPLES",
+        "epochs*images*k*m = {c.epochs}*{c.images}*{c.k}*{c.groups}",
+        "importance samples in the whole run",
+        "epochs, train_size, k or m",
+    ),
+)
+
+
 def check_budget(config: TrainConfig, settings: Settings) -> None:
     """422 when a training run would draw more importance samples than the settings allow:
     per step (its memory, IWAE_MAX_SAMPLES_PER_STEP) or in all (its time,
     IWAE_MAX_TRAIN_SAMPLES). For every route that queues training."""
     cost = train_cost(config)
-    checks = (
-        (
-            "samples_per_step",
-            cost.samples_per_step,
-            settings.max_samples_per_step,
-            "IWAE_MAX_SAMPLES_PER_STEP",
-            f"k*m*batch_size = {cost.k}*{cost.groups}*{cost.batch_size}",
-            "importance samples per training step",
-            "k, m or batch_size",
-        ),
-        (
-            "train_samples",
-            cost.train_samples,
-            settings.max_train_samples,
-            "IWAE_MAX_TRAIN_SAMPLES",
-            f"epochs*images*k*m = {cost.epochs}*{cost.images}*{cost.k}*{cost.groups}",
-            "importance samples in the whole run",
-            "epochs, train_size, k or m",
-        ),
-    )
-    errors = [
-        {
-            "type": "compute_budget",
-            "loc": ("body",),
-            "msg": f"the job asks for {formula} = {value:,} {what}, more than "
-            f"{setting} = {limit:,}; lower {knobs}",
-            "input": value,
-            "ctx": {"cost": name, "limit": limit, "setting": setting},
-        }
-        for name, value, limit, setting, formula, what, knobs in checks
-        if value > limit
-    ]
+    errors = []
+    for budget in _BUDGETS:
+        value = getattr(cost, budget.cost)
+        limit = getattr(settings, budget.setting.removeprefix("IWAE_").lower())
+        if value > limit:
+            errors.append(
+                {
+                    "type": "compute_budget",
+                    "loc": ("body",),
+                    "msg": f"the job asks for {budget.formula.format(c=cost)} = {value:,} "
+                    f"{budget.what}, more than {budget.setting} = {limit:,}; "
+                    f"lower {budget.knobs}",
+                    "input": value,
+                    "ctx": {"cost": budget.cost, "limit": limit, "setting": budget.setting},
+                }
+            )
     if errors:
         raise RequestValidationError(errors)
 
