@@ -31,6 +31,7 @@ from app.images import encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
 from app.registry import ServedModel
 from app.schemas import (
+    CURSOR_PATTERN,
     ID_PATTERN,
     ErrorOut,
     HealthOut,
@@ -89,10 +90,14 @@ def list_jobs(
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
 ) -> JobList:
-    """Jobs, newest first."""
-    jobs = [job for job in store.list() if status is None or job.status == status][:limit]
-    return JobList(jobs=[JobOut.of(job) for job in jobs])
+    """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
+    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status)
+    return JobList(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
@@ -192,8 +197,8 @@ def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
 def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
     """Prometheus text: requests and latencies per route, jobs per status."""
     try:
-        statuses = [job.status for job in store.list()]
+        counts = store.counts()
     except Exception:  # the request metrics stay useful while the job store is down
         log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        statuses = None
-    return Response(metrics.render(statuses), media_type=CONTENT_TYPE)
+        counts = None
+    return Response(metrics.render(counts), media_type=CONTENT_TYPE)

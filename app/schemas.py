@@ -8,11 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.config import ModelConfig, Objective, Precision, Schedule, TrainConfig
+from worker.jobs import JobStatus
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?$"
 MAX_SEED = 2**63 - 1
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
@@ -173,6 +174,9 @@ class JobOut(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobOut]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class ModelOut(BaseModel):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+import torch
+
 from worker.celery_app import create_celery_app, prepare_storage
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -17,8 +19,8 @@ from worker.settings import WorkerSettings, get_worker_settings
 def run_worker(loglevel: str = "info", *, settings: WorkerSettings | None = None) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM or Ctrl-C).
 
-    Solo pool, one job at a time, consuming `settings.queue`; its reaper thread starts when
-    it is ready. Returns when the worker stops.
+    Solo pool, one job at a time, consuming `consumed_queues(settings)`; its reaper thread
+    starts when it is ready. Returns when the worker stops.
     """
     settings = settings or get_worker_settings()
     prepare_storage(settings)
@@ -32,13 +34,21 @@ def worker_argv(settings: WorkerSettings, loglevel: str = "info") -> list[str]:
         f"--loglevel={loglevel}",
         "--pool=solo",
         "--concurrency=1",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(consumed_queues(settings))}",
         f"--hostname=iwae-{os.getpid()}@{socket.gethostname()}",
         # Cluster chatter that a solo worker busy training cannot answer anyway.
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
     ]
+
+
+def consumed_queues(settings: WorkerSettings) -> list[str]:
+    """The default queue, plus the CUDA jobs' queue when this worker can run them."""
+    queues = [settings.queue]
+    if settings.device != "cpu" and torch.cuda.is_available():
+        queues.append(settings.queue_for("cuda"))
+    return queues
 
 
 def start_local_worker_process(

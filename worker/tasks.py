@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from worker.celery_app import TRAIN_TASK, IwaeCelery, shutdown_requested
+from worker.celery_app import TRAIN_TASK, IwaeCelery, send_training, shutdown_requested
 from worker.execution import run_job
-from worker.queue import send_training
 
 
 @shared_task(name=TRAIN_TASK, bind=True, ignore_result=True)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from worker.celery_app import TRAIN_TASK, create_celery_app
-from worker.file_store import FileJobStore
+from worker.jobs import FileJobStore
 from worker.queue import enqueue_training
 from worker.settings import WorkerSettings
 

@@ -1,13 +1,15 @@
 """run_job's outcomes, with the training pipeline replaced by a scripted fake.
 
 The fake calls the callbacks like the real loop (one `Progress` per step, stopping when one
-returns True), writes a checkpoint file after the first step, and returns a `RunResult`.
+returns True), writes a checkpoint file (through the fence) after the second step, and
+returns a `RunResult`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,12 @@ from typing import Any
 import pytest
 
 from models.config import TrainConfig
+from models.files import Fence, write_atomic
 from models.run import RunResult
 from models.training import Progress
 from worker import execution
 from worker.execution import run_job
-from worker.file_store import FileJobStore
-from worker.jobs import JobStore
+from worker.jobs import FileJobStore, JobStore
 from worker.settings import WorkerSettings
 
 CONFIG = TrainConfig(k=2, epochs=2, train_size=100, eval_size=0, device="auto").to_dict()
@@ -37,15 +39,19 @@ class FakeTraining:
         self.seen: list[Progress] = []
 
     def __call__(
-        self, config: TrainConfig, data: Any, out_dir: Path, callbacks: Sequence[Any] = ()
+        self,
+        config: TrainConfig,
+        data: Any,
+        out_dir: Path,
+        callbacks: Sequence[Any] = (),
+        fence: Fence | None = None,
     ) -> RunResult:
         self.configs.append(config)
         checkpoint = out_dir / "model.safetensors"
         for i in range(self.steps):
             self.on_step(i)
             if i == 1:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                checkpoint.write_bytes(b"weights")
+                write_atomic(checkpoint, b"weights", fence=fence)
             progress = Progress("train", 1, 2, i + 1, self.steps, 100.0 - i, 1000.0, 1.0)
             self.seen.append(progress)
             if any([callback(progress) for callback in callbacks]):
@@ -135,17 +141,22 @@ def test_invalid_config_fails_the_job(worker_settings: WorkerSettings, store: Jo
     assert store.get(job_id).error == "ValueError: k must be at least 1"
 
 
-def test_cancel_stops_within_one_step(
+def test_cancel_stops_at_the_step_after_the_next_heartbeat(
     worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
 ) -> None:
     job_id = store.create(CONFIG).job_id
-    training = fake(on_step=lambda i: i == 2 and store.request_cancel(job_id))
 
+    def cancel(i: int) -> None:
+        if i == 2:
+            store.request_cancel(job_id)
+            time.sleep(0.3)  # several heartbeats (every 0.05 s): one brings the flag back
+
+    training = fake(on_step=cancel)
     assert run_job(job_id, worker_settings, store) == "cancelled"
     assert len(training.seen) == 3
     record = store.get(job_id)
     assert record.status == "cancelled"
-    assert record.model_id == job_id  # the checkpoint exists, but no model.json
+    assert record.model_id is None  # a checkpoint exists, but no model of a cancelled job
     assert not (worker_settings.models_dir / job_id / "model.json").exists()
 
 
@@ -171,17 +182,17 @@ def test_lost_lease_stops_training_and_writes_nothing(
     entry = worker_settings.jobs_dir / f"{job_id}.json"
 
     def taken_over(i: int) -> None:
-        if i == 1:  # another worker claimed the job: the token in the store changes
+        if i == 1:  # another worker claimed the job: the fence in the store moves on
             data = json.loads(entry.read_text())
-            data["lease_token"] = "someone-else"
+            data["entry"]["fence"] += 1
             entry.write_text(json.dumps(data))
             threading.Event().wait(1.0)  # heartbeats (every 0.05 s) notice it
 
     training = fake(steps=50, on_step=taken_over)
     assert run_job(job_id, worker_settings, store) == "lost"
-    assert len(training.seen) == 2
+    assert len(training.seen) == 1  # the fence refused the checkpoint of step 2
     assert store.get(job_id).status == "running"  # the other worker's to finish
-    assert not (worker_settings.models_dir / job_id / "model.json").exists()
+    assert list((worker_settings.models_dir / job_id).glob("*")) == []
 
 
 def test_progress_is_throttled(

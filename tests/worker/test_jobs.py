@@ -86,7 +86,7 @@ def test_progress_and_finish(store: JobStore) -> None:
         store.claim(job.job_id, "w")
     assert refused.value.reason == "finished"
     # A finished job's lease is spent: no further writes.
-    assert not store.renew(lease)
+    assert store.renew(lease) == "lost"
     assert not store.update_progress(lease, {"epoch": 3})
     assert not store.finish(lease, "failed", error="late")
     assert store.get(job.job_id).status == "succeeded"
@@ -105,7 +105,7 @@ def test_renewed_lease_is_not_reaped(store: JobStore) -> None:
     lease = store.claim(job.job_id, "w")
     for _ in range(4):
         time.sleep(store.lease_s / 3)
-        assert store.renew(lease)
+        assert store.renew(lease) == "held"
     assert store.reap() == []
     assert store.get(job.job_id).status == "running"
 
@@ -128,7 +128,7 @@ def test_expired_lease_is_requeued_then_resumed_by_another_worker(store: JobStor
     record = store.get(job.job_id)
     assert (record.attempts, record.progress) == (2, None)
     # The lost worker, should it come back, owns nothing any more.
-    assert not store.renew(lost)
+    assert store.renew(lost) == "lost"
     assert not store.update_progress(lost, {"epoch": 1})
     assert not store.finish(lost, "succeeded")
     assert store.finish(lease, "succeeded")
@@ -221,7 +221,7 @@ def test_released_job_is_queued_again_without_counting_the_attempt(store: JobSto
     record = store.get(job.job_id)
     assert (record.status, record.attempts) == ("queued", 0)
     assert store.awaiting_message() == [job.job_id]
-    assert not store.renew(lease)
+    assert store.renew(lease) == "lost"
     assert not store.release(lease)
     wait_for_lease_expiry(store)
     assert store.reap() == []  # not running: nothing to reap

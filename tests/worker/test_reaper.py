@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from worker.file_store import FileJobStore
-from worker.reaper import reap_once
+from worker.jobs import FileJobStore, reap_once
 
 
 def test_reap_once_sends_lost_and_unsent_jobs(tmp_path: Path) -> None:
