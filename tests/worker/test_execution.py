@@ -22,7 +22,7 @@ from models.run import RunResult
 from models.training import Progress
 from worker import execution
 from worker.execution import run_job
-from worker.jobs import FileJobStore, JobStore
+from worker.jobs import FileJobStore, JobStore, reap_once
 from worker.settings import WorkerSettings
 
 CONFIG = TrainConfig(k=2, epochs=2, train_size=100, eval_size=0, device="auto").to_dict()
@@ -213,3 +213,137 @@ def test_progress_is_throttled(
     assert run_job(job_id, settings, store) == "succeeded"
     assert [w["step"] for w in writes] == [1, 100]  # the first step, then the final flush
     assert store.get(job_id).progress["step"] == 100
+
+
+def fail_first(calls: int, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, raising a Redis-like connection error on its first `calls` calls."""
+    count = [0]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        if count[0] <= calls:
+            raise ConnectionError("store unreachable")
+        return method(*args, **kwargs)
+
+    return flaky
+
+
+def test_a_claim_that_fails_leaves_the_job_queued_and_sent_again(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    fake()
+    job_id = store.create(CONFIG).job_id
+    store.mark_enqueued(job_id)  # the message is gone: acked before the claim
+    store.claim = fail_first(1, store.claim)  # type: ignore[method-assign]
+
+    assert run_job(job_id, worker_settings, store) == "unclaimed"
+    assert store.get(job_id).status == "queued"
+    sent: list[str] = []
+    assert reap_once(store, sent.append, grace_s=60, resend_s=0) == [job_id]
+    assert run_job(sent[0], worker_settings, store) == "succeeded"
+
+
+def test_a_worker_cut_off_past_its_lease_writes_nothing(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    settings = worker_settings.model_copy(update={"job_lease_s": 0.5, "job_stall_s": 0.4})
+    store.renew = fail_first(10**6, store.renew)  # type: ignore[method-assign]
+    training = fake(on_step=lambda i: i == 1 and time.sleep(0.6))  # past the lease
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, settings, store) == "lost"
+    assert len(training.seen) == 1  # its checkpoint was refused
+    assert list((settings.models_dir / job_id).glob("*")) == []
+    assert store.get(job_id).status == "running"  # for the reaper to settle
+
+
+def test_an_outage_past_the_lease_that_ends_costs_no_attempt(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    settings = worker_settings.model_copy(update={"job_lease_s": 0.5})
+    store.renew = fail_first(4, store.renew)  # type: ignore[method-assign]
+    fake(on_step=lambda i: i == 1 and time.sleep(0.6))
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, settings, store) == "succeeded"
+    assert store.get(job_id).attempts == 1
+    assert (settings.models_dir / job_id / "model.safetensors").exists()
+
+
+def test_hung_training_stops_renewing_and_the_job_is_taken_back(
+    worker_settings: WorkerSettings, fake: Callable[..., FakeTraining]
+) -> None:
+    settings = worker_settings.model_copy(update={"job_lease_s": 0.6, "job_stall_s": 0.3})
+    store = FileJobStore(settings.jobs_dir, lease_s=0.6, max_attempts=3)
+    training = fake(on_step=lambda i: i == 1 and time.sleep(2.0))  # a hung fsync, say
+    job_id = store.create(CONFIG).job_id
+    outcome: list[str] = []
+    hung = threading.Thread(target=lambda: outcome.append(run_job(job_id, settings, store)))
+    hung.start()
+
+    time.sleep(1.2)  # the heartbeat went on beating, but stopped renewing at 0.3 s
+    assert store.reap() == [job_id]
+    assert store.claim(job_id, "other:2").fence == 2
+    hung.join()
+    assert outcome == ["lost"]
+    assert len(training.seen) == 1
+    assert not (settings.models_dir / job_id / "model.safetensors").exists()
+
+
+def test_a_store_error_when_recording_success_is_retried(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    fake()
+    store.finish = fail_first(2, store.finish)  # type: ignore[method-assign]
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, worker_settings, store) == "succeeded"
+    record = store.get(job_id)
+    assert (record.status, record.error) == ("succeeded", None)
+
+
+def test_a_model_left_by_an_earlier_attempt_is_unlisted_when_the_job_fails(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    job_id = store.create(CONFIG).job_id
+    info = worker_settings.models_dir / job_id / "model.json"
+    info.parent.mkdir(parents=True)
+    info.write_text("{}")  # its finish was never recorded; this attempt then fails
+
+    def boom(i: int) -> None:
+        if i == 2:
+            raise RuntimeError("boom")
+
+    fake(on_step=boom)
+    assert run_job(job_id, worker_settings, store) == "failed"
+    assert not info.exists()
+    assert store.get(job_id).model_id is None
+
+
+def test_the_training_loop_never_asks_the_store(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    reads: list[str] = []
+    for name in ("cancel_requested", "get", "holds"):
+        method = getattr(store, name)
+        setattr(store, name, lambda *a, _m=method, _n=name, **k: reads.append(_n) or _m(*a, **k))
+    settings = worker_settings.model_copy(update={"heartbeat_interval_s": 1.0})
+    fake(steps=200)
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, settings, store) == "succeeded"
+    assert reads == []  # the cancel flag comes with the heartbeat
+
+
+def test_an_attempt_longer_than_max_job_seconds_fails(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    settings = worker_settings.model_copy(update={"max_job_seconds": 0.2})
+    training = fake(steps=100, on_step=lambda i: time.sleep(0.01))
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, settings, store) == "failed"
+    assert len(training.seen) < 100
+    record = store.get(job_id)
+    assert record.error == "ran longer than IWAE_MAX_JOB_SECONDS (0.2 s)"
+    assert not (settings.models_dir / job_id / "model.json").exists()
