@@ -8,7 +8,7 @@ number of series bounded.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.jobs import STATUSES
+from worker.jobs import STATUSES, WorkerInfo
 
 UNMATCHED = "<unmatched>"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -50,15 +50,47 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.queue_depth = Gauge(
+            "iwae_queue_depth",
+            "Training jobs queued and not yet claimed by a worker.",
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "iwae_workers",
+            "Live workers (reported within three reaper intervals), by queue they consume.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.worker_messages = Gauge(
+            "iwae_worker_messages",
+            "Training messages each live worker handled since it started, by outcome "
+            "(succeeded, failed, cancelled, released, lost, dropped, unclaimed, unrecorded).",
+            ["worker", "outcome"],
+            registry=self.registry,
+        )
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def render(self, job_counts: Mapping[str, int] | None) -> bytes:
-        """The text exposition; `job_counts` (jobs by status) sets the jobs gauge, when known."""
+    def render(
+        self, job_counts: Mapping[str, int] | None, workers: Sequence[WorkerInfo] | None = None
+    ) -> bytes:
+        """The text exposition; `job_counts` (jobs by status) and `workers` (the live ones)
+        set the job and worker gauges, when known.
+        """
         if job_counts is not None:
             for status in STATUSES:
                 self.jobs.labels(status).set(job_counts.get(status, 0))
+            self.queue_depth.set(job_counts.get("queued", 0))
+        if workers is not None:
+            self.workers.clear()
+            self.worker_messages.clear()
+            for worker in workers:
+                for queue in worker.queues:
+                    self.workers.labels(queue).inc()
+                for outcome, count in worker.outcomes.items():
+                    self.worker_messages.labels(worker.name, outcome).set(count)
         return generate_latest(self.registry)
 
 

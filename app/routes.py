@@ -20,6 +20,7 @@ from app.deps import (
     Seed,
     SettingsDep,
     StoreDep,
+    live_workers,
     loglik_k,
     readiness,
     require_token,
@@ -194,11 +195,13 @@ def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
-    """Prometheus text: requests and latencies per route, jobs per status."""
+def metrics(metrics: MetricsDep, store: StoreDep, settings: SettingsDep) -> Response:
+    """Prometheus text: requests and latencies per route, jobs per status, queue depth,
+    live workers and what they handled. Reads a few keys, whatever the job history.
+    """
     try:
-        counts = store.counts()
+        counts, workers = store.counts(), live_workers(settings, store)
     except Exception:  # the request metrics stay useful while the job store is down
         log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        counts = None
-    return Response(metrics.render(counts), media_type=CONTENT_TYPE)
+        counts, workers = None, None
+    return Response(metrics.render(counts, workers), media_type=CONTENT_TYPE)

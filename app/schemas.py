@@ -230,6 +230,11 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready"] = "ready"
     checks: dict[str, bool] = Field(examples=[{"storage": True, "job_store": True, "broker": True}])
+    workers: int = Field(
+        description="Live workers consuming the training queue; 0 means queued jobs wait "
+        "(the API still serves trained models, so it stays ready).",
+        examples=[2],
+    )
 
 
 class ErrorOut(BaseModel):

@@ -37,10 +37,11 @@ import threading
 from functools import cached_property
 from typing import Any
 
+import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.jobs import JobStore, ReaperThread, open_job_store
+from worker.jobs import JobStore, ReaperThread, open_job_store, worker_name
 from worker.settings import WorkerSettings, get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ def send_training(app: IwaeCelery, job_id: str) -> None:
     app.job_store.mark_enqueued(job_id)
 
 
+def consumed_queues(settings: WorkerSettings) -> list[str]:
+    """The default queue, plus the CUDA jobs' queue when this worker can run them."""
+    queues = [settings.queue]
+    if settings.device != "cpu" and torch.cuda.is_available():
+        queues.append(settings.queue_for("cuda"))
+    return queues
+
+
 def prepare_storage(settings: WorkerSettings) -> None:
     """Create the folders a worker or the embedded queue writes to."""
     settings.models_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +154,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
         lambda job_id: send_training(app, job_id),
         interval_s=settings.reaper_interval_s,
         resend_s=settings.resend_queued_s,
+        report=lambda: app.job_store.report_worker(worker_name(), consumed_queues(settings)),
     )
     reaper.start()
     _reapers.append(reaper)

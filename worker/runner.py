@@ -10,9 +10,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-import torch
-
-from worker.celery_app import create_celery_app, prepare_storage
+from worker.celery_app import consumed_queues, create_celery_app, prepare_storage
 from worker.settings import WorkerSettings, get_worker_settings
 
 
@@ -41,14 +39,6 @@ def worker_argv(settings: WorkerSettings, loglevel: str = "info") -> list[str]:
         "--without-mingle",
         "--without-heartbeat",
     ]
-
-
-def consumed_queues(settings: WorkerSettings) -> list[str]:
-    """The default queue, plus the CUDA jobs' queue when this worker can run them."""
-    queues = [settings.queue]
-    if settings.device != "cpu" and torch.cuda.is_available():
-        queues.append(settings.queue_for("cuda"))
-    return queues
 
 
 def start_local_worker_process(

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.celery_app import TRAIN_TASK, create_celery_app
+from worker.celery_app import TRAIN_TASK, consumed_queues, create_celery_app
 from worker.jobs import FileJobStore
 from worker.queue import enqueue_training
-from worker.runner import consumed_queues
 from worker.settings import WorkerSettings
 
 

@@ -315,3 +315,17 @@ def test_finished_records_expire_after_the_retention(store: JobStore) -> None:
     with pytest.raises(JobNotFound):
         store.get(done)
     assert [r.job_id for r in store.list()] == [active]
+
+
+def test_workers_report_themselves_and_what_they_handled(store: JobStore) -> None:
+    assert store.workers() == []
+    store.report_worker("a:1", ["iwae.training"])
+    store.report_worker("a:1", ["iwae.training"], "succeeded")
+    store.report_worker("a:1", ["iwae.training"], "succeeded")
+    time.sleep(0.05)
+    store.report_worker("b:2", ["iwae.training", "iwae.training.cuda"], "lost")
+
+    b, a = store.workers()
+    assert (a.name, a.outcomes, a.queues) == ("a:1", {"succeeded": 2}, ["iwae.training"])
+    assert (b.name, b.outcomes) == ("b:2", {"lost": 1})
+    assert 0 <= b.seen_s_ago < a.seen_s_ago < 5

@@ -2,6 +2,7 @@
 
 - `{id}.json`: `{"boot": ..., "entry": Entry}`, always replaced atomically (temporary file,
   fsync, rename), so readers never lock.
+- `.workers`: the workers that reported themselves (`report_worker`).
 - `.lock`: an exclusive `flock` held around every read-modify-write, so the API and the
   worker processes never overwrite each other's changes.
 
@@ -33,6 +34,7 @@ from worker.jobs.record import (
     JobRecord,
     JobStatus,
     TooManyJobs,
+    WorkerInfo,
     utcnow,
 )
 from worker.jobs.store import RETRY_AFTER_S, JobStore
@@ -144,6 +146,31 @@ class FileJobStore(JobStore):
         for entry in self._entries():
             counts[entry.record.status] += 1
         return counts
+
+    def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
+        path = self.root / ".workers"
+        with self._locked():
+            workers = json.loads(path.read_text()) if path.exists() else {}
+            data = workers.setdefault(name, {"outcomes": {}})
+            data.update(queues=queues, seen=time.monotonic(), boot=self._boot)
+            if outcome is not None:
+                data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
+            write_atomic(path, json.dumps(workers).encode())
+
+    def workers(self) -> list[WorkerInfo]:
+        path = self.root / ".workers"
+        workers = json.loads(path.read_text()) if path.exists() else {}
+        now = time.monotonic()
+        infos = [
+            WorkerInfo(
+                name=name,
+                queues=data["queues"],
+                seen_s_ago=now - data["seen"] if data.get("boot") == self._boot else float("inf"),
+                outcomes=data["outcomes"],
+            )
+            for name, data in workers.items()
+        ]
+        return sorted(infos, key=lambda w: w.seen_s_ago)
 
     def ping(self) -> bool:
         try:

@@ -50,7 +50,9 @@ def reap_once(
 
 
 class ReaperThread(threading.Thread):
-    """Calls `reap_once` at once and then every `interval_s`, until stopped."""
+    """Calls `report` (the worker is alive) and `reap_once` at once and then every
+    `interval_s`, until stopped.
+    """
 
     def __init__(
         self,
@@ -59,17 +61,20 @@ class ReaperThread(threading.Thread):
         *,
         interval_s: float,
         resend_s: float,
+        report: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(name="iwae-reaper", daemon=True)
         self.store = store
         self.enqueue = enqueue
         self.interval_s = interval_s
         self.resend_s = resend_s
+        self.report = report
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while True:
             try:
+                self.report()  # this worker is alive (readiness, metrics)
                 reap_once(self.store, self.enqueue, grace_s=self.interval_s, resend_s=self.resend_s)
             except Exception:
                 log.exception("reaper pass failed; retrying in %.0f s", self.interval_s)

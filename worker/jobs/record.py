@@ -127,6 +127,17 @@ class Lease:
 Heartbeat = Literal["held", "cancel", "lost"]
 
 
+class WorkerInfo(BaseModel):
+    """A worker process as it last reported itself (its reaper reports every pass)."""
+
+    name: str
+    queues: list[str]
+    seen_s_ago: float = Field(description="Seconds since it last reported, on the store's clock.")
+    outcomes: dict[str, int] = Field(
+        default_factory=dict, description="Messages it handled, by run_job outcome."
+    )
+
+
 def lost_error(attempts: int) -> str:
     """The error of a job whose worker died on every one of its attempts."""
     return f"worker lost {attempts} times (out of memory?)"

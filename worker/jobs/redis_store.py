@@ -15,6 +15,7 @@ The clock is Redis `TIME`: one clock for the API and every worker, whatever thei
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -29,6 +30,7 @@ from worker.jobs.record import (
     JobRecord,
     JobStatus,
     TooManyJobs,
+    WorkerInfo,
 )
 from worker.jobs.store import RETRY_AFTER_S, JobStore
 
@@ -66,6 +68,10 @@ class RedisJobStore(JobStore):
     @property
     def _counts(self) -> str:
         return f"{self.prefix}counts"
+
+    @property
+    def _workers(self) -> str:
+        return f"{self.prefix}workers"
 
     # --- storage ------------------------------------------------------------------------
 
@@ -163,6 +169,43 @@ class RedisJobStore(JobStore):
 
     def counts(self) -> dict[str, int]:
         return {status: int(n) for status, n in self.client.hgetall(self._counts).items()}
+
+    def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
+        self._update_worker(name, queues, outcome)
+
+    def _update_worker(self, name: str, queues: list[str], outcome: str | None) -> None:
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._workers)
+                    raw = pipe.hget(self._workers, name)
+                    seconds, micros = pipe.time()
+                    data = json.loads(raw) if raw else {"outcomes": {}}
+                    data.update(queues=queues, seen=seconds + micros / 1e6)
+                    if outcome is not None:
+                        data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
+                    pipe.multi()
+                    pipe.hset(self._workers, name, json.dumps(data))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def workers(self) -> list[WorkerInfo]:
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1e6
+        infos = []
+        for name, raw in self.client.hgetall(self._workers).items():
+            data = json.loads(raw)
+            infos.append(
+                WorkerInfo(
+                    name=name,
+                    queues=data["queues"],
+                    seen_s_ago=max(0.0, now - data["seen"]),
+                    outcomes=data["outcomes"],
+                )
+            )
+        return sorted(infos, key=lambda w: w.seen_s_ago)
 
     def ping(self) -> bool:
         try:

@@ -33,6 +33,7 @@ from worker.jobs.record import (
     JobStatus,
     Lease,
     Outcome,
+    WorkerInfo,
 )
 
 T = TypeVar("T")
@@ -90,6 +91,14 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """Jobs by status, read without scanning the history."""
+
+    @abc.abstractmethod
+    def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
+        """A worker is alive and consumes `queues`; `outcome` counts one handled message."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker that reported itself, most recently seen first."""
 
     @abc.abstractmethod
     def ping(self) -> bool:
