@@ -34,6 +34,7 @@ from app.registry import ServedModel
 from app.schemas import (
     CURSOR_PATTERN,
     ID_PATTERN,
+    MODEL_CURSOR_PATTERN,
     ErrorOut,
     HealthOut,
     ImageFormat,
@@ -120,9 +121,17 @@ def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
 
 
 @router.get("/models", tags=["models"])
-def list_models(registry: RegistryDep) -> ModelList:
-    """Every trained model with its config and final metrics, newest first."""
-    return ModelList(models=[ModelOut.model_validate(m) for m in registry.list()])
+def list_models(
+    registry: RegistryDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=MODEL_CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
+) -> ModelList:
+    """Trained models with their config and final metrics, newest first, a page at a time."""
+    models, next_cursor = registry.page(limit=limit, cursor=cursor)
+    return ModelList(models=[ModelOut.model_validate(m) for m in models], next_cursor=next_cursor)
 
 
 @router.get("/models/{model_id}", responses=_errors(404), tags=["models"])

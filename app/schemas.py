@@ -13,6 +13,7 @@ from worker.jobs import JobStatus
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?$"
+MODEL_CURSOR_PATTERN = r"^[0-9A-Za-z:.+_-]{1,200}$"
 MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "json"]
 
@@ -191,6 +192,9 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class SamplesOut(BaseModel):
