@@ -329,3 +329,10 @@ def test_workers_report_themselves_and_what_they_handled(store: JobStore) -> Non
     assert (a.name, a.outcomes, a.queues) == ("a:1", {"succeeded": 2}, ["iwae.training"])
     assert (b.name, b.outcomes) == ("b:2", {"lost": 1})
     assert 0 <= b.seen_s_ago < a.seen_s_ago < 5
+
+
+def test_of_two_reapers_only_one_takes_a_due_message(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    assert store.take_due(older_than_s=0) == [job.job_id]
+    assert store.take_due(older_than_s=0) == []  # marked sent by the first
+    assert store.take_due(older_than_s=0, resend_after_s=0) == [job.job_id]  # long unclaimed

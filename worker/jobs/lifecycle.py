@@ -203,6 +203,16 @@ def mark_sent(entry: Entry, now: Instant) -> None:
         entry.sent_at = now.t
 
 
+def take_message(entry: Entry, now: Instant, *, grace_s: float, resend_s: float) -> bool:
+    """If the job's message is due, mark it sent now and return True: of several reapers
+    looking at once, exactly one sends it.
+    """
+    if not message_due(entry, now, grace_s=grace_s, resend_s=resend_s):
+        return False
+    mark_sent(entry, now)
+    return True
+
+
 def _requeue(entry: Entry, now: Instant) -> None:
     entry.record.status = "queued"
     entry.record.updated_at = now.wall

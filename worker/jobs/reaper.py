@@ -39,7 +39,7 @@ def reap_once(
     requeued = store.reap()
     for job_id in requeued:
         log.warning("job %s lost its worker (lease expired); queued again", job_id)
-    due = store.awaiting_message(older_than_s=grace_s, resend_after_s=resend_s)
+    due = store.take_due(older_than_s=grace_s, resend_after_s=resend_s)
     for job_id in due:
         if job_id not in requeued:
             log.warning("job %s queued but not claimed; sending its message again", job_id)

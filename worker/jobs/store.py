@@ -18,8 +18,10 @@ worker died or failed between taking the message and claiming the job) is sent a
 from __future__ import annotations
 
 import abc
+import logging
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from worker.jobs import lifecycle
@@ -37,6 +39,8 @@ from worker.jobs.record import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # How long a client refused by IWAE_MAX_ACTIVE_JOBS is asked to wait.
 RETRY_AFTER_S = 30
@@ -229,6 +233,9 @@ class JobStore(abc.ABC):
                 )
             except JobNotFound:
                 continue
+            except ValueError:  # an unreadable entry must not stop the reaping of the others
+                log.exception("job %s: unreadable entry; not reaped", job_id)
+                continue
             if outcome == "requeued":
                 requeued.append(job_id)
         return requeued
@@ -244,9 +251,26 @@ class JobStore(abc.ABC):
                 entry = self._read(job_id)
             except JobNotFound:
                 continue
+            except ValueError:
+                log.exception("job %s: unreadable entry; not sent", job_id)
+                continue
             if lifecycle.message_due(entry, now, grace_s=older_than_s, resend_s=resend_after_s):
                 due.append(job_id)
         return due
+
+    def take_due(self, older_than_s: float, resend_after_s: float = float("inf")) -> list[str]:
+        """The jobs of `awaiting_message`, each marked sent atomically (`take_message`):
+        the caller sends them, and no other reaper does.
+        """
+        taken = []
+        for job_id in self.awaiting_message(older_than_s, resend_after_s):
+            take = partial(lifecycle.take_message, grace_s=older_than_s, resend_s=resend_after_s)
+            try:
+                if self._update(job_id, take):
+                    taken.append(job_id)
+            except JobNotFound:
+                continue
+        return taken
 
     def mark_enqueued(self, job_id: str) -> None:
         """The job's message has been sent."""
