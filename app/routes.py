@@ -73,7 +73,7 @@ _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON
     "/train",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401),
+    responses=_errors(401, 429),
     tags=["jobs"],
 )
 def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
@@ -116,7 +116,7 @@ def get_job(job_id: JobId, store: StoreDep) -> JobOut:
     tags=["jobs"],
 )
 def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """Cancel a queued job now, or stop a running one within one training step."""
+    """Cancel a queued job now, or stop a running one at its next heartbeat (<= 10 s)."""
     return JobOut.of(store.request_cancel(job_id))
 
 

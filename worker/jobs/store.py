@@ -171,10 +171,6 @@ class JobStore(abc.ABC):
             lambda entry, now: lifecycle.renew(entry, lease.fence, now, lease_s=self.lease_s),
         )
 
-    def holds(self, lease: Lease) -> bool:
-        """Whether the lease is still the job's (a read; renewing is what keeps it)."""
-        return lifecycle.holds(self._read(lease.job_id), lease.fence)
-
     def update_progress(
         self, lease: Lease, progress: dict[str, Any], *, model_id: str | None = None
     ) -> bool:
