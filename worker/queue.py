@@ -1,4 +1,4 @@
-"""The API's one seam to the worker side: settings, sending jobs, starting workers.
+"""The API's one seam to Celery: sending jobs, and starting workers.
 
 `app/` imports from here and from `worker.jobs`, nothing else of `worker/`, so tests of the
 API replace this seam (`app.deps.get_job_queue`) and never reach Celery.
@@ -12,13 +12,7 @@ from worker.celery_app import IwaeCelery, create_celery_app, send_training
 from worker.runner import run_worker, start_local_worker_process
 from worker.settings import WorkerSettings, get_worker_settings
 
-__all__ = [
-    "WorkerSettings",
-    "enqueue_training",
-    "get_worker_settings",
-    "run_worker",
-    "start_local_worker_process",
-]
+__all__ = ["enqueue_training", "run_worker", "start_local_worker_process"]
 
 
 def enqueue_training(job_id: str, *, settings: WorkerSettings | None = None) -> None:

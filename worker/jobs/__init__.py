@@ -1,6 +1,8 @@
 """The job lifecycle: records, statuses, transitions, the two stores and the reaper.
 
-`app/` and the rest of `worker/` use this package's names, never its modules' insides.
+`app/` and the rest of `worker/` use this package's names, never its modules' insides. It
+also exports `WorkerSettings`, the settings `open_job_store` takes (and the API's settings
+extend), so that the API reaches them without loading Celery.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "RedisJobStore",
     "TooManyJobs",
     "WorkerInfo",
+    "WorkerSettings",
     "lost_error",
     "open_job_store",
     "reap_once",
