@@ -151,11 +151,14 @@ class _Run:
 
     def end(self, status: Outcome, **fields: Any) -> str:
         """Record the outcome, retrying through a store outage; unlist a job that failed."""
-        if status != "succeeded":
-            info = self.out_dir / MODEL_INFO_NAME
-            if info.exists():  # written by an earlier attempt whose finish was not recorded
+        info = self.out_dir / MODEL_INFO_NAME
+        if status != "succeeded" and info.exists():
+            # Written by an earlier attempt whose finish was not recorded.
+            try:
                 self.keeper.fence(info)
-                info.unlink()
+            except LeaseLost:
+                return "lost"
+            info.unlink()
         give_up = time.monotonic() + self.settings.job_stall_s
         while True:
             try:
