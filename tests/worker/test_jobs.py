@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -336,3 +337,18 @@ def test_of_two_reapers_only_one_takes_a_due_message(store: JobStore) -> None:
     assert store.take_due(older_than_s=0) == [job.job_id]
     assert store.take_due(older_than_s=0) == []  # marked sent by the first
     assert store.take_due(older_than_s=0, resend_after_s=0) == [job.job_id]  # long unclaimed
+
+
+def test_the_active_job_cap_holds_under_a_concurrent_flood(store: JobStore) -> None:
+    store.max_active_jobs = 5
+
+    def create() -> str:
+        try:
+            return store.create(CONFIG).job_id
+        except TooManyJobs:
+            return "refused"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda _: create(), range(24)))
+    assert outcomes.count("refused") == 19
+    assert len(store.list()) == 5
