@@ -106,15 +106,17 @@ class LeaseKeeper:
         return beat
 
     def _run(self) -> None:
+        stalled = False
         while not self._stop.wait(self.interval_s) and not self.lost.is_set():
             now = time.monotonic()
             if self.max_seconds is not None and now - self._started > self.max_seconds:
                 self.overtime.set()
-            if now - self._last_progress > self.stall_s:
+            was_stalled, stalled = stalled, now - self._last_progress > self.stall_s
+            if stalled and not was_stalled:
                 log.error(
                     "job %s: no training progress for %.0f s; not renewing its lease",
                     self.lease.job_id,
-                    now - self._last_progress,
+                    self.stall_s,
                 )
-                continue
-            self.beat()
+            if not stalled:
+                self.beat()
