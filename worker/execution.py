@@ -67,6 +67,8 @@ def run_job(
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
         log.info("dropping the message: %s", exc)
+        if isinstance(exc, ClaimRefused) and exc.reason in ("cancelled", "exhausted"):
+            unlist_model(settings.models_dir / job_id)  # settled now: no model of its own
         return "dropped"
     except Exception:
         log.exception("job %s: cannot claim it; the reaper will send it again", job_id)
@@ -151,14 +153,13 @@ class _Run:
 
     def end(self, status: Outcome, **fields: Any) -> str:
         """Record the outcome, retrying through a store outage; unlist a job that failed."""
-        info = self.out_dir / MODEL_INFO_NAME
-        if status != "succeeded" and info.exists():
+        if status != "succeeded" and (self.out_dir / MODEL_INFO_NAME).exists():
             # Written by an earlier attempt whose finish was not recorded.
             try:
-                self.keeper.fence(info)
+                self.keeper.fence(self.out_dir / MODEL_INFO_NAME)
             except LeaseLost:
                 return "lost"
-            info.unlink()
+            unlist_model(self.out_dir)
         give_up = time.monotonic() + self.settings.job_stall_s
         while True:
             try:
@@ -245,6 +246,11 @@ def write_model_info(
     path = out_dir / MODEL_INFO_NAME
     write_atomic(path, json.dumps(info, indent=2).encode(), fence=fence)
     return path
+
+
+def unlist_model(out_dir: Path) -> None:
+    """Remove `model.json`, so that the model of a cancelled or failed job is not served."""
+    (out_dir / MODEL_INFO_NAME).unlink(missing_ok=True)
 
 
 def describe_error(exc: BaseException) -> str:

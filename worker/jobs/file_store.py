@@ -181,8 +181,8 @@ class FileJobStore(JobStore):
         except OSError:
             return False
 
-    def reap(self) -> list[str]:
-        requeued = super().reap()
+    def reap(self, on_settled: Callable[[str], None] | None = None) -> list[str]:
+        requeued = super().reap(on_settled)
         if self.retention_s is not None:
             cutoff = utcnow() - timedelta(seconds=self.retention_s)
             for entry in self._entries():

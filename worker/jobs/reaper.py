@@ -32,11 +32,12 @@ def reap_once(
     *,
     grace_s: float,
     resend_s: float = float("inf"),
+    on_settled: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """One pass: re-queue lost jobs, and send every queued job whose message is due.
-    Returns the ids sent.
+    """One pass: re-queue lost jobs (`on_settled` for those it cancels or fails instead),
+    and send every queued job whose message is due. Returns the ids sent.
     """
-    requeued = store.reap()
+    requeued = store.reap(on_settled)
     for job_id in requeued:
         log.warning("job %s lost its worker (lease expired); queued again", job_id)
     due = store.take_due(older_than_s=grace_s, resend_after_s=resend_s)
@@ -62,6 +63,7 @@ class ReaperThread(threading.Thread):
         interval_s: float,
         resend_s: float,
         report: Callable[[], None] = lambda: None,
+        on_settled: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="iwae-reaper", daemon=True)
         self.store = store
@@ -69,13 +71,20 @@ class ReaperThread(threading.Thread):
         self.interval_s = interval_s
         self.resend_s = resend_s
         self.report = report
+        self.on_settled = on_settled
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while True:
             try:
                 self.report()  # this worker is alive (readiness, metrics)
-                reap_once(self.store, self.enqueue, grace_s=self.interval_s, resend_s=self.resend_s)
+                reap_once(
+                    self.store,
+                    self.enqueue,
+                    grace_s=self.interval_s,
+                    resend_s=self.resend_s,
+                    on_settled=self.on_settled,
+                )
             except Exception:
                 log.exception("reaper pass failed; retrying in %.0f s", self.interval_s)
             if self.stopped.wait(self.interval_s):

@@ -212,11 +212,12 @@ class JobStore(abc.ABC):
 
     # --- reaper -------------------------------------------------------------------------
 
-    def reap(self) -> list[str]:
+    def reap(self, on_settled: Callable[[str], None] | None = None) -> list[str]:
         """Settle every running job whose lease expired; return the ids queued again.
 
         Such a job is queued again when it has attempts left, failed with "worker lost N
-        times" when not, and cancelled when a cancel was requested.
+        times" when not, and cancelled when a cancel was requested; `on_settled(job_id)` is
+        called for those two (to unlist a model an earlier attempt left).
         """
         requeued = []
         for job_id in self._active_ids():
@@ -234,6 +235,8 @@ class JobStore(abc.ABC):
                 continue
             if outcome == "requeued":
                 requeued.append(job_id)
+            elif outcome in ("cancelled", "exhausted") and on_settled is not None:
+                on_settled(job_id)
         return requeued
 
     def awaiting_message(
