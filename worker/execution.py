@@ -11,7 +11,7 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
 - training raises: the job is `failed` with the error, and the worker takes the next job;
 - a cancel was requested (seen by the heartbeat): the loop stops at its next step and the
   job is `cancelled`;
-- the attempt ran past `max_job_seconds`: the job is `failed`, saying so;
+- its attempts together ran past `max_job_seconds`: the job is `failed`, saying so;
 - the worker is shutting down (`stop` is set): the loop stops within one step and the job
   is released back to the queue, its attempt not counted;
 - the lease was lost (this worker was paused or cut off past `job_lease_s` and the job went
@@ -142,7 +142,9 @@ class _Run:
     def _stopped(self) -> str:
         if self.keeper.overtime.is_set():
             limit = self.settings.max_job_seconds
-            return self.end("failed", error=f"ran longer than IWAE_MAX_JOB_SECONDS ({limit:g} s)")
+            return self.end(
+                "failed", error=f"ran longer than IWAE_MAX_JOB_SECONDS ({limit:g} s) in all"
+            )
         if self.stop.is_set() and not self.keeper.cancel.is_set():
             try:
                 return "released" if self.store.release(self.lease) else "lost"

@@ -36,8 +36,8 @@ class LeaseKeeper:
     """Renews `lease` from a thread while in its `with` block; see the module docstring.
 
     Events the training callback reads: `lost` (the job went to another worker or was
-    settled by the reaper), `cancel` (a cancel was requested), `overtime` (the attempt ran
-    past `max_job_seconds`).
+    settled by the reaper), `cancel` (a cancel was requested), `overtime` (the job's attempts
+    together ran past `max_job_seconds`).
     """
 
     def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings) -> None:
@@ -109,7 +109,8 @@ class LeaseKeeper:
         stalled = False
         while not self._stop.wait(self.interval_s) and not self.lost.is_set():
             now = time.monotonic()
-            if self.max_seconds is not None and now - self._started > self.max_seconds:
+            ran_s = self.lease.ran_s + now - self._started
+            if self.max_seconds is not None and ran_s > self.max_seconds:
                 self.overtime.set()
             was_stalled, stalled = stalled, now - self._last_progress > self.stall_s
             if stalled and not was_stalled:

@@ -78,7 +78,7 @@ class WorkerSettings(BaseSettings):
     max_job_seconds: float | None = Field(
         default=None,
         gt=0,
-        description="A job attempt running longer than this fails; unset: no limit.",
+        description="A job whose attempts together run longer than this fails; unset: no limit.",
     )
     max_active_jobs: int = Field(
         default=1000,

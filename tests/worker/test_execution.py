@@ -350,7 +350,7 @@ def test_an_attempt_longer_than_max_job_seconds_fails(
     assert run_job(job_id, settings, store) == "failed"
     assert len(training.seen) < 100
     record = store.get(job_id)
-    assert record.error == "ran longer than IWAE_MAX_JOB_SECONDS (0.2 s)"
+    assert record.error == "ran longer than IWAE_MAX_JOB_SECONDS (0.2 s) in all"
     assert not (settings.models_dir / job_id / "model.json").exists()
 
 
@@ -369,3 +369,21 @@ def test_a_message_for_a_job_settled_at_claim_unlists_its_model(
     assert run_job(job_id, worker_settings, store) == "dropped"
     assert store.get(job_id).status == "cancelled"
     assert not info.exists()
+
+
+def test_max_job_seconds_counts_the_earlier_attempts(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    job_id = store.create(CONFIG).job_id
+    store.claim(job_id, "dead:1")
+    entry = worker_settings.jobs_dir / f"{job_id}.json"
+    data = json.loads(entry.read_text())
+    data["entry"].update(status="queued", claimed_at=None, ran_s=10.0)  # a 10 s attempt
+    data["entry"]["record"]["status"] = "queued"
+    entry.write_text(json.dumps(data))
+    settings = worker_settings.model_copy(update={"max_job_seconds": 5.0})
+    training = fake(steps=100, on_step=lambda i: time.sleep(0.01))
+
+    assert run_job(job_id, settings, store) == "failed"
+    assert len(training.seen) < 50  # stopped at the first heartbeats, not after 5 s
+    assert store.get(job_id).error == "ran longer than IWAE_MAX_JOB_SECONDS (5 s) in all"

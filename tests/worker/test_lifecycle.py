@@ -88,3 +88,12 @@ def test_a_sent_message_not_claimed_in_time_is_due_again() -> None:
     assert not lifecycle.message_due(entry, at(400.0), grace_s=15, resend_s=300)
     # Acked by a worker that died (or whose claim failed) before claiming: sent again.
     assert lifecycle.message_due(entry, at(421.0), grace_s=15, resend_s=300)
+
+
+def test_each_attempt_adds_its_running_time() -> None:
+    entry = running(t=100.0)
+    assert lifecycle.reap(entry, at(130.0), lease_s=LEASE_S, max_attempts=3) == "requeued"
+    assert entry.ran_s == 30.0  # lost: counted until its lease was found expired
+    lifecycle.claim(entry, "w:2", at(140.0), lease_s=LEASE_S, max_attempts=3)
+    assert lifecycle.release(entry, 2, at(145.0))
+    assert entry.ran_s == 35.0

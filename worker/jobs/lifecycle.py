@@ -71,6 +71,7 @@ def claim(
     elif record.status != "queued":
         return "finished"
     entry.fence += 1
+    entry.claimed_at = now.t
     entry.lease_expires = now.t + lease_s
     entry.queued_since = entry.sent_at = None
     record.status = "running"
@@ -214,6 +215,9 @@ def take_message(entry: Entry, now: Instant, *, grace_s: float, resend_s: float)
 
 
 def _requeue(entry: Entry, now: Instant) -> None:
+    if entry.claimed_at is not None:  # a lost attempt counts until its lease was found expired
+        entry.ran_s += now.t - entry.claimed_at
+    entry.claimed_at = None
     entry.record.status = "queued"
     entry.record.updated_at = now.wall
     entry.lease_expires = entry.sent_at = None

@@ -102,6 +102,8 @@ class Entry(BaseModel):
     lease_expires: float | None = None
     queued_since: float | None = None
     sent_at: float | None = Field(None, description="When its message was last sent.")
+    claimed_at: float | None = Field(None, description="When the running attempt started.")
+    ran_s: float = Field(0.0, description="Seconds its earlier attempts ran.")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Lease:
     job_id: str
     fence: int
     record: JobRecord
+    ran_s: float = 0.0  # seconds its earlier attempts ran (IWAE_MAX_JOB_SECONDS counts them)
 
 
 Heartbeat = Literal["held", "cancel", "lost"]

@@ -162,7 +162,7 @@ class JobStore(abc.ABC):
         outcome, entry = self._update(job_id, change)
         if outcome != "claimed":
             raise ClaimRefused(job_id, outcome)
-        return Lease(job_id=job_id, fence=entry.fence, record=entry.record)
+        return Lease(job_id=job_id, fence=entry.fence, record=entry.record, ran_s=entry.ran_s)
 
     def renew(self, lease: Lease) -> Heartbeat:
         """Extend the lease: "held", "cancel" (held, and a cancel was requested) or "lost"."""
