@@ -28,13 +28,12 @@ from worker.jobs.record import (
     worker_name,
 )
 from worker.jobs.redis_store import RedisJobStore
-from worker.jobs.store import RETRY_AFTER_S, JobStore
+from worker.jobs.store import JobStore
 from worker.settings import WorkerSettings
 
 __all__ = [
     "ACTIVE",
     "FINISHED",
-    "RETRY_AFTER_S",
     "STATUSES",
     "ClaimRefused",
     "FileJobStore",

@@ -33,11 +33,10 @@ from worker.jobs.record import (
     JobNotFound,
     JobRecord,
     JobStatus,
-    TooManyJobs,
     WorkerInfo,
     utcnow,
 )
-from worker.jobs.store import RETRY_AFTER_S, JobStore
+from worker.jobs.store import JobStore
 
 T = TypeVar("T")
 
@@ -102,12 +101,9 @@ class FileJobStore(JobStore):
 
     # --- storage -------------------------------------------------------------------------
 
-    def _insert(self, make: Callable[[Instant], Entry]) -> Entry:
+    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
         with self._locked():
-            limit = self.max_active_jobs
-            if limit is not None and len(self._active_ids()) >= limit:
-                raise TooManyJobs(int(limit), RETRY_AFTER_S)
-            entry = make(self._clock())
+            entry = make(self._clock(), len(self._active_ids()))
             self._write(entry)
         return entry
 

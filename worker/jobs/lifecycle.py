@@ -29,8 +29,18 @@ from worker.jobs.record import (
     JobAlreadyFinished,
     JobRecord,
     Outcome,
+    TooManyJobs,
     lost_error,
 )
+
+# How long a client refused by IWAE_MAX_ACTIVE_JOBS is asked to wait.
+RETRY_AFTER_S = 30
+
+
+def admit(active: int, limit: int | None) -> None:
+    """Refuse a new job while `limit` jobs are queued or running."""
+    if limit is not None and active >= limit:
+        raise TooManyJobs(limit, RETRY_AFTER_S)
 
 
 def new_entry(job_id: str, config: dict[str, Any], now: Instant) -> Entry:

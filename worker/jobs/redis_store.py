@@ -29,10 +29,9 @@ from worker.jobs.record import (
     JobNotFound,
     JobRecord,
     JobStatus,
-    TooManyJobs,
     WorkerInfo,
 )
-from worker.jobs.store import RETRY_AFTER_S, JobStore
+from worker.jobs.store import JobStore
 
 T = TypeVar("T")
 
@@ -82,16 +81,13 @@ class RedisJobStore(JobStore):
     def _uptime(self, client: redis.Redis | None) -> float:
         return float((client or self.client).info("server")["uptime_in_seconds"])
 
-    def _insert(self, make: Callable[[Instant], Entry]) -> Entry:
+    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
         with self.client.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(self._active)
                     now = self._clock(pipe)
-                    limit = self.max_active_jobs
-                    if limit is not None and pipe.zcard(self._active) >= limit:
-                        raise TooManyJobs(int(limit), RETRY_AFTER_S)
-                    entry = make(now)
+                    entry = make(now, pipe.zcard(self._active))
                     job_id = entry.record.job_id
                     pipe.multi()
                     pipe.set(self._job(job_id), entry.model_dump_json())

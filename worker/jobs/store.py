@@ -42,9 +42,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# How long a client refused by IWAE_MAX_ACTIVE_JOBS is asked to wait.
-RETRY_AFTER_S = 30
-
 
 class JobStore(abc.ABC):
     """Every method is safe to call from several processes at once."""
@@ -65,9 +62,9 @@ class JobStore(abc.ABC):
     # --- storage, provided by each backend ----------------------------------------------
 
     @abc.abstractmethod
-    def _insert(self, make: Callable[[Instant], Entry]) -> Entry:
-        """Store a new entry made at the store's time; raises `TooManyJobs` when
-        `max_active_jobs` are queued or running (checked atomically with the insert).
+    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
+        """Store the entry `make(now, active)` returns, given the store's time and the number
+        of queued and running jobs, read atomically with the insert (`make` may raise).
         """
 
     @abc.abstractmethod
@@ -114,13 +111,19 @@ class JobStore(abc.ABC):
     # --- API side -----------------------------------------------------------------------
 
     def create(self, config: dict[str, Any]) -> JobRecord:
-        """A new queued job (its id is also its future model id), its message not yet sent.
+        """A new queued job (its id is also its future model id), its message not yet sent;
+        `TooManyJobs` when `max_active_jobs` are queued or running.
 
         The caller then sends the message (`worker.queue.enqueue_training`); if it dies in
         between, the reaper sends it.
         """
         job_id = uuid.uuid4().hex
-        return self._insert(lambda now: lifecycle.new_entry(job_id, config, now)).record
+
+        def make(now: Instant, active: int) -> Entry:
+            lifecycle.admit(active, self.max_active_jobs)
+            return lifecycle.new_entry(job_id, config, now)
+
+        return self._insert(make).record
 
     def get(self, job_id: str) -> JobRecord:
         return self._read(job_id).record
