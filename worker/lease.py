@@ -12,7 +12,8 @@ lease (on the store's clock) cannot expire before it. `fence(path)`, called just
 file of the job replaces its previous version, returns when the lease surely holds. Past the
 deadline (the process was paused, or the store was unreachable) it renews first, retrying
 through a store outage for up to `job_stall_s`, and raises `LeaseLost` when the job is no
-longer this worker's. A worker paused past its lease therefore writes nothing once resumed.
+longer this worker's. A worker paused past its lease therefore writes nothing once resumed,
+unless the pause falls between the check and the rename that follows it (microseconds).
 """
 
 from __future__ import annotations
