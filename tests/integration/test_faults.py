@@ -30,7 +30,8 @@ from worker.jobs import JobRecord
 
 pytestmark = pytest.mark.integration
 
-JOB = {**TINY_CONFIG, "epochs": 4, "train_size": 400, "eval_size": 20, "eval_k": 10}
+# About 300 training steps: a few seconds on an idle core, enough to catch it running.
+JOB = {**TINY_CONFIG, "k": 20, "epochs": 30, "train_size": 1000, "eval_size": 20, "eval_k": 10}
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (.*)$")
 STARTED = re.compile(r"job (\w+): started \(attempt \d+, fence (\d+)\)")
 WROTE = re.compile(r"job (\w+): fence (\d+) writes (\S+)")
@@ -164,14 +165,14 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
         workers[process.pid] = process
     poll("three workers", lambda: len(store.workers()) == 3, timeout=60)
     started = time.monotonic()
-    jobs = [service.submit(**JOB) for _ in range(3)]
+    jobs = [service.submit(**JOB) for _ in range(2)]
     faults: list[tuple[str, str, float]] = []  # (fault, job, seconds until it was dealt with)
 
     def fence_moves_on(job_id: str) -> Callable[[], bool]:
         fence = store._read(job_id).fence
         return lambda: store._read(job_id).fence > fence
 
-    # 1. SIGKILL a worker in the middle of a job, and start a new one.
+    # 1. SIGKILL a worker in the middle of a job, and start another.
     job, pid = poll(
         "a job past its first checkpoint", lambda: running_on(service, jobs, set(workers)), 60
     )
@@ -184,7 +185,7 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
     faults.append(("SIGKILL worker mid-job, start another", job, time.monotonic() - t0))
 
     # 2. SIGSTOP a worker past its lease; resume it once its job was taken over.
-    fresh = [service.submit(**JOB) for _ in range(3)]
+    fresh = [service.submit(**JOB) for _ in range(2)]
     jobs += fresh
     job, pid = poll("a second running job", lambda: running_on(service, fresh, set(workers)), 60)
     paused, taken_over = job, fence_moves_on(job)
@@ -195,9 +196,19 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
     faults.append(("SIGSTOP worker past its lease, SIGCONT", job, time.monotonic() - t0))
     workers[pid].send_signal(signal.SIGCONT)
 
-    # 3. Restart Redis (AOF) while jobs run.
-    poll("a running job", lambda: running_on(service, jobs, set(workers)), 60)
+    # 3. Restart Redis (AOF) while jobs run; then SIGKILL a worker: its job waits one lease
+    # past the restart (the grace every holder gets), then is taken over.
+    fresh = [service.submit(**JOB) for _ in range(2)]
+    jobs += fresh
+    job, pid = poll("a third running job", lambda: running_on(service, fresh, set(workers)), 60)
     faults.append(("restart Redis (AOF) while jobs run", "all", server.restart()))
+    taken_over = fence_moves_on(job)
+    service.signal_worker(workers.pop(pid), signal.SIGKILL)
+    t0 = time.monotonic()
+    replacement = service.start_worker()
+    workers[replacement.pid] = replacement
+    poll("the second killed worker's job claimed again", taken_over, 60, service)
+    faults.append(("SIGKILL a worker just after", job, time.monotonic() - t0))
 
     # 4. A claim fails: the entry is unreadable when a worker takes the message.
     record = store.create(JOB)
@@ -258,7 +269,7 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
         else:
             assert fence == latest.get(job_id), f"stale write by fence {fence} of {job_id}"
     assert f"job {paused}: lease lost; stopping, writing nothing more" in paused_log
-    assert sum(r.attempts for r in records) == len(jobs) + 2  # the kill and the pause only
+    assert sum(r.attempts for r in records) == len(jobs) + 3  # the kills and the pause only
 
     with capsys.disabled():
         print(f"\nfault injection: {len(jobs)} jobs, 3 workers, {elapsed:.0f} s")
