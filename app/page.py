@@ -1,0 +1,31 @@
+"""The web page at `GET /`: static HTML, CSS and JavaScript shipped in the package.
+
+No build step and nothing fetched from elsewhere: the page is `static/index.html`, its script
+and its style sheet, and it talks only to the public REST endpoints (it is their first
+client). The Content-Security-Policy keeps it that way: scripts, styles, images and requests
+may only come from this server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CSP})
+
+
+def install_page(app: FastAPI) -> None:
+    """`GET /` (the page) and `/static/...` (its files); both outside the OpenAPI schema."""
+    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
