@@ -78,7 +78,8 @@ def find(driver: Any, selector: str) -> Any:
 
 def open_page(driver: Any, server: LiveServer, view: str = "jobs") -> None:
     driver.get("about:blank")  # a new page load, even when only the #view differs
-    driver.get(f"{server.url}/#{view}")
+    driver.get_log("browser")  # reading the console empties it: only this page's messages count
+    driver.get(f"{server.url}/#{view}" if view else f"{server.url}/")
     wait(lambda: driver.execute_script("return document.body.dataset.ready"), "the page")
 
 
@@ -86,6 +87,8 @@ def screenshot(driver: Any, shots: Path, view: str) -> None:
     """Full-height screenshots of the view shown, at 1280 and 375 pixels wide."""
     for width, name in ((1280, "desktop"), (375, "375px")):
         driver.set_window_size(width, 900)
+        page_width = driver.execute_script("return document.documentElement.scrollWidth")
+        assert page_width <= width, f"{view} is {page_width} px wide in a {width} px window"
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(width, min(height + 140, 4000))
         driver.execute_script("window.scrollTo(0, 0)")
@@ -98,7 +101,7 @@ def console_errors(driver: Any) -> list[dict[str, Any]]:
 
 
 def test_the_page_loads_every_view_without_console_errors(
-    browser: Any, live_server: LiveServer, trained_model: str, shots: Path
+    browser: Any, live_server: LiveServer, trained_model: str
 ) -> None:
     open_page(browser, live_server)
     # The form is built from the API's own schema: every field of POST /train is on it.
@@ -118,7 +121,28 @@ def test_the_page_loads_every_view_without_console_errors(
     image = find(browser, f'[data-model-id="{trained_model}"] img')
     wait(lambda: browser.execute_script("return arguments[0].naturalWidth", image), "the samples")
     assert console_errors(browser) == []
-    screenshot(browser, shots, "models")
+
+
+def test_the_keyboard_reaches_the_views_with_a_visible_focus(
+    browser: Any, live_server: LiveServer
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, live_server, view="")  # no #view: Tab starts at the top
+    focused: list[str] = []
+    for _ in range(4):  # the skip link, then the views' links
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        focused.append(browser.switch_to.active_element.get_attribute("textContent").strip())
+        outline = browser.execute_script(
+            "const s = getComputedStyle(document.activeElement);"
+            "return [s.outlineStyle, parseFloat(s.outlineWidth)];"
+        )
+        assert outline[0] == "solid" and outline[1] >= 2, (focused[-1], outline)
+    assert focused == ["Skip to the content", "Jobs", "Models", "Try it"]
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    assert find(browser, "#try").is_displayed() and not find(browser, "#jobs").is_displayed()
+    assert browser.switch_to.active_element.get_attribute("id") == "try-title"
 
 
 def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_screen(
@@ -126,7 +150,8 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
 ) -> None:
     open_page(browser, live_server)
     browser.execute_script("sessionStorage.clear()")
-    form = {**TINY_JOB, "k": 2, "train_size": 1000, "epochs": 3}
+    # A second or two of training on an idle 2-core machine: long enough to be watched.
+    form = {**TINY_JOB, "train_size": 5000, "latent_dim": 20, "hidden_dim": 100}
     find(browser, "#train-form details summary").click()
     for name, value in form.items():
         field = find(browser, f"#train-{name}")
@@ -167,14 +192,16 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
         status = find(browser, f"{card} .badge").text
         if not seen or seen[-1] != status:
             seen.append(status)
-        progress_seen = progress_seen or "epoch" in find(browser, f"{card} .job-stats").text
+        stats = find(browser, f"{card} .job-stats").text
+        progress_seen = progress_seen or "epoch" in stats or "evaluating" in stats
         return status == "succeeded"
 
     wait(done, "the job to succeed on screen", JOB_WAIT_S)
     assert "running" in seen and progress_seen, seen
     assert "test log-likelihood" in find(browser, f"{card} .job-result").text
     assert live_server.client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
-    # Asked once: the next job is queued without a dialog.
+    screenshot(browser, shots, "jobs")
+    # Asked once: the next job is queued without a dialog, and its Cancel button cancels it.
     find(browser, "#train-submit").click()
     wait(
         lambda: (
@@ -184,7 +211,10 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
         "a second job",
     )
     assert not find(browser, "#token-dialog").is_displayed()
-    screenshot(browser, shots, "jobs")
+    second = find(browser, "#job-list > li:first-child")
+    assert second.get_attribute("data-job-id") != job_id
+    second.find_element("css selector", ".cancel").click()
+    wait(lambda: second.find_element("css selector", ".badge").text == "cancelled", "the cancel")
 
 
 def test_an_invalid_form_value_shows_the_apis_message(
@@ -208,6 +238,39 @@ def test_an_invalid_form_value_shows_the_apis_message(
         assert find(browser, f"#train-{name}-error").text == error["msg"]
         assert find(browser, f"#train-{name}").get_attribute("aria-invalid") == "true"
     assert message.startswith("The job was not queued.")
+
+
+def test_two_models_side_by_side_and_new_samples(
+    browser: Any, live_server: LiveServer, trained_model: str, shots: Path
+) -> None:
+    models = [m["model_id"] for m in live_server.client.get("/models").json()["models"]]
+    if len(models) < 2:  # the form's job above is usually the second
+        live_server.wait_finished(live_server.train(seed=1))
+        models = [m["model_id"] for m in live_server.client.get("/models").json()["models"]]
+    open_page(browser, live_server, "models")
+    from selenium.webdriver.support.select import Select
+
+    Select(find(browser, "#compare-a")).select_by_value(models[1])
+    Select(find(browser, "#compare-b")).select_by_value(models[0])
+    find(browser, "#compare-form button").click()
+    sources = []
+    for side, model_id in (("a", models[1]), ("b", models[0])):
+        image = find(browser, f"#compare-img-{side}")
+        wait(lambda i=image: browser.execute_script("return arguments[0].complete", i), "samples")
+        assert browser.execute_script("return arguments[0].naturalWidth", image) == 242  # 8x8
+        query = image.get_attribute("src").split("?", 1)[1]
+        assert f"model_id={model_id}" in query and "n=64" in query
+        sources.append(query)
+    seeds = {query.split("seed=")[1] for query in sources}
+    assert len(seeds) == 1 and seeds != {"0"}  # the same new seed on both sides
+    card = find(browser, f'[data-model-id="{trained_model}"]')
+    image = card.find_element("css selector", "img")
+    before = image.get_attribute("src")
+    card.find_element("css selector", "button").click()
+    assert image.get_attribute("src") != before
+    wait(lambda: browser.execute_script("return arguments[0].naturalWidth", image), "samples")
+    assert console_errors(browser) == []
+    screenshot(browser, shots, "models")
 
 
 def draw(browser: Any, canvas: Any, kind: str, points: list[tuple[int, int]]) -> None:
