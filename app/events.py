@@ -46,6 +46,10 @@ def event(name: str, data: str) -> str:
     return f"event: {name}\ndata: {data}\n\n"
 
 
+def _json(value: dict[str, str]) -> str:
+    return json.dumps(value, separators=(",", ":"))  # compact, like the job's JSON
+
+
 async def job_events(
     read: Callable[[], JobRecord],
     first: JobRecord,
@@ -63,7 +67,7 @@ async def job_events(
             yield ": keep-alive\n\n"
             quiet_since = time.monotonic()
         if job.finished:
-            yield event("end", json.dumps({"status": job.status}))
+            yield event("end", _json({"status": job.status}))
             return
         await anyio.sleep(POLL_S)
         if await is_disconnected():
@@ -72,5 +76,5 @@ async def job_events(
             job = await anyio.to_thread.run_sync(read)
         except Exception as exc:  # whatever the store raises, the stream ends with a reason
             log.warning("job events: cannot read the job: %s", exc)
-            yield event("error", json.dumps({"detail": f"the job could not be read: {exc}"}))
+            yield event("error", _json({"detail": f"the job could not be read: {exc}"}))
             return

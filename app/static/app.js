@@ -14,6 +14,7 @@ const MAX_STREAMS = 3; // browsers allow 6 connections per server over HTTP/1.1
 const TOKEN_KEY = "iwae-api-token";
 
 const state = {
+  view: null, // the view shown: one of VIEWS
   trainSchema: null, // TrainRequest from /openapi.json
   jobs: new Map(), // job_id -> { job, element, losses: [[x, loss]] }
   streams: new Map(), // job_id -> EventSource
@@ -171,15 +172,18 @@ function describeMetrics(metrics) {
 
 // ---------------------------------------------------------------- views
 
+// The view named by the URL's #fragment. Sections are "view-<name>", so that the browser has
+// no element to scroll to; other fragments (the skip link's #main) keep the current view.
 function showView({ focus = false } = {}) {
   const name = location.hash.slice(1);
-  const current = VIEWS.includes(name) ? name : "jobs";
-  for (const view of VIEWS) $(`#${view}`).hidden = view !== current;
+  const current = VIEWS.includes(name) ? name : (state.view ?? "jobs");
+  state.view = current;
+  for (const view of VIEWS) $(`#view-${view}`).hidden = view !== current;
   for (const link of document.querySelectorAll("nav a[href^='#']")) {
     if (link.getAttribute("href") === `#${current}`) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  if (focus) $(`#${current}-title`).focus();
+  if (focus && VIEWS.includes(name)) $(`#${current}-title`).focus();
 }
 
 // ---------------------------------------------------------------- the training form

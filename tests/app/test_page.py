@@ -63,3 +63,29 @@ def test_every_static_file_is_packaged() -> None:
             len(name.parts) == len(PurePosixPath(p).parts) and name.match(p) for p in patterns
         )
         assert path.is_dir() or matched, name
+
+
+def _luminance(colour: str) -> float:
+    """Relative luminance of #rrggbb (WCAG 2.1, "relative luminance")."""
+    channels = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _contrast(a: str, b: str) -> float:
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_text_colours_meet_wcag_aa_contrast() -> None:
+    """Every text/background pair the style sheet uses: 4.5:1 for text, 3:1 for the focus ring."""
+    css = (STATIC_DIR / "style.css").read_text()
+    colour = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-f]{6});", css))
+    text_pairs = [
+        ("ink", "paper"), ("ink", "panel"), ("muted", "paper"), ("muted", "panel"),
+        ("accent", "paper"), ("accent", "panel"), ("accent-ink", "accent"), ("bad", "paper"),
+        ("bad", "panel"), ("paper", "ok"), ("paper", "bad"), ("paper", "wait"), ("paper", "off"),
+    ]  # fmt: skip
+    for fg, bg in text_pairs:
+        assert _contrast(colour[fg], colour[bg]) >= 4.5, (fg, bg)
+    assert min(_contrast(colour["focus"], colour[bg]) for bg in ("paper", "panel")) >= 3

@@ -115,8 +115,8 @@ def test_the_page_loads_every_view_without_console_errors(
     assert card.text == "succeeded"
     for view in ("models", "try"):
         find(browser, f'nav a[href="#{view}"]').click()
-        assert find(browser, f"#{view}").is_displayed()
-        assert not find(browser, "#jobs").is_displayed()
+        assert find(browser, f"#view-{view}").is_displayed()
+        assert not find(browser, "#view-jobs").is_displayed()
     find(browser, 'nav a[href="#models"]').click()
     image = find(browser, f'[data-model-id="{trained_model}"] img')
     wait(lambda: browser.execute_script("return arguments[0].naturalWidth", image), "the samples")
@@ -141,7 +141,8 @@ def test_the_keyboard_reaches_the_views_with_a_visible_focus(
         assert outline[0] == "solid" and outline[1] >= 2, (focused[-1], outline)
     assert focused == ["Skip to the content", "Jobs", "Models", "Try it"]
     ActionChains(browser).send_keys(Keys.ENTER).perform()
-    assert find(browser, "#try").is_displayed() and not find(browser, "#jobs").is_displayed()
+    assert find(browser, "#view-try").is_displayed()
+    assert not find(browser, "#view-jobs").is_displayed()
     assert browser.switch_to.active_element.get_attribute("id") == "try-title"
 
 
