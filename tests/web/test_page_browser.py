@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.web.conftest import TINY_JOB, LiveServer
+from tests.web.conftest import REPO_ROOT, TINY_JOB, LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -298,6 +298,15 @@ def whiteness(browser: Any, selector: str) -> float:
     )
 
 
+def seen_pixels(browser: Any) -> list[float]:
+    """The 28x28 digit the page shows as what the model sees, row-major, in [0, 1]."""
+    return browser.execute_script(
+        """const d = document.querySelector('#seen').getContext('2d')
+             .getImageData(0, 0, 28, 28).data;
+           return Array.from({length: 784}, (_, i) => d[4 * i] / 255);"""
+    )
+
+
 def test_a_digit_drawn_with_pointer_events_is_scored(
     browser: Any, live_server: LiveServer, trained_model: str, shots: Path
 ) -> None:
@@ -323,11 +332,21 @@ def test_a_digit_drawn_with_pointer_events_is_scored(
     seen = live_server.client.post(
         "/reconstruct", params={"format": "json"}, files={"file": ("d.png", png, "image/png")}
     ).json()["input"]
-    shown = browser.execute_script(
-        """const d = document.querySelector('#seen').getContext('2d')
-             .getImageData(0, 0, 28, 28).data;
-           return Array.from({length: 784}, (_, i) => d[4 * i] / 255);"""
-    )
-    assert shown == seen
+    assert seen_pixels(browser) == seen
     assert "test digit" in find(browser, "#score-meaning").text
     screenshot(browser, shots, "try")
+
+
+def test_an_uploaded_picture_is_scored(
+    browser: Any, live_server: LiveServer, trained_model: str
+) -> None:
+    open_page(browser, live_server, "try")
+    seven = REPO_ROOT / "docs/images/seven.png"
+    find(browser, "#upload").send_keys(str(seven))
+    wait(lambda: whiteness(browser, "#pad") < 280 * 280, "the preview on the canvas")
+    find(browser, "#score").click()
+    assert math.isfinite(float(wait(lambda: find(browser, "#score-value").text, "the score")))
+    # The file itself went to the API, not the canvas's preview of it.
+    files = {"file": ("seven.png", seven.read_bytes(), "image/png")}
+    seen = live_server.client.post("/reconstruct", params={"format": "json"}, files=files)
+    assert seen_pixels(browser) == seen.json()["input"]
