@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from app import events
+from app import events, server
 from app.deps import job_store
 from app.main import create_app
 from app.schemas import JobOut
@@ -182,42 +182,61 @@ def test_the_events_stop_at_the_first_poll_after_the_client_has_gone(
     assert script.calls == 2  # read after each of the two "still there"
 
 
+class LiveApp:
+    """The app under uvicorn (with `iwae serve`'s options) on a free port, in a thread; its
+    job store a script of one job that keeps running."""
+
+    def __init__(self, app: Any) -> None:
+        self.script = Script([record(step=1)])
+        app.dependency_overrides[job_store] = lambda: self.script
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        options = {**server.UVICORN_OPTIONS, "log_level": "warning"}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=server.SHUTDOWN_GRACE_S + 10)
+
+
 @pytest.fixture
-def live_app(make_settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Script]]:
-    """The app under uvicorn on a free port, its job store a script of one running job."""
+def live_app(make_settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveApp]:
     monkeypatch.setattr(events, "POLL_S", 0.02)
-    app = create_app(make_settings())
-    script = Script([record(step=1)])
-    app.dependency_overrides[job_store] = lambda: script
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    live = LiveApp(create_app(make_settings()))
     try:
-        yield f"http://127.0.0.1:{port}", script
+        yield live
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        live.stop()
 
 
-def test_the_stream_stops_when_the_client_goes_away(live_app: tuple[str, Script]) -> None:
-    url, script = live_app
-    with httpx.stream("GET", url + URL, timeout=10) as response:
+def test_the_stream_stops_when_the_client_goes_away(live_app: LiveApp) -> None:
+    with httpx.stream("GET", live_app.url + URL, timeout=10) as response:
         lines = response.iter_lines()
         assert next(lines) == "event: job"
     # The server notices at its next read: the request completes (and is counted) and
     # the store is no longer read.
     finished = 'iwae_http_requests_total{method="GET",route="/jobs/{job_id}/events",status="200"}'
     deadline = time.monotonic() + 10
-    while finished not in httpx.get(url + "/metrics").text:
+    while finished not in httpx.get(live_app.url + "/metrics").text:
         assert time.monotonic() < deadline, "the stream did not stop"
         time.sleep(0.05)
-    calls = script.calls
+    calls = live_app.script.calls
     time.sleep(10 * events.POLL_S)
-    assert script.calls == calls
+    assert live_app.script.calls == calls
+
+
+def test_an_open_stream_does_not_keep_the_server_from_stopping(live_app: LiveApp) -> None:
+    with httpx.stream("GET", live_app.url + URL, timeout=30) as response:
+        assert next(response.iter_lines()) == "event: job"
+        started = time.monotonic()
+        live_app.stop()  # as on SIGTERM, while the client still reads and the job still runs
+        assert not live_app.thread.is_alive()
+        assert time.monotonic() - started < server.SHUTDOWN_GRACE_S + 5
