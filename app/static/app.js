@@ -247,7 +247,7 @@ function trainBody(form) {
     if (value === "") continue;
     const inner = nullable(prop) ? prop.anyOf.find((option) => option.type !== "null") : prop;
     const isNumber = inner.type === "integer" || inner.type === "number";
-    body[name] = isNumber && value !== "" && Number.isFinite(Number(value)) ? Number(value) : value;
+    body[name] = isNumber && Number.isFinite(Number(value)) ? Number(value) : value;
   }
   return body;
 }
