@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.web.conftest import LiveServer
+from tests.web.live_server import LiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.web.conftest import REPO_ROOT, TINY_JOB, LiveServer
+from tests.web.live_server import REPO_ROOT, TINY_JOB, LiveServer
 
 pytestmark = pytest.mark.browser
 
