@@ -9,10 +9,12 @@ may only come from this server.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CSP = (
@@ -21,11 +23,24 @@ CSP = (
 )
 
 
+# Browsers revalidate the files at every load (an ETag, then 304 while unchanged), so a page
+# and its script never come from two different versions of the service.
+REVALIDATE = {"Cache-Control": "no-cache"}
+
+
+class _RevalidatedFiles(StaticFiles):
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response
+
+
 def page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CSP})
+    headers = {"Content-Security-Policy": CSP, **REVALIDATE}
+    return FileResponse(STATIC_DIR / "index.html", headers=headers)
 
 
 def install_page(app: FastAPI) -> None:
     """`GET /` (the page) and `/static/...` (its files); both outside the OpenAPI schema."""
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.mount("/static", _RevalidatedFiles(directory=STATIC_DIR, check_dir=False), name="static")

@@ -23,10 +23,14 @@ def test_the_page_and_its_files_are_served(client: TestClient) -> None:
     assert page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert page.headers["cache-control"] == "no-cache"
     for path, kind in (("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
         assert f'"{path}"' in page.text
         response = client.get(path)
         assert response.status_code == 200 and kind in response.headers["content-type"]
+        assert response.headers["cache-control"] == "no-cache"  # revalidated at every load
+        again = client.get(path, headers={"If-None-Match": response.headers["etag"]})
+        assert again.status_code == 304
     assert client.get("/static/nope.js").status_code == 404
 
 
