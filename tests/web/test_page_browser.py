@@ -201,6 +201,11 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
     assert "running" in seen and progress_seen, seen
     assert "test log-likelihood" in find(browser, f"{card} .job-result").text
     assert live_server.client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
+    # The page closed its events stream on `end`, without an error: the only errors in the
+    # console are the two 401s that asked for the token.
+    assert browser.execute_script("return state.streams.size") == 0
+    errors = [entry["message"] for entry in console_errors(browser)]
+    assert len(errors) == 2 and all("/train" in e and "401" in e for e in errors), errors
     screenshot(browser, shots, "jobs")
     # Asked once: the next job is queued without a dialog, and its Cancel button cancels it.
     find(browser, "#train-submit").click()
