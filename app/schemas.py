@@ -131,12 +131,22 @@ class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
     phase: Literal["train", "eval"] | None = Field(None, examples=["train"])
-    epoch: int | None = Field(None, description="Epochs completed.", examples=[2])
+    epoch: int | None = Field(
+        None,
+        description="Training: the epoch in progress, from 1; evaluation: epochs trained.",
+        examples=[2],
+    )
     epochs: int | None = Field(None, description="Epochs in the run.", examples=[5])
     step: int | None = Field(
-        None, description="Steps done (of the current phase).", examples=[1200]
+        None,
+        description="Training: steps done in this epoch; evaluation: test images done.",
+        examples=[395],
     )
-    steps: int | None = Field(None, description="Steps in the current phase.", examples=[3000])
+    steps: int | None = Field(
+        None,
+        description="Training: steps per epoch; evaluation: test images to score.",
+        examples=[600],
+    )
     loss: float | None = Field(None, description="Last training loss, nats.", examples=[95.3])
     images_per_s: float | None = Field(None, examples=[25_000.0])
     eta_s: float | None = Field(None, description="Estimated seconds to the end.", examples=[42.0])
