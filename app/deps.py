@@ -31,7 +31,7 @@ from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, TrainRequest
 from app.settings import Settings
 from models.config import TrainConfig
 from models.cost import train_cost
-from worker.jobs import JobStore
+from worker.jobs import JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,29 @@ def _readiness(settings: Settings, store: JobStore) -> ReadyOut:
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         raise NotReady(f"not ready: {', '.join(failing)} unreachable")
-    return ReadyOut(checks=checks)
+    return ReadyOut(checks=checks, workers=len(live_workers(settings, store)))
 
 
-async def job_statuses(request: Request, store: StoreDep) -> list[str] | None:
-    """Every job's status, for /metrics (in the ops threads); None when the store is down."""
+def live_workers(settings: Settings, store: JobStore) -> list[WorkerInfo]:
+    """Workers that reported within three reaper intervals and consume the training queue."""
+    window = 3 * settings.reaper_interval_s
+    return [w for w in store.workers() if w.seen_s_ago <= window and settings.queue in w.queues]
+
+
+JobGauges = tuple[dict[str, int] | None, list[WorkerInfo] | None]
+
+
+async def job_gauges(request: Request, settings: SettingsDep, store: StoreDep) -> JobGauges:
+    """Jobs by status and the live workers, for /metrics (read in the ops threads); None
+    for both while the job store is down."""
     try:
-        jobs = await anyio.to_thread.run_sync(store.list, limiter=request.app.state.ops_threads)
+        return await anyio.to_thread.run_sync(
+            _job_gauges, settings, store, limiter=request.app.state.ops_threads
+        )
     except Exception:  # the request metrics stay useful while the job store is down
         log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        return None
-    return [job.status for job in jobs]
+        return None, None
+
+
+def _job_gauges(settings: Settings, store: JobStore) -> JobGauges:
+    return store.counts(), live_workers(settings, store)

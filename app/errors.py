@@ -13,7 +13,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from worker.jobs import JobAlreadyFinished, JobNotFound
+from worker.jobs import JobAlreadyFinished, JobNotFound, TooManyJobs
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     NoModelTrained: 409,
     JobAlreadyFinished: 409,
     ImageTooLarge: 413,
+    TooManyJobs: 429,
     UnreadableImage: 415,
     ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics do
     ModelUnavailable: 500,
