@@ -136,6 +136,11 @@ class TrainConfig:
         if not 1 <= self.k_min <= self.k:
             raise ValueError(f"k_min must lie in [1, k={self.k}], got {self.k_min}")
         if self.k_schedule == "ess":
+            if self.train_size is not None and self.train_size <= self.batch_size:
+                raise ValueError(
+                    "k_schedule 'ess' holds out one batch of training images: train_size "
+                    "must exceed batch_size"
+                )
             if self.ess_target is None:
                 object.__setattr__(self, "ess_target", DEFAULT_ESS_TARGET)
             if not 0.0 < self.ess_target < 1.0:
