@@ -159,10 +159,12 @@ def test_ess_schedule_follows_its_rule_on_the_measured_ess(
 
 
 def test_ess_needs_more_than_one_batch(train_config: TrainConfig, synthetic_mnist: Mnist) -> None:
-    config = train_config.with_changes(k_schedule="ess", train_size=10)
+    ess = train_config.with_changes(k_schedule="ess")
 
+    with pytest.raises(ValueError, match="train_size must exceed batch_size"):
+        ess.with_changes(train_size=10)
     with pytest.raises(ValueError, match="holds out one batch"):
-        train(config, synthetic_mnist.train_images)
+        train(ess, synthetic_mnist.train_images[:10])  # train_size None: all 10 images
 
 
 @pytest.mark.parametrize(
