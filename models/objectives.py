@@ -61,8 +61,9 @@ def dreg_encoder_surrogate(log_w: Tensor, alpha: float = 0.0) -> Tensor:
     score_k), and for the score term E[v_k d/dphi log q(z_k)] = E[d v_k/dz_k dz_k/dphi] (the
     reparameterisation identity applied to v_k as a function of z_k), where
     d v_k / d log w_k = (1-alpha) v_k (1 - v_k); so the gradient is sum_k (v_k - (1-alpha)
-    v_k (1 - v_k)) path_k = sum_k (alpha v_k + (1-alpha) v_k^2) path_k, the weights Daudel
-    et al. (2023) give for the VR-IWAE's doubly reparameterised gradient.
+    v_k (1 - v_k)) path_k = sum_k (alpha v_k + (1-alpha) v_k^2) path_k: the weights of
+    Daudel et al.'s (2023) doubly reparameterised VR-IWAE gradient, as also used by the
+    public code of their Gaussian experiment (`vr_iwae_dreg_loss`).
     """
     normalized = torch.softmax((1.0 - alpha) * log_w.detach(), 0)  # [K, B]
     weights = alpha * normalized + (1.0 - alpha) * normalized.square()  # [K, B]

@@ -379,7 +379,8 @@ def test_linear_gaussian_oracle_for_vr_iwae() -> None:
     With q the posterior shifted by delta, log w = log p(x) - delta^T S^-1 u - m^2/2 with
     u ~ N(0, S) and m^2 = delta^T S^-1 delta: a Gaussian of variance m^2. Then
     1/(1-alpha) log E[w^(1-alpha)] = log p(x) - alpha m^2 / 2, the K -> infinity limit of
-    the VR-IWAE bound (Li & Turner's VR bound), in closed form.
+    the VR-IWAE bound (Li & Turner's VR bound), in closed form: the leading term
+    -alpha B_d^2 / 2 of the gap in Daudel et al.'s (2023) Gaussian example.
     """
     x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=torch.float64)
     exact = LinearGaussian()
