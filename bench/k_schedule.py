@@ -17,6 +17,9 @@ machine it is the fairer of the two clocks, but it still varies with contention.
           budget (so the budget runs out in the last epoch, at K = k).
 - ess:    K from 1, doubled or halved after each epoch by held-out ESS/K (default target),
           as many epochs as the budget allows.
+- fixed K=c for each `--control-ks c`: a smaller fixed K given the same budget (more
+          epochs), to tell a schedule's effect from that of a smaller mean K.
+`--arms` picks which of fixed, linear, ess run (the controls always run).
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def linear_epochs(config: TrainConfig, per_epoch: int, budget: int) -> int:
         epochs += 1
 
 
-def run(config: TrainConfig, images: torch.Tensor, test_x: torch.Tensor, budget: int) -> dict:
+def run(
+    arm: str, config: TrainConfig, images: torch.Tensor, test_x: torch.Tensor, budget: int
+) -> dict:
     meter = Budget(budget, config.batch_size)
     cpu = time.process_time()
     result = train(config, images, callbacks=[meter])
@@ -70,6 +75,7 @@ def run(config: TrainConfig, images: torch.Tensor, test_x: torch.Tensor, budget:
         result.model, test_x, config.eval_k, generator=torch.Generator().manual_seed(0)
     )
     return {
+        "arm": arm,
         "schedule": config.k_schedule,
         "seed": config.seed,
         "test_loglik": metrics.test_loglik,
@@ -92,6 +98,10 @@ def main() -> None:
     parser.add_argument("--eval-k", type=int, default=2000)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/mnist"))
     parser.add_argument("--out", type=Path, default=Path("runs/k_schedule.json"))
+    parser.add_argument(
+        "--arms", nargs="+", choices=("fixed", "linear", "ess"), default=["fixed", "linear", "ess"]
+    )
+    parser.add_argument("--control-ks", type=int, nargs="*", default=[])
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: one core, steadier CPU time
 
@@ -109,15 +119,18 @@ def main() -> None:
     budget = args.k * args.train_size * args.budget_epochs
     linear = base.with_changes(k_schedule="linear", k_min=1)
     linear = linear.with_changes(epochs=linear_epochs(linear, args.train_size, budget))
-    configs = [
-        base.with_changes(epochs=args.budget_epochs),
-        linear,
-        base.with_changes(k_schedule="ess", k_min=1, epochs=10 * args.budget_epochs),
-    ]
+    schedules = {
+        "fixed": base.with_changes(epochs=args.budget_epochs),
+        "linear": linear,
+        "ess": base.with_changes(k_schedule="ess", k_min=1, epochs=10 * args.budget_epochs),
+    }
+    arms = {f"fixed K={args.k}" if name == "fixed" else name: schedules[name] for name in args.arms}
+    for c in args.control_ks:
+        arms[f"fixed K={c}"] = base.with_changes(k=c, epochs=-(-budget // (c * args.train_size)))
     rows = []
     for seed in args.seeds:
-        for config in configs:
-            row = run(config.with_changes(seed=seed), data.train_images, test_x, budget)
+        for arm, config in arms.items():
+            row = run(arm, config.with_changes(seed=seed), data.train_images, test_x, budget)
             rows.append(row)
             print(json.dumps(row), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,14 +140,14 @@ def main() -> None:
         f"{args.train_size} images at K={args.k}); test: {args.eval_size} images, "
         f"IWAE bound k={args.eval_k}, nats"
     )
-    print("| schedule | test log p(x), mean ± sd over seeds | per seed | CPU s (mean) |")
+    print("| arm | test log p(x), mean ± sd over seeds | per seed | CPU s (mean) |")
     print("|---|---:|---|---:|")
-    for config in configs:
-        mine = [r for r in rows if r["schedule"] == config.k_schedule]
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
         values = [r["test_loglik"] for r in mine]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(
-            f"| {config.k_schedule} | {statistics.mean(values):.2f} ± {sd:.2f} | "
+            f"| {arm} | {statistics.mean(values):.2f} ± {sd:.2f} | "
             f"{', '.join(f'{v:.2f}' for v in values)} | "
             f"{statistics.mean(r['train_cpu_s'] for r in mine):.0f} |"
         )
