@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/mnist"))
     parser.add_argument("--out", type=Path, default=Path("runs/k_schedule.json"))
     parser.add_argument(
-        "--arms", nargs="+", choices=("fixed", "linear", "ess"), default=["fixed", "linear", "ess"]
+        "--arms", nargs="*", choices=("fixed", "linear", "ess"), default=["fixed", "linear", "ess"]
     )
     parser.add_argument("--control-ks", type=int, nargs="*", default=[])
     args = parser.parse_args()
