@@ -11,9 +11,10 @@
 
   ESS/K is measured with the ceiling `k`, not with the current K, on purpose: for a fixed
   model ESS/K falls as K grows (on MNIST after one epoch: 0.60, 0.34, 0.26, 0.16 at K = 2,
-  5, 10, 50), and at K = 1 it is 1 by definition, so measured at the current K the rule
-  would be a positive feedback that runs to `k` or `k_min` and stays there. Measured at `k`
-  it tracks how well q matches the posterior, whatever K the last epoch trained with.
+  5, 10, 50; see README), and at K = 1 it is 1 by definition, so measured at the current K
+  the rule would be a positive feedback that runs to `k` or `k_min` and stays there.
+  Measured at `k` it tracks how well q matches the posterior, whatever K the last epoch
+  trained with.
 
 The K of the next epoch is a pure function of the config, the epoch and (for `ess`) one
 measurement drawn from the training generator, so a resumed run follows the same schedule.

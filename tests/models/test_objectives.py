@@ -443,3 +443,10 @@ def test_vr_dreg_gradients_equal_vr_iwae_in_expectation_with_lower_encoder_varia
     # The test can tell expectations apart: alpha = 1/2 is not the IWAE bound's gradient.
     assert z_scores(encoder_vr, encoder_iwae).max() > 10
     assert encoder_dreg.var(0).sum() < encoder_vr.var(0).sum()
+
+
+def test_vr_dreg_surrogate_at_alpha_zero_is_tuckers_formula_bit_for_bit() -> None:
+    log_w = log_weights(7, b=3).requires_grad_(True)
+    tucker = (torch.softmax(log_w.detach(), 0).square() * log_w).sum(0)  # eq. 5
+
+    assert torch.equal(dreg_encoder_surrogate(log_w, 0.0), tucker)
