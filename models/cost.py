@@ -45,7 +45,8 @@ class TrainCost:
 
 def train_cost(config: TrainConfig) -> TrainCost:
     """What `config` costs to train (the final evaluation, at most 10,000 x `eval_k`
-    samples without gradients, is not counted)."""
+    samples without gradients, is not counted). Under a K schedule (`linear`, `ess`) an
+    epoch uses at most `k`, so the counts are upper bounds, as a budget needs."""
     images = min(config.train_size or TRAIN_IMAGES, TRAIN_IMAGES)
     return TrainCost(
         k=config.k,

@@ -35,3 +35,9 @@ def test_a_batch_is_never_larger_than_the_data() -> None:
 def test_burdas_full_run_at_k50() -> None:
     """3280 epochs over the 60,000 images at K=50: the default total budget admits it."""
     assert train_cost(TrainConfig(k=50, epochs=3280)).train_samples == 9_840_000_000
+
+
+@pytest.mark.parametrize("schedule", ["linear", "ess"])
+def test_a_k_schedule_is_counted_at_its_largest_k(schedule: str) -> None:
+    scheduled = train_cost(TrainConfig(k=50, k_schedule=schedule, k_min=5, epochs=4))
+    assert scheduled == train_cost(TrainConfig(k=50, epochs=4))
