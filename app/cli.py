@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.config import OBJECTIVES, ModelConfig, TrainConfig
+from models.config import MISSING_PATTERNS, OBJECTIVES, ModelConfig, TrainConfig
 from models.data import DataError
 
 _TRAIN_DEFAULTS = TrainConfig()
@@ -140,6 +140,19 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.precision,
         help="training arithmetic; evaluation always runs in fp32",
     )
+    parser.add_argument(
+        "--missing-rate",
+        type=float,
+        default=d.missing_rate,
+        help="train on incomplete images: the fraction of pixels (mcar) or of images "
+        "(top-half, random-square) with missing pixels, in [0, 0.9]",
+    )
+    parser.add_argument(
+        "--missing-pattern",
+        choices=MISSING_PATTERNS,
+        default=d.missing_pattern,
+        help="which pixels go missing when --missing-rate > 0",
+    )
 
 
 def _config(args: argparse.Namespace, k: int) -> TrainConfig:
@@ -161,6 +174,8 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
         seed=args.seed,
         device=args.device,
         precision=args.precision,
+        missing_rate=args.missing_rate,
+        missing_pattern=args.missing_pattern,
     )
 
 
@@ -297,9 +312,9 @@ class _ProgressBar:
             self._restart(
                 key,
                 progress.steps,
-                f"epoch {progress.epoch}/{progress.epochs}"
-                if progress.phase == "train"
-                else "evaluating",
+                {"train": f"epoch {progress.epoch}/{progress.epochs}", "impute": "imputing"}.get(
+                    progress.phase, "evaluating"
+                ),
             )
         if progress.loss is not None:
             self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)

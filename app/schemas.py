@@ -7,7 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.config import ModelConfig, Objective, Precision, Schedule, TrainConfig
+from models.config import (
+    MAX_MISSING_RATE,
+    MissingPattern,
+    ModelConfig,
+    Objective,
+    Precision,
+    Schedule,
+    TrainConfig,
+)
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -113,6 +121,21 @@ class TrainRequest(BaseModel):
         description="Training arithmetic; evaluation always runs in fp32.",
         examples=["fp32"],
     )
+    missing_rate: float = Field(
+        _TRAIN.missing_rate,
+        ge=0.0,
+        le=MAX_MISSING_RATE,
+        description="Train on incomplete images (Mattei & Frellsen's missing-data IWAE): the "
+        "fraction of pixels (`mcar`) or of images (`top-half`, `random-square`) with missing "
+        "pixels; the bound counts observed pixels only. 0: complete images.",
+        examples=[0.5],
+    )
+    missing_pattern: MissingPattern = Field(
+        _TRAIN.missing_pattern,
+        description="`mcar`: each pixel missing at random; `top-half`: the top 14 rows; "
+        "`random-square`: a 14x14 square at a random place. Fresh masks every epoch.",
+        examples=["mcar"],
+    )
 
     def to_config(self) -> dict[str, Any]:
         """The job's `TrainConfig` as a dict (validated by building it)."""
@@ -128,7 +151,12 @@ class TrainRequest(BaseModel):
 class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
-    phase: Literal["train", "eval"] | None = Field(None, examples=["train"])
+    phase: Literal["train", "eval", "impute"] | None = Field(
+        None,
+        description="`train`, then `eval` (test log-likelihood), then `impute` (the "
+        "imputation metric).",
+        examples=["train"],
+    )
     epoch: int | None = Field(None, description="Epochs completed.", examples=[2])
     epochs: int | None = Field(None, description="Epochs in the run.", examples=[5])
     step: int | None = Field(

@@ -6,6 +6,7 @@ JSON next to the weights (see `models.checkpoint`) and read back with `from_dict
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
@@ -13,8 +14,12 @@ Objective = Literal["vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "p
 Schedule = Literal["constant", "burda"]
 Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
+MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
+# Mattei & Frellsen (2019) train on data sets with up to ~50% missing; above 90% too little is seen.
+MAX_MISSING_RATE = 0.9
 
 # Burda et al. (2015), section 5: hidden width per architecture when none is given.
 _DEFAULT_HIDDEN = {1: 200, 2: 100}
@@ -59,6 +64,11 @@ class TrainConfig:
     of `k` (Rainforth et al., 2018), `ciwae` mixes ELBO and IWAE with weight `beta` on the
     ELBO. `train_size=None` uses all 60,000 training images; `eval_size=0` skips the final
     test log-likelihood, which uses `eval_k` importance samples and always runs in fp32.
+
+    `missing_rate` > 0 trains on incomplete images (Mattei & Frellsen, 2019): with
+    `missing_pattern` `mcar` each pixel is missing with that probability; with `top-half` or
+    `random-square` that fraction of the images loses its top half or a random square of half
+    the side (see `models.missing`). The bound then counts observed pixels only.
     """
 
     k: int = 50
@@ -76,6 +86,8 @@ class TrainConfig:
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "fp32"
+    missing_rate: float = 0.0
+    missing_pattern: MissingPattern = "mcar"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -89,6 +101,15 @@ class TrainConfig:
             raise ValueError("train_size must be positive (or None for all images)")
         if self.eval_size < 0:
             raise ValueError("eval_size must be >= 0")
+        if not 0.0 <= self.missing_rate <= MAX_MISSING_RATE:
+            raise ValueError(f"missing_rate must lie in [0, {MAX_MISSING_RATE}]")
+        if self.missing_pattern not in MISSING_PATTERNS:
+            raise ValueError(
+                f"unknown missing_pattern {self.missing_pattern!r}; choose from {MISSING_PATTERNS}"
+            )
+        side = math.isqrt(self.model.x_dim)
+        if self.missing_pattern == "random-square" and side * side != self.model.x_dim:
+            raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -62,12 +62,21 @@ class Surrogates:
 
 
 def surrogates(
-    model: IWAEModel, x: Tensor, config: TrainConfig, generator: torch.Generator | None = None
+    model: IWAEModel,
+    x: Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+    *,
+    observed: Tensor | None = None,
 ) -> Surrogates:
-    """Draw importance samples for x [B, D] and build the surrogates of `config.objective`."""
+    """Draw importance samples for x [B, D] and build the surrogates of `config.objective`.
+
+    With `observed` ([B, D], 1 = observed) every bound counts observed pixels only; with the
+    `iwae` objective that is Mattei & Frellsen's (2019) MIWAE bound for missing data.
+    """
     name, k = config.objective, config.k
     if name in ("miwae", "piwae"):
-        log_w = model.log_weights(x, config.m * k, generator)  # [M*K, B]
+        log_w = model.log_weights(x, config.m * k, generator, observed=observed)  # [M*K, B]
         grouped = miwae_bound(log_w, config.m)
         if name == "miwae":
             return _shared(grouped)
@@ -75,14 +84,14 @@ def surrogates(
         bound = iwae_bound(log_w)
         return Surrogates(encoder=grouped, decoder=bound, bound=bound.detach())
     if name in ("iwae-stl", "iwae-dreg"):
-        log_w = model.log_weights(x, k, generator, stop_q_params=True)
+        log_w = model.log_weights(x, k, generator, stop_q_params=True, observed=observed)
         bound = iwae_bound(log_w)
         if name == "iwae-stl":
             return _shared(bound)
         return Surrogates(
             encoder=dreg_encoder_surrogate(log_w), decoder=bound, bound=bound.detach()
         )
-    log_w = model.log_weights(x, k, generator)  # [K, B]
+    log_w = model.log_weights(x, k, generator, observed=observed)  # [K, B]
     if name == "vae":
         return _shared(elbo(log_w))
     if name == "ciwae":
