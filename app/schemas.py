@@ -247,6 +247,28 @@ class LoglikOut(BaseModel):
     bits_per_dim: float = Field(description="-log_likelihood / (784 ln 2).", examples=[0.157])
 
 
+class ImputationOut(BaseModel):
+    """The uploaded digit's missing pixels filled in (Mattei & Frellsen, 2019)."""
+
+    model_id: str
+    k: int = Field(description="Importance samples used.", examples=[1000])
+    input: list[float] = Field(
+        description="The digit as the model saw it: 784 binarized pixels, 0 where missing."
+    )
+    missing: list[int] = Field(description="784 flags, 1 where the pixel is missing.")
+    single: list[float] = Field(
+        description="Single imputation: the input's observed pixels, and at missing pixels "
+        "E[x_missing | x_observed] estimated by self-normalised importance sampling (in [0, 1])."
+    )
+    draws: list[list[float]] = Field(
+        description="n multiple imputations by sampling importance resampling: binary images "
+        "that differ from the input only at missing pixels."
+    )
+    observed_log_likelihood: float = Field(
+        description="IWAE bound on log p(x_observed) with k samples, nats.", examples=[-45.3]
+    )
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
 
