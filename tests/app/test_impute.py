@@ -207,3 +207,24 @@ def test_impute_without_a_model_is_409(client: TestClient) -> None:
     response = client.post("/impute", files=files(png(mnist_like()), png(top_half_mask())))
 
     assert response.status_code == 409
+
+
+# --- training on incomplete images through the API ---------------------------------------------
+
+
+def test_train_accepts_the_missing_data_options(client: TestClient) -> None:
+    body = {"k": 5, "missing_rate": 0.5, "missing_pattern": "random-square"}
+
+    response = client.post("/train", json=body)
+
+    assert response.status_code == 202
+    config = response.json()["config"]
+    assert (config["missing_rate"], config["missing_pattern"]) == (0.5, "random-square")
+    assert client.post("/train", json={"k": 5}).json()["config"]["missing_rate"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "body", [{"k": 5, "missing_rate": 0.95}, {"k": 5, "missing_pattern": "bottom-half"}]
+)
+def test_train_refuses_bad_missing_data_options(client: TestClient, body: dict) -> None:
+    assert client.post("/train", json=body).status_code == 422
