@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.cli import _config, build_parser, main
 from app.errors import InvalidMask, UnreadableImage
 from app.images import masked_digit
 
@@ -228,3 +231,64 @@ def test_train_accepts_the_missing_data_options(client: TestClient) -> None:
 )
 def test_train_refuses_bad_missing_data_options(client: TestClient, body: dict) -> None:
     assert client.post("/train", json=body).status_code == 422
+
+
+# --- iwae impute ---------------------------------------------------------------------------------
+
+
+def test_the_cli_writes_the_same_strip_as_the_api(
+    client: TestClient, tiny_model: str, home: Path, tmp_path: Path, capsys
+) -> None:
+    image, mask = tmp_path / "digit.png", tmp_path / "mask.png"
+    image.write_bytes(png(mnist_like()))
+    mask.write_bytes(png(top_half_mask()))
+    out = tmp_path / "strip.png"
+    model = home / "models" / tiny_model
+    options = ["--k", "30", "--n", "4", "--seed", "3"]
+
+    code = main(
+        [
+            "impute",
+            "--model",
+            str(model),
+            str(image),
+            "--mask",
+            str(mask),
+            "--out",
+            str(out),
+            *options,
+        ]
+    )
+
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["out"], summary["k"], summary["n"]) == (str(out), 30, 4)
+    assert summary["missing_pixels"] == 392 and summary["observed_log_likelihood"] < 0
+    served = client.post(
+        "/impute",
+        params={"k": 30, "n": 4, "seed": 3},
+        files=files(image.read_bytes(), mask.read_bytes()),
+    )
+    assert out.read_bytes() == served.content
+
+
+def test_the_cli_says_what_is_wrong_with_a_mask(
+    tiny_model: str, home: Path, tmp_path: Path, capsys
+) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(png(mnist_like()))
+
+    code = main(["impute", "--model", str(home / "models" / tiny_model), str(image)])
+
+    assert code == 2
+    assert "iwae impute: error: no mask" in capsys.readouterr().err
+
+
+def test_the_cli_trains_on_incomplete_images_when_asked() -> None:
+    args = build_parser().parse_args(
+        ["train", "--k", "5", "--missing-rate", "0.5", "--missing-pattern", "top-half"]
+    )
+
+    config = _config(args, args.k)
+
+    assert (config.missing_rate, config.missing_pattern) == (0.5, "top-half")
