@@ -24,7 +24,11 @@ from models.training import TrainCallback, resolve_device
 
 @dataclass
 class StudyRow:
-    """One K of the study; log-likelihoods in nats per test image (IWAE bound, `eval_k`)."""
+    """One K of the study; log-likelihoods in nats per test image (IWAE bound, `eval_k`).
+
+    `imputation` is the run's `metrics["imputation"]` (`models.imputation`), None when the
+    run was not evaluated.
+    """
 
     k: int
     objective: str
@@ -34,6 +38,7 @@ class StudyRow:
     train_seconds: float
     snr_encoder: float
     snr_decoder: float
+    imputation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +81,7 @@ def run_study(
                 train_seconds=metrics["train_seconds"],
                 snr_encoder=snr.encoder,
                 snr_decoder=snr.decoder,
+                imputation=metrics.get("imputation"),
             )
         )
     return rows
