@@ -5,6 +5,7 @@ MNIST itself was made (LeCun et al.): greyscale, light digit on a dark backgroun
 digit's bounding box scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28
 field so that its centre of mass sits at the centre. Pure functions over bytes and numpy
 arrays; the only state is `configure_pillow`, called once by the app's lifespan.
+`masked_digit` prepares an incomplete digit and its mask for imputation, keeping the framing.
 """
 
 from __future__ import annotations
@@ -203,15 +204,15 @@ def masked_digit(image: bytes, mask: bytes | None, max_pixels: int) -> MaskedDig
                 f"{grey.shape[1]}x{grey.shape[0]}: they must be the same size"
             )
     ink = _observed_ink(grey, missing)
-    ink, missing = _square(ink, 0.0), _square(missing.astype(np.float32), 0.0)
+    ink, missing = _square(ink), _square(missing.astype(np.float32))
     if ink.shape[0] != SIDE:
         ink = _resize(ink, SIDE, Image.Resampling.LANCZOS)
         missing = _resize(missing, SIDE, Image.Resampling.BOX)
     missing = (missing >= 0.5).reshape(SIDE * SIDE)
     if not missing.any():
         raise InvalidMask(
-            "the mask marks no pixel as missing: white marks missing pixels, and at 28x28 a "
-            "mark must cover at least half of a pixel"
+            "the mask marks no pixel as missing: missing pixels are white in `mask` (or "
+            "transparent in a PNG sent alone), and at 28x28 a mark must cover half a pixel"
         )
     if missing.all():
         raise InvalidMask(
@@ -240,12 +241,12 @@ def _observed_ink(grey: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return np.where(seen, np.clip((grey - background) / contrast, 0.0, 1.0), 0.0)
 
 
-def _square(values: np.ndarray, fill: float) -> np.ndarray:
-    """Pad `[H, W]` with `fill` to a centred `[S, S]`, S = max(H, W)."""
+def _square(values: np.ndarray) -> np.ndarray:
+    """Pad `[H, W]` with zeros (dark ground, observed) to a centred `[S, S]`, S = max(H, W)."""
     height, width = values.shape
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
-    field = np.full((side, side), fill, dtype=np.float32)
+    field = np.zeros((side, side), dtype=np.float32)
     field[top : top + height, left : left + width] = values
     return field
 

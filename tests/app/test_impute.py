@@ -106,7 +106,7 @@ def test_a_mark_smaller_than_half_a_pixel_at_28x28_is_no_mask() -> None:
     mask = np.zeros((280, 280), dtype=np.float32)
     mask[100:104, 100:104] = 1.0  # 4x4 of 280x280: 0.16 of one 28x28 pixel
 
-    with pytest.raises(InvalidMask, match="half of a pixel"):
+    with pytest.raises(InvalidMask, match="half a pixel"):
         masked_digit(png(np.kron(mnist_like(), np.ones((10, 10)))), png(mask), MAX_PIXELS)
 
 
