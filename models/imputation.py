@@ -1,4 +1,5 @@
-"""Filling in missing pixels with a trained model (Mattei & Frellsen, ICML 2019, Sec. 4).
+"""Filling in missing pixels with a trained model (Mattei & Frellsen, "MIWAE: Deep generative
+modelling and imputation of incomplete data sets", ICML 2019, arXiv:1812.02633, Sec. 4).
 
 For an image with observed pixels x_o and missing ones x_m, draw z_1..z_K ~ q(z | x_o) (the
 encoder sees x with x_m set to zero) and weigh each draw by
