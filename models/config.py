@@ -18,7 +18,7 @@ MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
-# Mattei & Frellsen (2019) train on data sets with up to ~50% missing; above 90% too little is seen.
+# Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9
 
 # Burda et al. (2015), section 5: hidden width per architecture when none is given.
