@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -121,6 +122,24 @@ def test_observed_bernoulli_log_prob_is_the_sum_over_observed_pixels() -> None:
     torch.testing.assert_close(log_p[0], torch.tensor(expected, dtype=torch.float64))
     full = bernoulli_log_prob(x, logits, torch.ones_like(x))
     torch.testing.assert_close(full, bernoulli_log_prob(x, logits), rtol=0, atol=1e-12)
+
+
+def test_the_observed_pixel_likelihood_sums_out_the_missing_pixels() -> None:
+    """p(x_obs | z) = sum over the 2^3 completions x_miss of p(x_obs, x_miss | z), exactly."""
+    logits = torch.randn(5, 1, 6, dtype=torch.float64, generator=generator(3))  # [K, 1, D]
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    observed = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    completions = []
+    for bits in itertools.product([0.0, 1.0], repeat=3):
+        full = x.clone()
+        full[0, [1, 2, 4]] = torch.tensor(bits, dtype=torch.float64)
+        completions.append(bernoulli_log_prob(full, logits))  # [K, 1]
+
+    marginal = torch.logsumexp(torch.stack(completions), 0)
+
+    torch.testing.assert_close(
+        bernoulli_log_prob(x, logits, observed), marginal, rtol=0, atol=1e-12
+    )
 
 
 def test_observed_bernoulli_log_prob_gradient_matches_autograd() -> None:
