@@ -33,7 +33,7 @@ def test_markdown_shows_the_imputation_metric_at_k_1_and_the_runs_k():
         "mean": {**score, "bce": 0.244},
         "model": {"1": {**score, "bce": 0.31}, "5": {**score, "bce": 0.2849}},
     }
-    row = StudyRow(5, "iwae", -90.0, 0.2, [22], 20.0, 0.5, 7.5, imputation)
+    row = StudyRow(5, "iwae", -90.0, 0.2, [22], 20.0, 0.5, 7.5, imputation=imputation)
 
     assert study_markdown([row], eval_k=10).splitlines()[-1].endswith("| 0.310 / 0.285 / 0.244 |")
 
