@@ -26,6 +26,7 @@ from app.deps import (
     Seed,
     SettingsDep,
     StoreDep,
+    impute_k,
     job_gauges,
     loglik_k,
     readiness,
@@ -34,8 +35,9 @@ from app.deps import (
     served_model,
     train_config,
     uploaded_digit,
+    uploaded_masked_digit,
 )
-from app.images import encode_png, encode_png_grid
+from app.images import MaskedDigit, encode_imputation_strip, encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
 from app.registry import ServedModel
 from app.schemas import (
@@ -45,6 +47,7 @@ from app.schemas import (
     ErrorOut,
     HealthOut,
     ImageFormat,
+    ImputationOut,
     JobList,
     JobOut,
     JobStatus,
@@ -64,6 +67,7 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="The id POST /train 
 ModelId = Annotated[str, Path(pattern=ID_PATTERN, description="An id from GET /models.")]
 Model = Annotated[ServedModel, Depends(served_model)]
 Digit = Annotated[np.ndarray, Depends(uploaded_digit)]
+Masked = Annotated[MaskedDigit, Depends(uploaded_masked_digit)]
 Format = Annotated[ImageFormat, Query(description="`png` (an image) or `json` (the pixel values).")]
 
 
@@ -259,6 +263,47 @@ async def loglik(
         elbo=score.elbo,
         bits_per_dim=score.bits_per_dim,
     )
+
+
+@router.post(
+    "/impute",
+    response_model=ImputationOut,
+    responses={**_PNG, **_UPLOAD_ERRORS},
+    tags=["models"],
+)
+async def impute(
+    call: InferenceDep,
+    masked: Masked,
+    model: Model,
+    k: Annotated[int, Depends(impute_k)],
+    n: Annotated[int, Query(ge=0, le=64, description="Multiple imputations to draw.")] = 8,
+    seed: Seed = None,
+    format: Format = "png",
+) -> Any:
+    """Fill in the missing pixels: a PNG strip (input, mask, single imputation, n draws), or
+    JSON. Any trained model works; one trained with `missing_rate` > 0 should do better."""
+    return await call(_imputation_answer, model, masked, k, n, seed, format)
+
+
+def _imputation_answer(
+    model: ServedModel, masked: MaskedDigit, k: int, n: int, seed: int | None, format: str
+) -> Response:
+    """Computed and encoded in the inference thread, like `_samples_answer`."""
+    result = inference.impute(model, masked.digit, masked.missing, k, n, seed)
+    if format == "png":
+        return Response(
+            encode_imputation_strip(masked, result.single, result.draws), media_type="image/png"
+        )
+    body = ImputationOut(
+        model_id=model.model_id,
+        k=k,
+        input=masked.digit.tolist(),
+        missing=masked.missing.astype(int).tolist(),
+        single=np.round(result.single, 4).tolist(),
+        draws=result.draws.tolist(),
+        observed_log_likelihood=result.observed_log_likelihood,
+    )
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/healthz", tags=["ops"])

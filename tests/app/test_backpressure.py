@@ -249,6 +249,20 @@ def test_a_refused_upload_is_never_decoded(
     assert decoded == []
 
 
+@pytest.mark.parametrize("route", ["/loglik", "/reconstruct", "/impute"])
+def test_every_model_route_goes_through_the_gate(
+    make_client: Callable[..., TestClient], tiny_model: str, held: Work, route: str
+) -> None:
+    client = make_client(inference_concurrency=1, inference_queue=0)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.get, "/samples")
+        assert held.started.acquire(timeout=10)
+        refused = client.post(route, files={"file": ("d.png", digit_png())})
+        held.release.set()
+        assert running.result(10).status_code == 200
+    assert refused.status_code == 503, refused.text
+
+
 def test_ops_routes_answer_while_the_default_thread_pool_is_exhausted(
     client: TestClient, tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
