@@ -88,8 +88,8 @@ class Settings(WorkerSettings):
     inference_concurrency: int | None = Field(
         None,
         ge=1,
-        description="Model calls (/samples, /reconstruct, /loglik) that run at once; unset: "
-        "one per core. Others wait in the queue below.",
+        description="Model calls (/samples, /reconstruct, /loglik, /impute) that run at "
+        "once; unset: one per core. Others wait in the queue below.",
     )
     inference_queue: int = Field(
         16,
