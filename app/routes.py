@@ -7,12 +7,15 @@ never blocks the event loop. Errors are raised as domain exceptions (app.errors)
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
-from app import inference
+from app import events, inference
 from app.deps import (
     MetricsDep,
     QueueDep,
@@ -67,6 +70,12 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _MODEL_ERRORS = _errors(404, 409)
 _UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415)
 _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON on request."}}
+_EVENTS = {
+    200: {
+        "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        "description": "A stream of server-sent events that ends when the job does.",
+    }
+}
 
 
 @router.post(
@@ -106,6 +115,30 @@ def list_jobs(
 def get_job(job_id: JobId, store: StoreDep) -> JobOut:
     """A job's status, progress, metrics and model id."""
     return JobOut.of(store.get(job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**_EVENTS, **_errors(404)},
+    tags=["jobs"],
+)
+async def job_events(job_id: JobId, store: StoreDep, request: Request) -> StreamingResponse:
+    """The job's progress as server-sent events (`text/event-stream`) until it finishes.
+
+    `event: job` carries the job as GET /jobs/{job_id} shows it, first and at every change;
+    a `: keep-alive` comment follows 15 s without one; `event: end` (`{"status": ...}`)
+    comes after a finished job's record, or `event: error` (`{"detail": ...}`) when the job
+    can no longer be read, and the stream closes. Browsers: `new EventSource(url)`, closed
+    by the client on `end` or `error` (EventSource reconnects otherwise).
+    """
+    read = partial(store.get, job_id)
+    first = await anyio.to_thread.run_sync(read)  # 404 before the stream starts
+    return StreamingResponse(
+        events.job_events(read, first, request.is_disconnected),
+        media_type=events.MEDIA_TYPE,
+        headers=events.HEADERS,
+    )
 
 
 @router.post(

@@ -124,6 +124,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("post", "/train"),
         ("get", "/jobs"),
         ("get", "/jobs/{job_id}"),
+        ("get", "/jobs/{job_id}/events"),
         ("post", "/jobs/{job_id}/cancel"),
         ("get", "/models"),
         ("get", "/models/{model_id}"),
