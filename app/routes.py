@@ -23,6 +23,7 @@ from app.deps import (
     Seed,
     SettingsDep,
     StoreDep,
+    live_workers,
     loglik_k,
     readiness,
     require_token,
@@ -34,7 +35,9 @@ from app.images import encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
 from app.registry import ServedModel
 from app.schemas import (
+    CURSOR_PATTERN,
     ID_PATTERN,
+    MODEL_CURSOR_PATTERN,
     ErrorOut,
     HealthOut,
     ImageFormat,
@@ -79,7 +82,7 @@ _EVENTS = {
     "/train",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401),
+    responses=_errors(401, 429),
     tags=["jobs"],
 )
 def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
@@ -98,10 +101,14 @@ def list_jobs(
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
 ) -> JobList:
-    """Jobs, newest first."""
-    jobs = [job for job in store.list() if status is None or job.status == status][:limit]
-    return JobList(jobs=[JobOut.of(job) for job in jobs])
+    """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
+    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status)
+    return JobList(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
@@ -142,14 +149,22 @@ async def job_events(job_id: JobId, store: StoreDep, request: Request) -> Stream
     tags=["jobs"],
 )
 def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """Cancel a queued job now, or stop a running one within one training step."""
+    """Cancel a queued job now, or stop a running one at its next heartbeat (<= 10 s)."""
     return JobOut.of(store.request_cancel(job_id))
 
 
 @router.get("/models", tags=["models"])
-def list_models(registry: RegistryDep) -> ModelList:
-    """Every trained model with its config and final metrics, newest first."""
-    return ModelList(models=[ModelOut.model_validate(m) for m in registry.list()])
+def list_models(
+    registry: RegistryDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=MODEL_CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
+) -> ModelList:
+    """Trained models with their config and final metrics, newest first, a page at a time."""
+    models, next_cursor = registry.page(limit=limit, cursor=cursor)
+    return ModelList(models=[ModelOut.model_validate(m) for m in models], next_cursor=next_cursor)
 
 
 @router.get("/models/{model_id}", responses=_errors(404), tags=["models"])
@@ -222,11 +237,13 @@ def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
-    """Prometheus text: requests and latencies per route, jobs per status."""
+def metrics(metrics: MetricsDep, store: StoreDep, settings: SettingsDep) -> Response:
+    """Prometheus text: requests and latencies per route, jobs per status, queue depth,
+    live workers and what they handled. Reads a few keys, whatever the job history.
+    """
     try:
-        statuses = [job.status for job in store.list()]
+        counts, workers = store.counts(), live_workers(settings, store)
     except Exception:  # the request metrics stay useful while the job store is down
         log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        statuses = None
-    return Response(metrics.render(statuses), media_type=CONTENT_TYPE)
+        counts, workers = None, None
+    return Response(metrics.render(counts, workers), media_type=CONTENT_TYPE)

@@ -16,7 +16,7 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import get_settings
-from worker.runner import start_local_worker_process
+from worker.queue import start_local_worker_process
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ either the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from models.config import TrainConfig
-from models.files import write_atomic
+from models.files import Fence, write_atomic
 from models.networks import IWAEModel
 
 _FORMAT = "iwae-checkpoint/1"
@@ -25,11 +25,18 @@ _FORMAT = "iwae-checkpoint/1"
 
 @dataclass
 class TrainState:
-    """Where training stands: epochs and steps completed, training wall time so far."""
+    """Where training stands: epochs and steps completed, training wall time so far.
+
+    `k` is the K of the next epoch (None before the first), `k_history` the K each completed
+    epoch used, `ess_history` the held-out ESS/K measured after each (`ess` schedule only).
+    """
 
     epoch: int = 0
     step: int = 0
     train_seconds: float = 0.0
+    k: int | None = None
+    k_history: list[int] = field(default_factory=list)
+    ess_history: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -48,8 +55,10 @@ def save_checkpoint(
     config: TrainConfig,
     state: TrainState,
     generator: torch.Generator,
+    *,
+    fence: Fence | None = None,
 ) -> None:
-    """Write everything a resumed run needs to `path`, atomically."""
+    """Write everything a resumed run needs to `path`, atomically (through `fence`)."""
     tensors = {f"model.{name}": t.detach().cpu() for name, t in model.state_dict().items()}
     optim = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -68,7 +77,7 @@ def save_checkpoint(
         "optim_scalars": json.dumps(scalars),
     }
     tensors = {name: t.contiguous() for name, t in tensors.items()}
-    write_atomic(Path(path), save(tensors, metadata=metadata))
+    write_atomic(Path(path), save(tensors, metadata=metadata), fence=fence)
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
