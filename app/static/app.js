@@ -9,6 +9,7 @@ const $ = (selector) => document.querySelector(selector);
 const VIEWS = ["jobs", "models", "try"];
 const MAIN_FIELDS = ["k", "objective", "epochs"]; // the rest of POST /train under "More options"
 const JOB_LIMIT = 50;
+const MODEL_LIMIT = 100; // the first page of GET /models
 const LIST_REFRESH_MS = 5000;
 const MAX_STREAMS = 3; // browsers allow 6 connections per server over HTTP/1.1
 const TOKEN_KEY = "iwae-api-token";
@@ -509,7 +510,7 @@ function showComparison(seed) {
 
 async function loadModels() {
   try {
-    const { models } = await (await api("/models")).json();
+    const { models } = await (await api(`/models?limit=${MODEL_LIMIT}`)).json();
     const key = models.map((m) => m.model_id).join();
     if (key === state.modelsKey) return;
     state.models = models;
