@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_ESS_TARGET,
+    DEFAULT_K_MIN,
     MAX_MISSING_RATE,
+    KSchedule,
     MissingPattern,
     ModelConfig,
     Objective,
@@ -39,7 +43,9 @@ class TrainRequest(BaseModel):
         _TRAIN.objective,
         description="Training objective: `vae` is the ELBO; `iwae` the K-sample bound; "
         "`iwae-stl` and `iwae-dreg` its lower-variance gradient estimators; `miwae`, "
-        "`ciwae` and `piwae` the combinations of Rainforth et al. (2018).",
+        "`ciwae` and `piwae` the combinations of Rainforth et al. (2018); `vr-iwae` the "
+        "VR-IWAE bound of Daudel et al. (2023) with parameter `alpha`, and `vr-iwae-dreg` "
+        "its doubly reparameterised encoder gradient.",
         examples=["iwae"],
     )
     m: int = Field(
@@ -55,6 +61,37 @@ class TrainRequest(BaseModel):
         le=1.0,
         description="Weight of the ELBO in `ciwae` (ignored otherwise).",
         examples=[0.5],
+    )
+    alpha: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description=f"VR-IWAE parameter of `vr-iwae` and `vr-iwae-dreg`: 0 is IWAE, toward 1 "
+        f"the ELBO; null: {DEFAULT_ALPHA}. Refused for the other objectives.",
+        examples=[DEFAULT_ALPHA],
+    )
+    k_schedule: KSchedule = Field(
+        _TRAIN.k_schedule,
+        description="K per epoch: `fixed` (k throughout), `linear` (k_min to k over the "
+        "epochs), `ess` (from k_min, doubled or halved after each epoch as the held-out "
+        "ESS/K of k samples is below or above `ess_target`; holds out one batch).",
+        examples=["fixed"],
+    )
+    k_min: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description=f"Smallest K of the `linear` and `ess` schedules (at most k); null: "
+        f"{DEFAULT_K_MIN}. Refused for `fixed`.",
+        examples=[DEFAULT_K_MIN],
+    )
+    ess_target: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=f"ESS/K target of the `ess` schedule; null: {DEFAULT_ESS_TARGET}. Refused "
+        "for the other schedules.",
+        examples=[DEFAULT_ESS_TARGET],
     )
     epochs: int = Field(
         _TRAIN.epochs, ge=1, le=10_000, description="Passes over the training set.", examples=[5]
@@ -139,6 +176,13 @@ class TrainRequest(BaseModel):
         examples=["mcar"],
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainRequest:
+        """Options that depend on each other (alpha and the objective, k_min and k, ...) are
+        checked by building the config, so a bad combination is a 422, not a failed job."""
+        self.to_config()
+        return self
+
     def to_config(self) -> dict[str, Any]:
         """The job's `TrainConfig` as a dict (validated by building it)."""
         values = self.model_dump()
@@ -178,6 +222,12 @@ class ProgressOut(BaseModel):
     loss: float | None = Field(None, description="Last training loss, nats.", examples=[95.3])
     images_per_s: float | None = Field(None, examples=[25_000.0])
     eta_s: float | None = Field(None, description="Estimated seconds to the end.", examples=[42.0])
+    k: int | None = Field(
+        None,
+        description="Importance samples per image in the current training epoch (it changes "
+        "between epochs under k_schedule `linear` or `ess`).",
+        examples=[50],
+    )
 
 
 class JobOut(BaseModel):
@@ -192,7 +242,8 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = Field(
         None,
         description="Final metrics: test_loglik (nats), test_loglik_std_error, active_units, "
-        "train_seconds, ...",
+        "train_seconds, k_per_epoch (the K of every epoch), ess_per_epoch (k_schedule `ess`: "
+        "the held-out ESS/K after every epoch), ...",
         examples=[{"test_loglik": -86.7, "test_loglik_std_error": 0.05, "active_units": [19]}],
     )
     model_id: str | None = Field(None, description="Set once a checkpoint exists.")

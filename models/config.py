@@ -10,13 +10,23 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
-Objective = Literal["vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "piwae"]
+Objective = Literal[
+    "vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "piwae", "vr-iwae", "vr-iwae-dreg"
+]
 Schedule = Literal["constant", "burda"]
+KSchedule = Literal["fixed", "linear", "ess"]
 Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
+# Objectives of the VR-IWAE family, the only ones that take `alpha`, and its default.
+VR_OBJECTIVES = ("vr-iwae", "vr-iwae-dreg")
+DEFAULT_ALPHA = 0.5
+DEFAULT_K_MIN = 1
+# About ESS/K of 50 samples on MNIST in the first epochs (see models.k_schedule).
+DEFAULT_ESS_TARGET = 0.15
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
 # Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9
@@ -65,6 +75,12 @@ class TrainConfig:
     ELBO. `train_size=None` uses all 60,000 training images; `eval_size=0` skips the final
     test log-likelihood, which uses `eval_k` importance samples and always runs in fp32.
 
+    `alpha` is the VR-IWAE parameter in [0, 1) of `vr-iwae` and `vr-iwae-dreg` (None: 0.5
+    for them; refused for the other objectives). `k_schedule` chooses K per epoch: `fixed`
+    trains every epoch with `k`; `linear` and `ess` move between `k_min` (None: 1) and `k`,
+    `ess` steering by the effective sample size against `ess_target` (None: 0.15); see
+    `models.k_schedule`. Options that do not apply are refused rather than ignored.
+
     `missing_rate` > 0 trains on incomplete images (Mattei & Frellsen, 2019): with
     `missing_pattern` `mcar` each pixel is missing with that probability; with `top-half` or
     `random-square` that fraction of the images loses its top half or a random square of half
@@ -86,6 +102,10 @@ class TrainConfig:
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "fp32"
+    alpha: float | None = None
+    k_schedule: KSchedule = "fixed"
+    k_min: int | None = None
+    ess_target: float | None = None
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
 
@@ -110,6 +130,42 @@ class TrainConfig:
         side = math.isqrt(self.model.x_dim)
         if self.missing_pattern == "random-square" and side * side != self.model.x_dim:
             raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
+        self._resolve_alpha()
+        self._resolve_k_schedule()
+
+    def _resolve_alpha(self) -> None:
+        if self.objective not in VR_OBJECTIVES:
+            if self.alpha is not None:
+                raise ValueError(f"alpha applies only to {VR_OBJECTIVES}, not {self.objective!r}")
+            return
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA)
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError("alpha must lie in [0, 1)")
+
+    def _resolve_k_schedule(self) -> None:
+        if self.k_schedule not in K_SCHEDULES:
+            raise ValueError(f"unknown k_schedule {self.k_schedule!r}; choose from {K_SCHEDULES}")
+        if self.k_schedule == "fixed" and self.k_min is not None:
+            raise ValueError("k_min applies only to k_schedule 'linear' or 'ess'")
+        if self.k_schedule != "ess" and self.ess_target is not None:
+            raise ValueError("ess_target applies only to k_schedule 'ess'")
+        if self.k_schedule == "fixed":
+            return
+        if self.k_min is None:
+            object.__setattr__(self, "k_min", DEFAULT_K_MIN)
+        if not 1 <= self.k_min <= self.k:
+            raise ValueError(f"k_min must lie in [1, k={self.k}], got {self.k_min}")
+        if self.k_schedule == "ess":
+            if self.train_size is not None and self.train_size <= self.batch_size:
+                raise ValueError(
+                    "k_schedule 'ess' holds out one batch of training images: train_size "
+                    "must exceed batch_size"
+                )
+            if self.ess_target is None:
+                object.__setattr__(self, "ess_target", DEFAULT_ESS_TARGET)
+            if not 0.0 < self.ess_target < 1.0:
+                raise ValueError("ess_target must lie in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

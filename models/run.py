@@ -42,8 +42,8 @@ def train_and_evaluate(
     end, each through `fence` (see `models.files.write_atomic`). Evaluation uses the first
     `eval_size` test images, binarized with a fixed seed, in fp32 with `eval_k` importance
     samples; callbacks see its progress as phase "eval". Then the same images with their top
-    half missing score the model's imputations with K=1 and the job's K against mean and
-    zero imputation (`metrics["imputation"]`, phase "impute").
+    half missing score the model's imputations with K=1 and the job's K against mean and zero
+    imputation (`metrics["imputation"]`, phase "impute").
     """
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -56,7 +56,10 @@ def train_and_evaluate(
         "train_seconds": result.train_seconds,
         "epochs": result.epochs_done,
         "steps": result.steps,
+        "k_per_epoch": result.k_history,
     }
+    if config.k_schedule == "ess":
+        metrics["ess_per_epoch"] = result.ess_history
     if config.eval_size > 0:
         device = next(result.model.parameters()).device
         test_x = binarized_test_images(data.test_images[: config.eval_size]).to(device)

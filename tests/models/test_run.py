@@ -18,7 +18,7 @@ from models.training import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRAIN_KEYS = {"train_seconds", "epochs", "steps"}
+TRAIN_KEYS = {"train_seconds", "epochs", "steps", "k_per_epoch"}
 EVAL_KEYS = {
     "test_loglik",
     "test_loglik_std_error",
