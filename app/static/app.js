@@ -327,6 +327,8 @@ function progressText(progress, losses) {
   const parts = [];
   if (progress.phase === "eval") {
     parts.push(`evaluating: ${number(progress.step)} of ${number(progress.steps)} test images`);
+  } else if (progress.phase === "impute") {
+    parts.push(`imputing top halves: ${number(progress.step)} of ${number(progress.steps)}`);
   } else {
     parts.push(`epoch ${progress.epoch} of ${progress.epochs}, step ${progress.step} of ${progress.steps}`);
     const loss = progress.loss ?? losses[losses.length - 1]?.[1];
@@ -339,7 +341,7 @@ function progressText(progress, losses) {
 
 function fraction(progress) {
   if (!progress || !progress.steps) return 0;
-  if (progress.phase === "eval") return progress.step / progress.steps;
+  if (progress.phase !== "train") return progress.step / progress.steps;
   return ((progress.epoch - 1) * progress.steps + progress.step) / (progress.epochs * progress.steps);
 }
 
