@@ -282,13 +282,13 @@ async def impute(
 ) -> Any:
     """Fill in the missing pixels: a PNG strip (input, mask, single imputation, n draws), or
     JSON. Any trained model works; one trained with `missing_rate` > 0 should do better."""
-    return await call(_imputation_answer, model, masked, k, n, seed, format)
+    return await call(_impute_answer, model, masked, k, n, seed, format)
 
 
-def _imputation_answer(
+def _impute_answer(
     model: ServedModel, masked: MaskedDigit, k: int, n: int, seed: int | None, format: str
 ) -> Response:
-    """Computed and encoded in the inference thread, like `_samples_answer`."""
+    """Imputed and encoded in the inference thread, like `_samples_answer`."""
     result = inference.impute(model, masked.digit, masked.missing, k, n, seed)
     if format == "png":
         return Response(
