@@ -20,7 +20,7 @@ from torch import Tensor
 
 from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
-from models.networks import IWAEModel
+from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 
 # Burda et al.: 3^i epochs at learning rate 1e-3 * 10^(-i/7), for i = 0..7.
@@ -80,11 +80,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_model(config: TrainConfig, device: torch.device) -> IWAEModel:
-    """Initial weights drawn from `config.seed`, leaving the global RNG as it was."""
+def init_model(
+    config: TrainConfig, device: torch.device, pixel_mean: Tensor | None = None
+) -> IWAEModel:
+    """Initial weights drawn from `config.seed`, leaving the global RNG as it was.
+
+    With `config.init == "burda"`, `pixel_mean` [D] (the training images' mean grey level)
+    sets the output bias of p(x|z) (see `models.networks.burda_init`).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = IWAEModel(config.model)
+        if config.init == "burda":
+            burda_init(model, pixel_mean)
     return model.to(device)
 
 
@@ -119,7 +127,7 @@ def train(
     images = train_images[: config.train_size].to(device)  # [N, D]
     if config.train_size is not None and len(images) < config.train_size:
         raise ValueError(f"train_size={config.train_size} exceeds the {len(images)} images")
-    model = init_model(config, device)
+    model = init_model(config, device, images.mean(0))
     # The fused kernel updates every parameter in one pass: a quarter of a K=1 step saved.
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, eps=ADAM_EPS, fused=True
