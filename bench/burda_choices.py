@@ -2,6 +2,7 @@
 
 Usage: python bench/burda_choices.py [--k 5] [--epochs 2] [--train-size 60000] [--seeds 0]
                                       [--eval-size 1000] [--eval-k 1000]
+                                      [--inits torch burda] [--reductions mean sum]
 
 Trains, with batch 20 and Adam (eps 1e-4, lr 1e-3), each combination of
   init       `torch` (PyTorch's default nn.Linear init) or `burda` (the authors' code: Glorot
@@ -41,6 +42,10 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--eval-k", type=int, default=1000)
     parser.add_argument(
+        "--inits", nargs="+", choices=("torch", "burda"), default=["torch", "burda"]
+    )
+    parser.add_argument("--reductions", nargs="+", choices=("mean", "sum"), default=["mean", "sum"])
+    parser.add_argument(
         "--data-dir", type=Path, default=Path(os.environ.get("IWAE_DATA_DIR", "data"))
     )
     args = parser.parse_args()
@@ -49,8 +54,9 @@ def main() -> None:
     test_x = binarized_test_images(data.test_images[: args.eval_size])
     eps = training.ADAM_EPS
     for seed in args.seeds:
-        for init in ("torch", "burda"):
-            for reduction, adam_eps in (("mean", eps), ("sum", eps / BATCH)):
+        for init in args.inits:
+            for reduction in args.reductions:
+                adam_eps = eps if reduction == "mean" else eps / BATCH
                 config = TrainConfig(
                     k=args.k,
                     epochs=args.epochs,

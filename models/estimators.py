@@ -289,7 +289,9 @@ class SNRAccumulator:
         if draws < 8:
             raise ValueError("the SNR needs at least 8 draws")
         self.draws, self.seen = draws, 0
-        self._sum = self._sum_sq = self._first_half = None
+        self._sum: Tensor | None = None  # [P], float64
+        self._sum_sq: Tensor | None = None
+        self._direction: Tensor | None = None  # unit mean of the first half, [P]
         self._projections: list[Tensor] = []
 
     def add(self, g: Tensor) -> None:
@@ -297,16 +299,14 @@ class SNRAccumulator:
         g = g.detach().double()
         if self._sum is None:
             self._sum, self._sum_sq = torch.zeros_like(g), torch.zeros_like(g)
+        if self._direction is not None:
+            self._projections.append(self._direction @ g)
         self._sum += g
         self._sum_sq += g.square()
         self.seen += 1
-        half = self.draws // 2
-        if self.seen == half:
-            self._first_half = self._sum.clone()
-        elif self.seen > half:
-            norm = self._first_half.norm()
-            u = self._first_half / norm if norm > 0 else torch.zeros_like(g)
-            self._projections.append(u @ g)
+        if self.seen == self.draws // 2:
+            norm = self._sum.norm()
+            self._direction = self._sum / norm if norm > 0 else torch.zeros_like(g)
 
     def summary(self) -> SNRSummary:
         if self.seen != self.draws:

@@ -343,7 +343,7 @@ def test_stl_encoder_gradient_is_exactly_zero_per_draw_at_the_exact_posterior(k:
 
 
 def test_stl_encoder_gradient_is_iwaes_at_k1_and_biased_beyond() -> None:
-    """Tucker et al. (2019), section 3: STL is unbiased for the ELBO (K=1) but for K > 1 its
+    """Tucker et al. (2019): STL is unbiased for the ELBO (K=1) but for K > 1 its
     encoder gradient does not have IWAE's expectation."""
     model = LinearGaussianModel(shift=0.5, log_scale=0.3)  # q is not the posterior
 

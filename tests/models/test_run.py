@@ -19,6 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN_KEYS = {"train_seconds", "epochs", "steps"}
 EVAL_KEYS = {"test_loglik", "test_loglik_std_error", "active_units", "eval_k", "eval_size"}
+EVAL_KEYS |= {"test_elbo", "test_gap", "mc_std_error_mean", "ess_mean"}
+EVAL_KEYS |= {"pareto_k_mean", "pareto_k_above_0_7"}
 
 
 @pytest.fixture
@@ -63,6 +65,9 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     # A bound on the probability of 6 binary pixels: negative, and not absurdly so.
     assert -15 < metrics["test_loglik"] < 0
     assert metrics["test_loglik_std_error"] > 0
+    assert metrics["test_gap"] == pytest.approx(metrics["test_loglik"] - metrics["test_elbo"])
+    assert 1 <= metrics["ess_mean"] <= 20 and 0 <= metrics["mc_std_error_mean"]
+    assert metrics["pareto_k_mean"] is None  # eval_k = 20: too few weights for a tail fit
     assert len(recorder.phase("train")) == 4
     assert [(p.step, p.steps, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
 
