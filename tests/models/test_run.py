@@ -65,7 +65,8 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     # A bound on the probability of 6 binary pixels: negative, and not absurdly so.
     assert -15 < metrics["test_loglik"] < 0
     assert metrics["test_loglik_std_error"] > 0
-    assert metrics["test_gap"] == pytest.approx(metrics["test_loglik"] - metrics["test_elbo"])
+    gap = metrics["test_loglik"] - metrics["test_elbo"]
+    assert metrics["test_gap"] == pytest.approx(gap, abs=1e-5)  # fp32 means
     assert 1 <= metrics["ess_mean"] <= 20 and metrics["mc_std_error_mean"] >= 0
     assert metrics["pareto_k_mean"] is None  # eval_k = 20: too few weights for a tail fit
     assert len(recorder.phase("train")) == 4
