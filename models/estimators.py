@@ -388,6 +388,8 @@ def gradient_snr_per_image(
 ) -> GradientSNR:
     """`gradient_snr` of each image of x [N, D] alone (B=1, as Rainforth et al., 2018),
     each summary averaged over the N images."""
+    if len(x) == 0:
+        raise ValueError("the SNR needs at least one image")
     per_image = [
         gradient_snr(model, x[i : i + 1], config, draws=draws, generator=generator)
         for i in range(len(x))

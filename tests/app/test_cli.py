@@ -134,3 +134,7 @@ def test_snr_prints_json_per_k_with_slopes(mnist_env, tmp_path, capsys):
             assert row[network]["rms"] >= 0
     assert set(printed["slopes"]) == {"encoder", "decoder"}
     assert set(printed["slopes"]["encoder"]) == {"median", "rms", "direction"}
+
+    for bad in (["--draws", "7"], ["--images", "0"], ["--ks", "0"]):
+        assert main([*argv, "--device", "cpu", *bad]) == 2
+    assert "at least 8 draws" in capsys.readouterr().err
