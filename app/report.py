@@ -16,7 +16,7 @@ def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
     """One row per K; log-likelihood in nats per test image (IWAE bound, k=`eval_k`)."""
     lines = [
         f"| K | objective | test log p(x) (nats, k={eval_k}) | active units | "
-        "train time (s) | encoder SNR | decoder SNR |",
+        "train time (s) | encoder SNR (median) | decoder SNR (median) |",
         "|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
