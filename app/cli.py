@@ -388,7 +388,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.runner import run_worker
+    from worker.queue import run_worker
 
     run_worker()
     return 0

@@ -25,7 +25,7 @@ from app.metrics import Metrics
 from app.registry import ModelRegistry, ServedModel
 from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut
 from app.settings import Settings
-from worker.jobs import JobStore
+from worker.jobs import JobStore, WorkerInfo
 
 JobQueue = Callable[[str], None]
 
@@ -196,4 +196,10 @@ def readiness(settings: SettingsDep, store: StoreDep) -> ReadyOut:
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         raise NotReady(f"not ready: {', '.join(failing)} unreachable")
-    return ReadyOut(checks=checks)
+    return ReadyOut(checks=checks, workers=len(live_workers(settings, store)))
+
+
+def live_workers(settings: Settings, store: JobStore) -> list[WorkerInfo]:
+    """Workers that reported within three reaper intervals and consume the training queue."""
+    window = 3 * settings.reaper_interval_s
+    return [w for w in store.workers() if w.seen_s_ago <= window and settings.queue in w.queues]

@@ -13,7 +13,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from worker.jobs import JobAlreadyFinished, JobNotFound
+from worker.jobs import JobAlreadyFinished, JobNotFound, TooManyJobs
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     NoModelTrained: 409,
     JobAlreadyFinished: 409,
     ImageTooLarge: 413,
+    TooManyJobs: 429,
     UnreadableImage: 415,
     ModelUnavailable: 500,
     NotReady: 503,
@@ -81,7 +82,11 @@ STATUS_CODES: dict[type[Exception], int] = {
 
 def _detail(request: Request, exc: Exception) -> JSONResponse:
     status = next(STATUS_CODES[t] for t in type(exc).__mro__ if t in STATUS_CODES)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, TooManyJobs):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 

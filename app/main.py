@@ -17,6 +17,7 @@ from app.errors import install_error_handlers
 from app.images import configure_pillow
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
+from app.page import install_page
 from app.registry import ModelRegistry
 from app.routes import router
 from app.settings import Settings, get_settings
@@ -29,6 +30,8 @@ Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 * `GET /samples`, `POST /reconstruct` and `POST /loglik` use a trained model: the newest one,
   or the one named by `model_id` (see `GET /models`).
 * Log-likelihoods are in nats per image, estimated with `k` importance samples.
+* `GET /jobs/{job_id}/events` streams a job's progress as server-sent events.
+* The web page at `/` does all of this in a browser, through these endpoints only.
 """
 
 
@@ -66,4 +69,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     install_error_handlers(app)
     app.include_router(router)
+    install_page(app)
     return app

@@ -8,8 +8,7 @@ number of series bounded.
 from __future__ import annotations
 
 import time
-from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +20,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+from worker.jobs import STATUSES, WorkerInfo
+
 UNMATCHED = "<unmatched>"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -44,8 +44,28 @@ class Metrics:
         )
         self.jobs = Gauge(
             "iwae_jobs",
-            "Training jobs in the job store, by status.",
+            "Training jobs by status: queued and running now; the finished statuses count "
+            "every job that ended so (in the Redis store, records since expired included).",
             ["status"],
+            registry=self.registry,
+        )
+
+        self.queue_depth = Gauge(
+            "iwae_queue_depth",
+            "Training jobs queued and not yet claimed by a worker.",
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "iwae_workers",
+            "Live workers (reported within three reaper intervals), by queue they consume.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.worker_messages = Gauge(
+            "iwae_worker_messages",
+            "Training messages each live worker handled since it started, by outcome "
+            "(succeeded, failed, cancelled, released, lost, dropped, unclaimed, unrecorded).",
+            ["worker", "outcome"],
             registry=self.registry,
         )
 
@@ -53,12 +73,24 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
 
-    def render(self, job_statuses: Iterable[str] | None) -> bytes:
-        """The text exposition; `job_statuses` (one per job) sets the jobs gauge, when known."""
-        if job_statuses is not None:
-            counts = Tally(job_statuses)
-            for status in JOB_STATUSES:
-                self.jobs.labels(status).set(counts.get(status, 0))
+    def render(
+        self, job_counts: Mapping[str, int] | None, workers: Sequence[WorkerInfo] | None = None
+    ) -> bytes:
+        """The text exposition; `job_counts` (jobs by status) and `workers` (the live ones)
+        set the job and worker gauges, when known.
+        """
+        if job_counts is not None:
+            for status in STATUSES:
+                self.jobs.labels(status).set(job_counts.get(status, 0))
+            self.queue_depth.set(job_counts.get("queued", 0))
+        if workers is not None:
+            self.workers.clear()
+            self.worker_messages.clear()
+            for worker in workers:
+                for queue in worker.queues:
+                    self.workers.labels(queue).inc()
+                for outcome, count in worker.outcomes.items():
+                    self.worker_messages.labels(worker.name, outcome).set(count)
         return generate_latest(self.registry)
 
 

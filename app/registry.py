@@ -59,7 +59,18 @@ class ModelRegistry:
             description = self._read(path)
             if description is not None:
                 found.append(description)
-        return sorted(found, key=lambda d: str(d.get("created_at") or ""), reverse=True)
+        return sorted(found, key=_order_key, reverse=True)
+
+    def page(
+        self, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Up to `limit` models, newest first, after `cursor` (the previous page's
+        `next_cursor`); returns them and the next page's cursor (None on the last page).
+        """
+        models = [m for m in self.list() if cursor is None or _order_key(m) < cursor]
+        if len(models) <= limit:
+            return models, None
+        return models[:limit], _order_key(models[limit - 1])
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """One model's `model.json`; `ModelNotFound` when it does not exist (yet)."""
@@ -140,3 +151,8 @@ class ModelRegistry:
             return None
         description.setdefault("model_id", path.parent.name)
         return description
+
+
+def _order_key(description: dict[str, Any]) -> str:
+    """Newest-first order of models, and the cursor of their pages: creation time, then id."""
+    return f"{description.get('created_at') or ''}_{description.get('model_id') or ''}"

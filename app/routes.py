@@ -7,12 +7,15 @@ never blocks the event loop. Errors are raised as domain exceptions (app.errors)
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
-from app import inference
+from app import events, inference
 from app.deps import (
     MetricsDep,
     QueueDep,
@@ -20,6 +23,7 @@ from app.deps import (
     Seed,
     SettingsDep,
     StoreDep,
+    live_workers,
     loglik_k,
     readiness,
     require_token,
@@ -31,7 +35,9 @@ from app.images import encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
 from app.registry import ServedModel
 from app.schemas import (
+    CURSOR_PATTERN,
     ID_PATTERN,
+    MODEL_CURSOR_PATTERN,
     ErrorOut,
     HealthOut,
     ImageFormat,
@@ -64,13 +70,19 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _MODEL_ERRORS = _errors(404, 409)
 _UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415)
 _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON on request."}}
+_EVENTS = {
+    200: {
+        "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        "description": "A stream of server-sent events that ends when the job does.",
+    }
+}
 
 
 @router.post(
     "/train",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401),
+    responses=_errors(401, 429),
     tags=["jobs"],
 )
 def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
@@ -89,16 +101,44 @@ def list_jobs(
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
 ) -> JobList:
-    """Jobs, newest first."""
-    jobs = [job for job in store.list() if status is None or job.status == status][:limit]
-    return JobList(jobs=[JobOut.of(job) for job in jobs])
+    """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
+    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status)
+    return JobList(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
 def get_job(job_id: JobId, store: StoreDep) -> JobOut:
     """A job's status, progress, metrics and model id."""
     return JobOut.of(store.get(job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**_EVENTS, **_errors(404)},
+    tags=["jobs"],
+)
+async def job_events(job_id: JobId, store: StoreDep, request: Request) -> StreamingResponse:
+    """The job's progress as server-sent events (`text/event-stream`) until it finishes.
+
+    `event: job` carries the job as GET /jobs/{job_id} shows it, first and at every change;
+    a `: keep-alive` comment follows 15 s without one; `event: end` (`{"status": ...}`)
+    comes after a finished job's record, or `event: error` (`{"detail": ...}`) when the job
+    can no longer be read, and the stream closes. Browsers: `new EventSource(url)`, closed
+    by the client on `end` or `error` (EventSource reconnects otherwise).
+    """
+    read = partial(store.get, job_id)
+    first = await anyio.to_thread.run_sync(read)  # 404 before the stream starts
+    return StreamingResponse(
+        events.job_events(read, first, request.is_disconnected),
+        media_type=events.MEDIA_TYPE,
+        headers=events.HEADERS,
+    )
 
 
 @router.post(
@@ -109,14 +149,22 @@ def get_job(job_id: JobId, store: StoreDep) -> JobOut:
     tags=["jobs"],
 )
 def cancel_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """Cancel a queued job now, or stop a running one within one training step."""
+    """Cancel a queued job now, or stop a running one at its next heartbeat (<= 10 s)."""
     return JobOut.of(store.request_cancel(job_id))
 
 
 @router.get("/models", tags=["models"])
-def list_models(registry: RegistryDep) -> ModelList:
-    """Every trained model with its config and final metrics, newest first."""
-    return ModelList(models=[ModelOut.model_validate(m) for m in registry.list()])
+def list_models(
+    registry: RegistryDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=MODEL_CURSOR_PATTERN, description="`next_cursor` of the previous page."),
+    ] = None,
+) -> ModelList:
+    """Trained models with their config and final metrics, newest first, a page at a time."""
+    models, next_cursor = registry.page(limit=limit, cursor=cursor)
+    return ModelList(models=[ModelOut.model_validate(m) for m in models], next_cursor=next_cursor)
 
 
 @router.get("/models/{model_id}", responses=_errors(404), tags=["models"])
@@ -191,11 +239,13 @@ def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-def metrics(metrics: MetricsDep, store: StoreDep) -> Response:
-    """Prometheus text: requests and latencies per route, jobs per status."""
+def metrics(metrics: MetricsDep, store: StoreDep, settings: SettingsDep) -> Response:
+    """Prometheus text: requests and latencies per route, jobs per status, queue depth,
+    live workers and what they handled. Reads a few keys, whatever the job history.
+    """
     try:
-        statuses = [job.status for job in store.list()]
+        counts, workers = store.counts(), live_workers(settings, store)
     except Exception:  # the request metrics stay useful while the job store is down
         log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        statuses = None
-    return Response(metrics.render(statuses), media_type=CONTENT_TYPE)
+        counts, workers = None, None
+    return Response(metrics.render(counts, workers), media_type=CONTENT_TYPE)

@@ -18,11 +18,13 @@ from models.config import (
     TrainConfig,
     preset_config,
 )
+from worker.jobs import JobStatus
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?$"
+MODEL_CURSOR_PATTERN = r"^[0-9A-Za-z:.+_-]{1,200}$"
 MAX_SEED = 2**63 - 1
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
@@ -175,12 +177,22 @@ class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
     phase: Literal["train", "eval"] | None = Field(None, examples=["train"])
-    epoch: int | None = Field(None, description="Epochs completed.", examples=[2])
+    epoch: int | None = Field(
+        None,
+        description="Training: the epoch in progress, from 1; evaluation: epochs trained.",
+        examples=[2],
+    )
     epochs: int | None = Field(None, description="Epochs in the run.", examples=[5])
     step: int | None = Field(
-        None, description="Steps done (of the current phase).", examples=[1200]
+        None,
+        description="Training: steps done in this epoch; evaluation: test images done.",
+        examples=[395],
     )
-    steps: int | None = Field(None, description="Steps in the current phase.", examples=[3000])
+    steps: int | None = Field(
+        None,
+        description="Training: steps per epoch; evaluation: test images to score.",
+        examples=[600],
+    )
     loss: float | None = Field(None, description="Last training loss, nats.", examples=[95.3])
     images_per_s: float | None = Field(None, examples=[25_000.0])
     eta_s: float | None = Field(None, description="Estimated seconds to the end.", examples=[42.0])
@@ -234,6 +246,9 @@ class JobOut(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobOut]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class ModelOut(BaseModel):
@@ -248,6 +263,9 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class SamplesOut(BaseModel):
@@ -301,6 +319,11 @@ class HealthOut(BaseModel):
 class ReadyOut(BaseModel):
     status: Literal["ready"] = "ready"
     checks: dict[str, bool] = Field(examples=[{"storage": True, "job_store": True, "broker": True}])
+    workers: int = Field(
+        description="Live workers consuming the training queue; 0 means queued jobs wait "
+        "(the API still serves trained models, so it stays ready).",
+        examples=[2],
+    )
 
 
 class ErrorOut(BaseModel):

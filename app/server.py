@@ -16,13 +16,18 @@ import uvicorn
 
 from app.main import create_app
 from app.settings import get_settings
-from worker.runner import start_local_worker_process
+from worker.queue import start_local_worker_process
 
 log = logging.getLogger(__name__)
 
 # How long a stopping local worker may take before it is killed. Its job is not lost: the
 # lease expires and the next worker resumes it from the last checkpoint.
 WORKER_STOP_GRACE_S = 10.0
+# How long a stopping server waits for requests still open. An event stream
+# (GET /jobs/{job_id}/events) stays open as long as its job runs, so without a limit one
+# open browser tab would keep the server from stopping; after it, open requests are cancelled.
+SHUTDOWN_GRACE_S = 5.0
+UVICORN_OPTIONS = {"log_level": "info", "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -35,7 +40,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     previous = signal.signal(signal.SIGTERM, _exit)
     worker = start_local_worker_process(settings) if settings.embedded else None
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
     finally:
         if worker is not None:
             stop_worker(worker)

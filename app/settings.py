@@ -11,7 +11,7 @@ from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 
-from worker.settings import WorkerSettings
+from worker.jobs import WorkerSettings
 
 
 class Settings(WorkerSettings):

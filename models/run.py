@@ -14,7 +14,7 @@ import torch
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import evaluate
-from models.files import write_atomic
+from models.files import Fence, write_atomic
 from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -33,16 +33,20 @@ def train_and_evaluate(
     data: Mnist,
     out_dir: Path,
     callbacks: Sequence[TrainCallback] = (),
+    fence: Fence | None = None,
 ) -> RunResult:
     """Train (resuming from `out_dir`'s checkpoint if any), then score the test set.
 
     Writes `out_dir/model.safetensors` at every epoch end and `out_dir/metrics.json` at the
-    end. Evaluation uses the first `eval_size` test images, binarized with a fixed seed, in
+    end, each through `fence` (see `models.files.write_atomic`). Evaluation uses the first
+    `eval_size` test images, binarized with a fixed seed, in
     fp32 with `eval_k` importance samples; callbacks see its progress as phase "eval".
     """
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
-    result = train(config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks)
+    result = train(
+        config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks, fence=fence
+    )
     if result.stopped:
         return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
     metrics: dict[str, Any] = {
@@ -76,5 +80,5 @@ def train_and_evaluate(
         if evaluation is None:
             return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
         metrics.update(evaluation.to_dict())
-    write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode())
+    write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode(), fence=fence)
     return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)

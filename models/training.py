@@ -20,6 +20,7 @@ from torch import Tensor
 
 from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
+from models.files import Fence
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 
@@ -118,10 +119,12 @@ def train(
     *,
     checkpoint_path: Path | None = None,
     callbacks: Sequence[TrainCallback] = (),
+    fence: Fence | None = None,
 ) -> TrainResult:
     """Train on `train_images` [N, D] (grey levels in [0, 1], binarized afresh each epoch).
 
-    Resumes from `checkpoint_path` when that file exists, and rewrites it at every epoch end.
+    Resumes from `checkpoint_path` when that file exists, and rewrites it at every epoch end
+    (through `fence`, see `models.files.write_atomic`).
     """
     device = resolve_device(config.device)
     images = train_images[: config.train_size].to(device)  # [N, D]
@@ -156,7 +159,9 @@ def train(
             if not stopped:
                 state.epoch += 1
                 if checkpoint_path is not None:
-                    save_checkpoint(checkpoint_path, model, optimizer, config, state, generator)
+                    save_checkpoint(
+                        checkpoint_path, model, optimizer, config, state, generator, fence=fence
+                    )
     return TrainResult(
         model=model.eval(),
         stopped=stopped,
@@ -236,5 +241,10 @@ def _restore(
         )
     model.load_state_dict(checkpoint.model_state)
     optimizer.load_state_dict(checkpoint.optimizer_state)
-    generator.set_state(checkpoint.generator_state)
+    if checkpoint.generator_state.numel() == generator.get_state().numel():
+        generator.set_state(checkpoint.generator_state)
+    else:
+        # Saved on another device type (a CPU generator's state is 5056 bytes, CUDA's 16):
+        # go on with a stream seeded by (seed, epoch), reproducible but not the same draws.
+        generator.manual_seed(config.seed * 1_000_003 + checkpoint.state.epoch)
     return checkpoint.state

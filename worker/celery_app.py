@@ -11,7 +11,7 @@ and everything a user reads live in the job store (`worker.jobs`).
 
 Why `task_acks_late=False`: recovery does not rest on the broker redelivering messages. A
 task claims its job in the job store under a lease renewed by heartbeats, and a reaper
-re-queues jobs whose lease expired (see `worker.jobs` and `worker.reaper`): a lost job is
+re-queues jobs whose lease expired (see `worker.jobs`): a lost job is
 queued again within `job_lease_s + reaper_interval_s` (75 s by default). With late acks a
 message would instead stay unacknowledged for the whole training run, and Redis would
 redeliver it every `visibility_timeout` (one hour by default) while the job still runs, or
@@ -32,15 +32,20 @@ resumes elsewhere from its last checkpoint. A second signal forces the worker ou
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import cached_property
 from typing import Any
 
+import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.jobs import JobStore, open_job_store
+from worker.execution import unlist_model
+from worker.jobs import JobStore, ReaperThread, open_job_store, worker_name
 from worker.settings import WorkerSettings, get_worker_settings
+
+log = logging.getLogger(__name__)
 
 TRAIN_TASK = "iwae.train"
 
@@ -48,6 +53,8 @@ TRAIN_TASK = "iwae.train"
 # its next step and goes back to the queue for another worker, instead of the warm shutdown
 # waiting for the whole training run.
 shutdown_requested = threading.Event()
+
+_reapers: list[ReaperThread] = []
 
 
 class IwaeCelery(Celery):
@@ -110,6 +117,24 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     return config
 
 
+def send_training(app: IwaeCelery, job_id: str) -> None:
+    """Send the job's message to the queue of its device, then mark it sent."""
+    settings = app.settings
+    if settings.embedded:
+        prepare_storage(settings)
+    device = app.job_store.get(job_id).config.get("device")
+    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue_for(device))
+    app.job_store.mark_enqueued(job_id)
+
+
+def consumed_queues(settings: WorkerSettings) -> list[str]:
+    """The default queue, plus the CUDA jobs' queue when this worker can run them."""
+    queues = [settings.queue]
+    if settings.device != "cpu" and torch.cuda.is_available():
+        queues.append(settings.queue_for("cuda"))
+    return queues
+
+
 def prepare_storage(settings: WorkerSettings) -> None:
     """Create the folders a worker or the embedded queue writes to."""
     settings.models_dir.mkdir(parents=True, exist_ok=True)
@@ -122,10 +147,24 @@ def prepare_storage(settings: WorkerSettings) -> None:
 @worker_ready.connect
 def _start_reaper(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
-    if isinstance(app, IwaeCelery):
-        from worker.reaper import start_reaper
-
-        start_reaper(app)
+    if not isinstance(app, IwaeCelery):
+        return
+    settings = app.settings
+    reaper = ReaperThread(
+        app.job_store,
+        lambda job_id: send_training(app, job_id),
+        interval_s=settings.reaper_interval_s,
+        resend_s=settings.resend_queued_s,
+        report=lambda: app.job_store.report_worker(worker_name(), consumed_queues(settings)),
+        on_settled=lambda job_id: unlist_model(settings.models_dir / job_id),
+    )
+    reaper.start()
+    _reapers.append(reaper)
+    log.info(
+        "reaper started: every %.0f s; lost jobs are queued again within %.0f s",
+        settings.reaper_interval_s,
+        settings.recovery_bound_s,
+    )
 
 
 @worker_shutting_down.connect
@@ -135,9 +174,8 @@ def _request_shutdown(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _stop_reaper(sender: Any = None, **_: Any) -> None:
-    from worker.reaper import stop_reapers
-
-    stop_reapers()
+    while _reapers:
+        _reapers.pop().stop()
 
 
 app = create_celery_app(get_worker_settings())

@@ -3,16 +3,24 @@
 The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
 
 - the claim is refused (a duplicate or redelivered message for a job that is running under a
-  live lease, or finished, or cancelled): the message is dropped;
-- training succeeds: `models/{job_id}/model.json` is written (atomically), then the job is
-  `succeeded` with its metrics; only then is the model listed and served;
+  live lease, or finished, or cancelled): the message is dropped ("dropped");
+- the claim fails (store unreachable): "unclaimed"; the job stays queued and the reaper
+  sends its message again after `resend_queued_s`;
+- training succeeds: `models/{job_id}/model.json` is written (atomically, fenced), then the
+  job is `succeeded` with its metrics; only then is the model listed and served;
 - training raises: the job is `failed` with the error, and the worker takes the next job;
-- a cancel was requested: the training callback stops the loop within one step and the job
-  is `cancelled`;
+- a cancel was requested (seen by the heartbeat): the loop stops at its next step and the
+  job is `cancelled`;
+- its attempts together ran past `max_job_seconds`: the job is `failed`, saying so;
 - the worker is shutting down (`stop` is set): the loop stops within one step and the job
   is released back to the queue, its attempt not counted;
-- the lease was lost (this worker stalled past `job_lease_s` and the job went to another
-  worker): the run stops and writes nothing more.
+- the lease was lost (this worker was paused or cut off past `job_lease_s` and the job went
+  to another worker): the run stops and writes nothing more ("lost").
+
+A cancelled or failed job never keeps a `model.json`, so no model is listed for it. Recording
+the outcome is retried through a store outage (for up to `job_stall_s`); if it still cannot
+be recorded ("unrecorded"), the job stays running, its lease expires, and its next attempt
+resumes from the last checkpoint and records it.
 
 A job that was interrupted resumes from `models/{job_id}/model.safetensors`, which
 `models.run.train_and_evaluate` reads when it exists.
@@ -25,6 +33,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +42,8 @@ from models.data import load_mnist
 from models.files import write_atomic
 from models.run import CHECKPOINT_NAME, train_and_evaluate
 from models.training import Progress
-from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, utcnow, worker_name
-from worker.lease import LeaseKeeper
+from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, Outcome, utcnow, worker_name
+from worker.lease import LeaseKeeper, LeaseLost
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -50,67 +59,131 @@ def run_job(
     stop: threading.Event | None = None,
 ) -> str:
     """Run the job if it can be claimed; returns the outcome, for logs and tests:
-    "dropped", "succeeded", "failed", "cancelled", "released" or "lost".
+    "dropped", "unclaimed", "succeeded", "failed", "cancelled", "released", "lost" or
+    "unrecorded".
     """
     stop = stop or threading.Event()
     try:
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
         log.info("dropping the message: %s", exc)
+        if isinstance(exc, ClaimRefused) and exc.reason in ("cancelled", "exhausted"):
+            unlist_model(settings.models_dir / job_id)  # settled now: no model of its own
         return "dropped"
-    log.info("job %s: started (attempt %d)", job_id, lease.record.attempts)
-    with LeaseKeeper(store, lease, settings.heartbeat_interval_s) as keeper:
+    except Exception:
+        log.exception("job %s: cannot claim it; the reaper will send it again", job_id)
+        return "unclaimed"
+    log.info("job %s: started (attempt %d, fence %d)", job_id, lease.record.attempts, lease.fence)
+    with LeaseKeeper(store, lease, settings) as keeper:
+        run = _Run(lease, settings, store, keeper, stop)
         try:
-            outcome = _train(lease, settings, store, keeper, stop)
+            outcome = run.train()
+        except LeaseLost:
+            outcome = "lost"
         except Exception as exc:
             if keeper.lost.is_set():
-                return "lost"
-            log.exception("job %s: training failed", job_id)
-            store.finish(lease, "failed", error=describe_error(exc))
-            return "failed"
+                outcome = "lost"
+            else:
+                log.exception("job %s: training failed", job_id)
+                outcome = run.end("failed", error=describe_error(exc))
     log.info("job %s: %s", job_id, outcome)
     return outcome
 
 
-def _train(
-    lease: Lease,
-    settings: WorkerSettings,
-    store: JobStore,
-    keeper: LeaseKeeper,
-    stop: threading.Event,
-) -> str:
-    config = TrainConfig.from_dict(lease.record.config)
-    if config.device == "auto" and settings.device != "auto":
-        config = config.with_changes(device=settings.device)
-    out_dir = settings.models_dir / lease.job_id
-    reporter = ProgressReporter(
-        store, lease, out_dir / CHECKPOINT_NAME, keeper, stop, settings.progress_interval_s
-    )
-    data = load_mnist(settings.mnist_dir, download_dir=settings.download_dir)
-    result = train_and_evaluate(config, data, out_dir, callbacks=[reporter])
-    if keeper.lost.is_set():
-        return "lost"
-    reporter.flush()
-    model_id = lease.job_id if result.checkpoint.exists() else None
-    if result.stopped:
-        if stop.is_set() and not store.cancel_requested(lease.job_id):
-            store.release(lease)
-            return "released"
-        store.finish(lease, "cancelled", model_id=model_id)
-        return "cancelled"
-    metrics = result.metrics or {}
-    write_model_info(out_dir, job_id=lease.job_id, config=config, metrics=metrics)
-    if not store.finish(lease, "succeeded", metrics=metrics, model_id=lease.job_id):
-        return "lost"
-    return "succeeded"
+class _Run:
+    """One attempt at a claimed job."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        settings: WorkerSettings,
+        store: JobStore,
+        keeper: LeaseKeeper,
+        stop: threading.Event,
+    ) -> None:
+        self.lease = lease
+        self.settings = settings
+        self.store = store
+        self.keeper = keeper
+        self.stop = stop
+        self.out_dir = settings.models_dir / lease.job_id
+
+    def train(self) -> str:
+        config = TrainConfig.from_dict(self.lease.record.config)
+        if config.device == "auto" and self.settings.device != "auto":
+            config = config.with_changes(device=self.settings.device)
+        reporter = ProgressReporter(
+            self.store,
+            self.lease,
+            self.out_dir / CHECKPOINT_NAME,
+            self.keeper,
+            self.stop,
+            self.settings.progress_interval_s,
+        )
+        data = load_mnist(self.settings.mnist_dir, download_dir=self.settings.download_dir)
+        result = train_and_evaluate(
+            config, data, self.out_dir, callbacks=[reporter], fence=self.keeper.fence
+        )
+        if self.keeper.lost.is_set():
+            return "lost"
+        reporter.flush()
+        if result.stopped:
+            return self._stopped()
+        metrics = result.metrics or {}
+        write_model_info(
+            self.out_dir,
+            job_id=self.lease.job_id,
+            config=config,
+            metrics=metrics,
+            fence=self.keeper.fence,
+        )
+        return self.end("succeeded", metrics=metrics, model_id=self.lease.job_id)
+
+    def _stopped(self) -> str:
+        if self.keeper.overtime.is_set():
+            limit = self.settings.max_job_seconds
+            return self.end(
+                "failed", error=f"ran longer than IWAE_MAX_JOB_SECONDS ({limit:g} s) in all"
+            )
+        if self.stop.is_set() and not self.keeper.cancel.is_set():
+            try:
+                return "released" if self.store.release(self.lease) else "lost"
+            except Exception:
+                log.warning("job %s: cannot release it; the reaper will", self.lease.job_id)
+                return "unrecorded"
+        return self.end("cancelled")
+
+    def end(self, status: Outcome, **fields: Any) -> str:
+        """Record the outcome, retrying through a store outage; unlist a job that failed."""
+        if status != "succeeded" and (self.out_dir / MODEL_INFO_NAME).exists():
+            # Written by an earlier attempt whose finish was not recorded.
+            try:
+                self.keeper.fence(self.out_dir / MODEL_INFO_NAME)
+            except LeaseLost:
+                return "lost"
+            unlist_model(self.out_dir)
+        give_up = time.monotonic() + self.settings.job_stall_s
+        while True:
+            try:
+                return status if self.store.finish(self.lease, status, **fields) else "lost"
+            except Exception:
+                log.warning(
+                    "job %s: cannot record %s; retrying", self.lease.job_id, status, exc_info=True
+                )
+            if time.monotonic() > give_up or self.keeper.lost.wait(
+                self.settings.heartbeat_interval_s
+            ):
+                return "unrecorded"
 
 
 class ProgressReporter:
-    """The training callback: progress to the job store (throttled), cancel flag each step.
+    """The training callback: progress to the job store (throttled), stop when asked.
 
     Writes at most once per `interval_s` (always the first step, and `flush()` writes the
-    last one seen), sets the job's `model_id` once the checkpoint file exists, and returns
-    True (stop) when a cancel was requested, the lease was lost or the worker is stopping.
+    last one seen), sets the job's `model_id` once the checkpoint file exists, tells the
+    lease keeper that training progresses, and returns True (stop) when a cancel was
+    requested, the lease was lost, the attempt ran too long or the worker is stopping. It
+    reads those from events set by the heartbeat: no store call per step.
     """
 
     def __init__(
@@ -133,16 +206,11 @@ class ProgressReporter:
         self._model_id_set = lease.record.model_id is not None
 
     def __call__(self, progress: Progress) -> bool:
+        self.keeper.progressed()
         self._pending = dataclasses.asdict(progress)
         if time.monotonic() - self._last_write >= self.interval_s:
             self.flush()
-        if self.keeper.lost.is_set() or self.stop.is_set():
-            return True
-        try:
-            return self.store.cancel_requested(self.lease.job_id)
-        except Exception:
-            log.warning("job %s: cannot read the cancel flag", self.lease.job_id, exc_info=True)
-            return False
+        return self.keeper.should_stop or self.stop.is_set()
 
     def flush(self) -> None:
         if self._pending is None:
@@ -160,9 +228,16 @@ class ProgressReporter:
 
 
 def write_model_info(
-    out_dir: Path, *, job_id: str, config: TrainConfig, metrics: dict[str, Any]
+    out_dir: Path,
+    *,
+    job_id: str,
+    config: TrainConfig,
+    metrics: dict[str, Any],
+    fence: Callable[[Path], None] | None = None,
 ) -> Path:
-    """`model.json`, whose presence makes the model listed and served."""
+    """`model.json`, whose presence makes the model listed and served (`fence` as in
+    `models.files.write_atomic`).
+    """
     info = {
         "model_id": job_id,
         "job_id": job_id,
@@ -171,8 +246,13 @@ def write_model_info(
         "created_at": utcnow().isoformat(),
     }
     path = out_dir / MODEL_INFO_NAME
-    write_atomic(path, json.dumps(info, indent=2).encode())
+    write_atomic(path, json.dumps(info, indent=2).encode(), fence=fence)
     return path
+
+
+def unlist_model(out_dir: Path) -> None:
+    """Remove `model.json`, so that the model of a cancelled or failed job is not served."""
+    (out_dir / MODEL_INFO_NAME).unlink(missing_ok=True)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -1,28 +1,59 @@
-"""Keeping a claimed job's lease alive from a background thread while it trains."""
+"""Keeping a claimed job's lease while it trains, and fencing the files it writes.
+
+The heartbeat thread renews the lease every `heartbeat_interval_s`, but only while training
+progresses: a run that reports no step for `job_stall_s` (a hung fsync on NFS, a hung CUDA
+kernel) stops renewing, so its lease expires and the reaper takes the job back (or cancels
+it, when that was asked). Each renewal also brings back the cancel flag, so the training
+loop never asks the store anything.
+
+Fencing: the lease surely holds until `deadline`, the local monotonic time at which the last
+successful renewal was *sent* plus `job_lease_s`, minus one heartbeat of margin; the store's
+lease (on the store's clock) cannot expire before it. `fence(path)`, called just before a
+file of the job replaces its previous version, returns when the lease surely holds. Past the
+deadline (the process was paused, or the store was unreachable) it renews first, retrying
+through a store outage for up to `job_stall_s`, and raises `LeaseLost` when the job is no
+longer this worker's. A worker paused past its lease therefore writes nothing once resumed,
+unless the pause falls between the check and the rename that follows it (microseconds).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from pathlib import Path
 
-from worker.jobs import JobStore, Lease
+from worker.jobs import Heartbeat, JobStore, Lease
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-class LeaseKeeper:
-    """Renews `lease` every `interval_s` while in its `with` block.
+class LeaseLost(Exception):
+    """The job is no longer this worker's (or cannot be shown to be): write nothing more."""
 
-    `lost` is set when the store says the job is no longer ours (its lease expired and the
-    reaper or another worker took it over); the training callback then stops the run. Failed
-    renewals (store unreachable) are logged and retried at the next beat.
+
+class LeaseKeeper:
+    """Renews `lease` from a thread while in its `with` block; see the module docstring.
+
+    Events the training callback reads: `lost` (the job went to another worker or was
+    settled by the reaper), `cancel` (a cancel was requested), `overtime` (the job's attempts
+    together ran past `max_job_seconds`).
     """
 
-    def __init__(self, store: JobStore, lease: Lease, interval_s: float) -> None:
+    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings) -> None:
         self.store = store
         self.lease = lease
-        self.interval_s = interval_s
+        self.interval_s = settings.heartbeat_interval_s
+        self.lease_s = settings.job_lease_s
+        self.stall_s = settings.job_stall_s
+        self.max_seconds = settings.max_job_seconds
         self.lost = threading.Event()
+        self.cancel = threading.Event()
+        self.overtime = threading.Event()
+        self._lock = threading.Lock()
+        self._started = self._last_progress = time.monotonic()
+        self.deadline = self._started + self.lease_s - self.interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"iwae-heartbeat-{lease.job_id}", daemon=True
@@ -36,14 +67,58 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join()
 
+    def progressed(self) -> None:
+        """Training made a step: the heartbeat may go on renewing."""
+        self._last_progress = time.monotonic()
+
+    @property
+    def should_stop(self) -> bool:
+        return self.lost.is_set() or self.cancel.is_set() or self.overtime.is_set()
+
+    def fence(self, path: Path) -> None:
+        """Return once the lease surely holds, so that `path` may be written; else raise."""
+        give_up = time.monotonic() + self.stall_s
+        while not self.lost.is_set():
+            if time.monotonic() < self.deadline:
+                log.info("job %s: fence %d writes %s", self.lease.job_id, self.lease.fence, path)
+                return
+            if self.beat() is None and (
+                time.monotonic() > give_up or self._stop.wait(self.interval_s)
+            ):
+                break
+        raise LeaseLost(f"job {self.lease.job_id}: lease lost, not writing {path.name}")
+
+    def beat(self) -> Heartbeat | None:
+        """Renew once; None when the store cannot be reached."""
+        sent = time.monotonic()
+        try:
+            beat = self.store.renew(self.lease)
+        except Exception:
+            log.warning("job %s: lease renewal failed; retrying", self.lease.job_id, exc_info=True)
+            return None
+        if beat == "lost":
+            log.error("job %s: lease lost; stopping, writing nothing more", self.lease.job_id)
+            self.lost.set()
+        else:
+            with self._lock:
+                self.deadline = max(self.deadline, sent + self.lease_s - self.interval_s)
+            if beat == "cancel":
+                self.cancel.set()
+        return beat
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if not self.store.renew(self.lease):
-                    log.error("job %s: lease lost to another worker; stopping", self.lease.job_id)
-                    self.lost.set()
-                    return
-            except Exception:
-                log.warning(
-                    "job %s: lease renewal failed; retrying", self.lease.job_id, exc_info=True
+        stalled = False
+        while not self._stop.wait(self.interval_s) and not self.lost.is_set():
+            now = time.monotonic()
+            ran_s = self.lease.ran_s + now - self._started
+            if self.max_seconds is not None and ran_s > self.max_seconds:
+                self.overtime.set()
+            was_stalled, stalled = stalled, now - self._last_progress > self.stall_s
+            if stalled and not was_stalled:
+                log.error(
+                    "job %s: no training progress for %.0f s; not renewing its lease",
+                    self.lease.job_id,
+                    self.stall_s,
                 )
+            if not stalled:
+                self.beat()

@@ -10,15 +10,15 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-from worker.celery_app import create_celery_app, prepare_storage
+from worker.celery_app import consumed_queues, create_celery_app, prepare_storage
 from worker.settings import WorkerSettings, get_worker_settings
 
 
 def run_worker(loglevel: str = "info", *, settings: WorkerSettings | None = None) -> None:
     """Run a Celery worker in this process until it is stopped (SIGTERM or Ctrl-C).
 
-    Solo pool, one job at a time, consuming `settings.queue`; its reaper thread starts when
-    it is ready. Returns when the worker stops.
+    Solo pool, one job at a time, consuming `consumed_queues(settings)`; its reaper thread
+    starts when it is ready. Returns when the worker stops.
     """
     settings = settings or get_worker_settings()
     prepare_storage(settings)
@@ -32,7 +32,7 @@ def worker_argv(settings: WorkerSettings, loglevel: str = "info") -> list[str]:
         f"--loglevel={loglevel}",
         "--pool=solo",
         "--concurrency=1",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(consumed_queues(settings))}",
         f"--hostname=iwae-{os.getpid()}@{socket.gethostname()}",
         # Cluster chatter that a solo worker busy training cannot answer anyway.
         "--without-gossip",

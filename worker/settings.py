@@ -63,6 +63,35 @@ class WorkerSettings(BaseSettings):
         ge=1,
         description="Starts allowed per job; a job whose worker is lost this many times fails.",
     )
+    resend_queued_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A queued job not claimed this long after its message was sent is sent "
+        "again (the message was lost between a worker's ack and its claim).",
+    )
+    job_stall_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A running job that reports no training progress for this long stops "
+        "renewing its lease, so the reaper takes it back (hung: NFS, CUDA).",
+    )
+    max_job_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="A job whose attempts together run longer than this fails; unset: no limit.",
+    )
+    max_active_jobs: int = Field(
+        default=1000,
+        ge=1,
+        description="Queued plus running jobs at most; POST /train beyond it gets 429 with "
+        "Retry-After.",
+    )
+    job_retention_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="Finished job records are deleted this long after they end (their "
+        "models stay).",
+    )
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes of a running job."
     )
@@ -89,7 +118,13 @@ class WorkerSettings(BaseSettings):
                 f"heartbeat_interval_s ({self.heartbeat_interval_s}) must be shorter than "
                 f"job_lease_s ({self.job_lease_s}), or every running job would look lost"
             )
+        if self.job_stall_s <= self.heartbeat_interval_s:
+            raise ValueError("job_stall_s must be longer than heartbeat_interval_s")
         return self
+
+    def queue_for(self, device: str | None) -> str:
+        """The queue of a job asking for `device`: jobs that need CUDA wait for a GPU worker."""
+        return f"{self.queue}.cuda" if device == "cuda" else self.queue
 
     @property
     def embedded(self) -> bool:

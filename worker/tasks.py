@@ -7,11 +7,21 @@ inside the task, in the worker process.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Task, shared_task
 
-from worker.celery_app import TRAIN_TASK, IwaeCelery, shutdown_requested
+from worker.celery_app import (
+    TRAIN_TASK,
+    IwaeCelery,
+    consumed_queues,
+    send_training,
+    shutdown_requested,
+)
 from worker.execution import run_job
-from worker.queue import send_training
+from worker.jobs import worker_name
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name=TRAIN_TASK, bind=True, ignore_result=True)
@@ -21,6 +31,10 @@ def train(self: Task, job_id: str) -> str:
     if not isinstance(app, IwaeCelery):
         raise TypeError("the training task runs only in an app from worker.celery_app")
     outcome = run_job(job_id, app.settings, app.job_store, stop=shutdown_requested)
-    if outcome == "released":  # this worker is stopping: hand the job to another one now
-        send_training(app, job_id)
+    try:
+        if outcome == "released":  # this worker is stopping: hand the job to another one now
+            send_training(app, job_id)
+        app.job_store.report_worker(worker_name(), consumed_queues(app.settings), outcome)
+    except Exception:  # the reaper sends a released job's message; the count is only a metric
+        log.warning("job %s: cannot report %s to the store", job_id, outcome, exc_info=True)
     return outcome

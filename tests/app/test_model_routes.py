@@ -48,12 +48,12 @@ def test_models_lists_trained_models_with_config_and_metrics(
 
 
 def test_models_is_empty_before_training(client: TestClient) -> None:
-    assert client.get("/models").json() == {"models": []}
+    assert client.get("/models").json() == {"models": [], "next_cursor": None}
 
 
 def test_a_checkpoint_without_model_json_is_not_listed(client: TestClient, add_model) -> None:
     add_model(OTHER_ID, describe=False)  # still training
-    assert client.get("/models").json() == {"models": []}
+    assert client.get("/models").json() == {"models": [], "next_cursor": None}
     assert client.get(f"/models/{OTHER_ID}").status_code == 404
 
 

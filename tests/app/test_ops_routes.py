@@ -24,7 +24,26 @@ def test_readyz_when_storage_and_job_store_answer(client: TestClient) -> None:
     assert response.json() == {
         "status": "ready",
         "checks": {"storage": True, "job_store": True, "broker": True},
+        "workers": 0,
     }
+
+
+def test_readyz_and_metrics_tell_whether_a_worker_consumes_the_queue(client: TestClient) -> None:
+    store = client.app.state.store
+    assert client.get("/readyz").json()["workers"] == 0
+    assert 'iwae_workers{queue="iwae.training"}' not in client.get("/metrics").text
+
+    store.report_worker("gpu-box:12", ["iwae.training", "iwae.training.cuda"])
+    store.report_worker("gpu-box:12", ["iwae.training", "iwae.training.cuda"], "succeeded")
+    store.report_worker("cpu-box:7", ["iwae.other"])
+    client.post("/train", json={"k": 5})
+
+    assert client.get("/readyz").json()["workers"] == 1  # cpu-box consumes another queue
+    text = client.get("/metrics").text
+    assert 'iwae_workers{queue="iwae.training"} 1.0' in text
+    assert 'iwae_workers{queue="iwae.training.cuda"} 1.0' in text
+    assert 'iwae_worker_messages{outcome="succeeded",worker="gpu-box:12"} 1.0' in text
+    assert "iwae_queue_depth 1.0" in text
 
 
 def test_readyz_is_503_when_the_job_store_does_not_answer(client: TestClient) -> None:
@@ -105,6 +124,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("post", "/train"),
         ("get", "/jobs"),
         ("get", "/jobs/{job_id}"),
+        ("get", "/jobs/{job_id}/events"),
         ("post", "/jobs/{job_id}/cancel"),
         ("get", "/models"),
         ("get", "/models/{model_id}"),

@@ -43,6 +43,13 @@ def test_list_is_newest_first(models: ModelRegistry) -> None:
     assert [m["model_id"] for m in models.list()] == IDS[::-1]
 
 
+def test_pages_walk_every_model_once(models: ModelRegistry) -> None:
+    first, cursor = models.page(limit=2)
+    assert [m["model_id"] for m in first] == IDS[:0:-1]
+    rest, last = models.page(limit=2, cursor=cursor)
+    assert ([m["model_id"] for m in rest], last) == ([IDS[0]], None)
+
+
 def test_default_is_the_newest(models: ModelRegistry, loads: list[str]) -> None:
     assert models.load().model_id == IDS[-1]
 

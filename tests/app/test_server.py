@@ -43,8 +43,9 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
             seen["workers"].append(worker)
             return worker
 
-        def fake_run(app: Any, host: str, port: int, **_: Any) -> None:
+        def fake_run(app: Any, host: str, port: int, **options: Any) -> None:
             seen["address"] = (host, port)
+            seen["options"] = options
             if uvicorn_error is not None:
                 raise uvicorn_error
 
@@ -62,6 +63,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
 def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
     seen = fake_serving()
     assert seen["address"] == ("127.0.0.1", 8123)
+    assert seen["options"] == server.UVICORN_OPTIONS  # bounded shutdown (test_job_events.py)
     assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
 
 

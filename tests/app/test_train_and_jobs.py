@@ -29,6 +29,35 @@ def test_train_answers_202_with_location_and_queues_the_job(client: TestClient, 
     assert polled.json()["job_id"] == job["job_id"]
 
 
+def test_a_flood_of_train_requests_meets_the_active_job_cap(
+    make_client: Callable[..., TestClient], fake_queue
+) -> None:
+    client = make_client(max_active_jobs=5)
+    answers = [train(client) for _ in range(12)]
+
+    assert [r.status_code for r in answers] == [202] * 5 + [429] * 7
+    refused = answers[-1]
+    assert int(refused.headers["retry-after"]) > 0
+    assert "IWAE_MAX_ACTIVE_JOBS" in refused.json()["detail"]
+    assert len(fake_queue.job_ids) == 5  # nothing queued for the refused ones
+    client.post(f"/jobs/{answers[0].json()['job_id']}/cancel")
+    assert train(client).status_code == 202  # a finished job frees its place
+
+
+def test_jobs_are_paged_with_a_cursor(client: TestClient) -> None:
+    created = [train(client).json()["job_id"] for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/jobs", params=params).json()
+        seen += [job["job_id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == created[::-1]
+    assert client.get("/jobs", params={"cursor": "../etc"}).status_code == 422
+
+
 def test_train_records_the_full_config(client: TestClient) -> None:
     body = {
         "k": 5,

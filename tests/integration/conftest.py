@@ -27,19 +27,20 @@ MNIST_DIR = Path(
 )
 
 
-def _settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
+def service_settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
+    """Short lease timings under `tmp_path`; `changes` override any field."""
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found in {MNIST_DIR} (set IWAE_DATA_DIR)")
-    return WorkerSettings(
-        home=tmp_path / "home",
-        data_dir=MNIST_DIR,
-        job_lease_s=3.0,
-        heartbeat_interval_s=1.0,
-        reaper_interval_s=1.0,
-        progress_interval_s=0.25,
-        device="cpu",
-        **changes,
-    )
+    values: dict[str, Any] = {
+        "home": tmp_path / "home",
+        "data_dir": MNIST_DIR,
+        "job_lease_s": 3.0,
+        "heartbeat_interval_s": 1.0,
+        "reaper_interval_s": 1.0,
+        "progress_interval_s": 0.25,
+        "device": "cpu",
+    }
+    return WorkerSettings(**{**values, **changes})
 
 
 @pytest.fixture
@@ -51,7 +52,9 @@ def redis_service(tmp_path: Path) -> Iterator[Service]:
     except redis.RedisError as exc:
         pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); start redis-server")
     prefix = f"iwae-test-{uuid.uuid4().hex[:8]}:"
-    service = Service(_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix), tmp_path)
+    service = Service(
+        service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix), tmp_path
+    )
     try:
         yield service
     finally:
@@ -65,7 +68,7 @@ def redis_service(tmp_path: Path) -> Iterator[Service]:
 @pytest.fixture
 def embedded_service(tmp_path: Path) -> Iterator[Service]:
     """Embedded mode: filesystem queue and file job store under a temporary IWAE_HOME."""
-    service = Service(_settings(tmp_path, broker_url=None), tmp_path)
+    service = Service(service_settings(tmp_path, broker_url=None), tmp_path)
     try:
         yield service
     finally:

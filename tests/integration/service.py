@@ -94,6 +94,10 @@ class Service:
     def wait_finished(self, job_id: str, timeout: float = 60.0) -> JobRecord:
         return self.wait_for(job_id, lambda r: r.finished, timeout, "the job to finish")
 
+    def log_text(self) -> str:
+        """Every worker's whole log."""
+        return "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("worker-*.log"))
+
     def logs(self) -> str:
         parts = []
         for path in sorted(self.log_dir.glob("worker-*.log")):

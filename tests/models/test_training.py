@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from models.checkpoint import load_checkpoint
 from models.config import ModelConfig, TrainConfig, preset_config
@@ -172,6 +174,47 @@ def test_resuming_after_a_stop_mid_epoch_two_gives_the_uninterrupted_weights(
     assert stopped.stopped and not resumed.stopped
     assert resumed.steps == 8
     assert_same_weights(weights(resumed.model), weights(straight.model))
+
+
+def test_resuming_a_checkpoint_of_another_device_type_reseeds_the_generator(
+    train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    images = synthetic_mnist.train_images
+    path = tmp_path / "model.safetensors"
+    train(train_config.with_changes(epochs=1), images, checkpoint_path=path)
+    # What a CUDA run leaves: a 16-byte generator state (a CPU one is 5056 bytes).
+    tensors, metadata = load_file(path), safe_open(path, "pt").metadata()
+    tensors["rng.generator"] = torch.zeros(16, dtype=torch.uint8)
+    save_file(tensors, path, metadata=metadata)
+
+    first = train(train_config, images, checkpoint_path=path)
+    save_file(tensors, path, metadata=metadata)
+    second = train(train_config, images, checkpoint_path=path)
+
+    assert (first.epochs_done, first.steps) == (2, 8)
+    assert_same_weights(weights(first.model), weights(second.model))  # reseeded, reproducibly
+    assert load_checkpoint(path).generator_state.numel() == 5056
+
+
+def test_a_fence_that_raises_keeps_the_previous_checkpoint(
+    train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    allowed = [True]
+    seen: list[Path] = []
+
+    def fence(target: Path) -> None:
+        seen.append(target)
+        if not allowed.pop(0):
+            raise RuntimeError("lease lost")
+
+    allowed.append(False)
+    with pytest.raises(RuntimeError, match="lease lost"):
+        train(train_config, synthetic_mnist.train_images, checkpoint_path=path, fence=fence)
+
+    assert seen == [path, path]
+    assert load_checkpoint(path).state.epoch == 1  # the second epoch's write was refused
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
 def test_training_is_seeded(train_config: TrainConfig, synthetic_mnist: Mnist) -> None:

@@ -12,9 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.file_store import FileJobStore
-from worker.jobs import JobStore
-from worker.redis_store import RedisJobStore
+from worker.jobs import FileJobStore, JobStore, RedisJobStore
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 LEASE_S = 0.3

@@ -6,8 +6,11 @@ import base64
 import json
 from pathlib import Path
 
-from worker.celery_app import TRAIN_TASK, create_celery_app
-from worker.file_store import FileJobStore
+import pytest
+import torch
+
+from worker.celery_app import TRAIN_TASK, consumed_queues, create_celery_app
+from worker.jobs import FileJobStore
 from worker.queue import enqueue_training
 from worker.settings import WorkerSettings
 
@@ -58,3 +61,26 @@ def test_enqueue_training_embedded_writes_one_message(tmp_path: Path) -> None:
     args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert (args, kwargs) == ([job.job_id], {})  # the id only: the config is in the store
     assert store.awaiting_message() == []
+
+
+@pytest.mark.parametrize(
+    ("device", "queue"),
+    [("cuda", "iwae.training.cuda"), ("cpu", "iwae.training"), ("auto", "iwae.training")],
+)
+def test_a_job_goes_to_the_queue_of_its_device(tmp_path: Path, device: str, queue: str) -> None:
+    settings = WorkerSettings(home=tmp_path)
+    store = FileJobStore(settings.jobs_dir, lease_s=60, max_attempts=3)
+    job = store.create({"k": 1, "device": device})
+
+    enqueue_training(job.job_id, settings=settings)
+
+    [message] = (settings.broker_dir / "queue").glob("*.msg")
+    assert json.loads(message.read_text())["properties"]["delivery_info"]["routing_key"] == queue
+
+
+def test_only_a_worker_with_cuda_consumes_the_cuda_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert consumed_queues(WorkerSettings()) == ["iwae.training", "iwae.training.cuda"]
+    assert consumed_queues(WorkerSettings(device="cpu")) == ["iwae.training"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert consumed_queues(WorkerSettings()) == ["iwae.training"]

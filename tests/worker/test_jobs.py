@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.jobs import ClaimRefused, JobAlreadyFinished, JobNotFound, JobStore
+from worker.jobs import (
+    STATUSES,
+    ClaimRefused,
+    JobAlreadyFinished,
+    JobNotFound,
+    JobStore,
+    TooManyJobs,
+)
 
 CONFIG = {"k": 5, "epochs": 2}
 
@@ -86,7 +94,7 @@ def test_progress_and_finish(store: JobStore) -> None:
         store.claim(job.job_id, "w")
     assert refused.value.reason == "finished"
     # A finished job's lease is spent: no further writes.
-    assert not store.renew(lease)
+    assert store.renew(lease) == "lost"
     assert not store.update_progress(lease, {"epoch": 3})
     assert not store.finish(lease, "failed", error="late")
     assert store.get(job.job_id).status == "succeeded"
@@ -105,7 +113,7 @@ def test_renewed_lease_is_not_reaped(store: JobStore) -> None:
     lease = store.claim(job.job_id, "w")
     for _ in range(4):
         time.sleep(store.lease_s / 3)
-        assert store.renew(lease)
+        assert store.renew(lease) == "held"
     assert store.reap() == []
     assert store.get(job.job_id).status == "running"
 
@@ -128,7 +136,7 @@ def test_expired_lease_is_requeued_then_resumed_by_another_worker(store: JobStor
     record = store.get(job.job_id)
     assert (record.attempts, record.progress) == (2, None)
     # The lost worker, should it come back, owns nothing any more.
-    assert not store.renew(lost)
+    assert store.renew(lost) == "lost"
     assert not store.update_progress(lost, {"epoch": 1})
     assert not store.finish(lost, "succeeded")
     assert store.finish(lease, "succeeded")
@@ -221,8 +229,126 @@ def test_released_job_is_queued_again_without_counting_the_attempt(store: JobSto
     record = store.get(job.job_id)
     assert (record.status, record.attempts) == ("queued", 0)
     assert store.awaiting_message() == [job.job_id]
-    assert not store.renew(lease)
+    assert store.renew(lease) == "lost"
     assert not store.release(lease)
     wait_for_lease_expiry(store)
     assert store.reap() == []  # not running: nothing to reap
     assert store.claim(job.job_id, "other:2").record.attempts == 1
+
+
+def test_a_sent_job_still_queued_after_resend_after_s_is_due_again(store: JobStore) -> None:
+    # A worker took the message (early ack) and died, or its claim failed, before claiming.
+    job = store.create(CONFIG)
+    store.mark_enqueued(job.job_id)
+    assert store.awaiting_message(resend_after_s=0.2) == []
+    time.sleep(0.3)
+    assert store.awaiting_message(resend_after_s=0.2) == [job.job_id]
+    store.claim(job.job_id, "w")
+    assert store.awaiting_message(resend_after_s=0.0) == []
+
+
+def test_the_processes_wall_clocks_do_not_matter(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)  # an API an hour behind
+    job = store.create(CONFIG)
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # a worker an hour ahead
+    assert store.awaiting_message(older_than_s=60) == []  # created just now, whoever asks
+    store.claim(job.job_id, "w")
+    assert store.reap() == []  # its lease has 0.3 s to go, not -2 hours
+    assert store.get(job.job_id).status == "running"
+
+
+def test_max_active_jobs_bounds_queued_plus_running(store: JobStore) -> None:
+    store.max_active_jobs = 2
+    first = store.create(CONFIG)
+    store.claim(store.create(CONFIG).job_id, "w")
+    with pytest.raises(TooManyJobs) as refused:
+        store.create(CONFIG)
+    assert refused.value.retry_after_s > 0
+    assert "IWAE_MAX_ACTIVE_JOBS" in str(refused.value)
+    store.request_cancel(first.job_id)  # finished jobs do not count
+    store.create(CONFIG)
+    assert len(store.list()) == 3
+
+
+def test_pages_walk_every_job_once_newest_first(store: JobStore) -> None:
+    ids = []
+    for _ in range(5):
+        ids.append(store.create(CONFIG).job_id)
+        time.sleep(0.002)
+    store.request_cancel(ids[1])
+    seen, cursor = [], None
+    while True:
+        page, cursor = store.page(limit=2, cursor=cursor)
+        assert len(page) <= 2
+        seen += [r.job_id for r in page]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    cancelled, cursor = store.page(limit=2, status="cancelled")
+    assert ([r.job_id for r in cancelled], cursor) == ([ids[1]], None)
+
+
+def test_counts_follow_every_transition(store: JobStore) -> None:
+    a, b, c = (store.create(CONFIG).job_id for _ in range(3))
+    store.finish(store.claim(a, "w"), "succeeded")
+    store.claim(b, "w")
+    store.request_cancel(c)
+    counts = store.counts()
+    assert {s: counts.get(s, 0) for s in STATUSES} == {
+        "queued": 0,
+        "running": 1,
+        "succeeded": 1,
+        "failed": 0,
+        "cancelled": 1,
+    }
+
+
+def test_finished_records_expire_after_the_retention(store: JobStore) -> None:
+    store.retention_s = 1
+    done = store.create(CONFIG).job_id
+    store.request_cancel(done)
+    active = store.create(CONFIG).job_id
+    time.sleep(2.1)
+    store.reap()  # the file store deletes at reaping; Redis expires the key itself
+    with pytest.raises(JobNotFound):
+        store.get(done)
+    assert [r.job_id for r in store.list()] == [active]
+
+
+def test_workers_report_themselves_and_what_they_handled(store: JobStore) -> None:
+    assert store.workers() == []
+    store.report_worker("a:1", ["iwae.training"])
+    store.report_worker("a:1", ["iwae.training"], "succeeded")
+    store.report_worker("a:1", ["iwae.training"], "succeeded")
+    time.sleep(0.05)
+    store.report_worker("b:2", ["iwae.training", "iwae.training.cuda"], "lost")
+
+    b, a = store.workers()
+    assert (a.name, a.outcomes, a.queues) == ("a:1", {"succeeded": 2}, ["iwae.training"])
+    assert (b.name, b.outcomes) == ("b:2", {"lost": 1})
+    assert 0 <= b.seen_s_ago < a.seen_s_ago < 5
+
+
+def test_of_two_reapers_only_one_takes_a_due_message(store: JobStore) -> None:
+    job = store.create(CONFIG)
+    assert store.take_due(older_than_s=0) == [job.job_id]
+    assert store.take_due(older_than_s=0) == []  # marked sent by the first
+    assert store.take_due(older_than_s=0, resend_after_s=0) == [job.job_id]  # long unclaimed
+
+
+def test_the_active_job_cap_holds_under_a_concurrent_flood(store: JobStore) -> None:
+    store.max_active_jobs = 5
+
+    def create() -> str:
+        try:
+            return store.create(CONFIG).job_id
+        except TooManyJobs:
+            return "refused"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda _: create(), range(24)))
+    assert outcomes.count("refused") == 19
+    assert len(store.list()) == 5

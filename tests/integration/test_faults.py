@@ -1,0 +1,282 @@
+"""Fault injection: small jobs on three real workers and a private Redis, while a worker is
+SIGKILLed and replaced, one is SIGSTOPped past its lease and resumed, Redis restarts (AOF
+on), one claim fails and one running job is cancelled. Afterwards every job has ended
+exactly once, correctly, and every file was written by the holder of the job's lease.
+
+The Redis here is a `redis-server` this test starts on a free port with its own folder, so
+restarting it disturbs nothing else. About 50 s on two busy cores; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from models.checkpoint import load_checkpoint
+from tests.integration.conftest import service_settings
+from tests.integration.service import TINY_CONFIG, Service
+from worker.celery_app import TRAIN_TASK, create_celery_app
+from worker.jobs import JobRecord
+
+pytestmark = pytest.mark.integration
+
+# About 300 training steps: a few seconds on an idle core, enough to catch it running.
+JOB = {**TINY_CONFIG, "k": 20, "epochs": 30, "train_size": 1000, "eval_size": 20, "eval_k": 10}
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (.*)$")
+STARTED = re.compile(r"job (\w+): started \(attempt \d+, fence (\d+)\)")
+WROTE = re.compile(r"job (\w+): fence (\d+) writes (\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, durable (AOF, fsync at every write)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: Redis flushes its AOF and exits
+            self.process.wait(timeout=10)
+
+    def restart(self) -> float:
+        """Stop and start again; returns how long it was down."""
+        started = time.monotonic()
+        self.stop()
+        self.start()
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Service, PrivateRedis]]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # three workers on two cores
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    settings = service_settings(
+        tmp_path,
+        broker_url=server.url,
+        heartbeat_interval_s=0.5,
+        max_attempts=5,
+        resend_queued_s=8.0,
+        job_stall_s=30.0,
+    )
+    service = Service(settings, tmp_path)
+    try:
+        yield service, server
+    finally:
+        service.stop()
+        server.stop()
+
+
+def poll(
+    what: str, condition: Callable[[], object], timeout: float, service: Service | None = None
+) -> object:
+    """`condition()` once truthy, riding out the Redis restart; fails at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"timed out after {timeout} s waiting for {what}\n{service and service.logs()}"
+            )
+        time.sleep(0.05)
+
+
+def running_on(service: Service, job_ids: list[str], pids: set[int]) -> tuple[str, int] | None:
+    """A job running past its first checkpoint on one of the workers `pids`, and its pid."""
+    for job_id in job_ids:
+        record = service.store.get(job_id)
+        if record.status == "running" and record.model_id is not None and record.worker:
+            pid = int(record.worker.rsplit(":", 1)[1])
+            if pid in pids:
+                return job_id, pid
+    return None
+
+
+def fenced_events(log_dir: Path) -> list[tuple[datetime, str, str, int]]:
+    """("claim" | "write", job, fence) events of every worker log, in time order."""
+    events = []
+    for path in log_dir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            match = LOG_LINE.match(line)
+            if match is None:
+                continue
+            at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+            if started := STARTED.search(match[2]):
+                events.append((at, "claim", started[1], int(started[2])))
+            elif wrote := WROTE.search(match[2]):
+                events.append((at, "write", wrote[1], int(wrote[2])))
+    return sorted(events)
+
+
+def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
+    cluster: tuple[Service, PrivateRedis], capsys: pytest.CaptureFixture[str]
+) -> None:
+    service, server = cluster
+    store = service.store
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    for _ in range(3):
+        process = service.start_worker()
+        workers[process.pid] = process
+    poll("three workers", lambda: len(store.workers()) == 3, timeout=60)
+    started = time.monotonic()
+    jobs = [service.submit(**JOB) for _ in range(2)]
+    faults: list[tuple[str, str, float]] = []  # (fault, job, seconds until it was dealt with)
+
+    def fence_moves_on(job_id: str) -> Callable[[], bool]:
+        fence = store._read(job_id).fence
+        return lambda: store._read(job_id).fence > fence
+
+    # 1. SIGKILL a worker in the middle of a job, and start another.
+    job, pid = poll(
+        "a job past its first checkpoint", lambda: running_on(service, jobs, set(workers)), 60
+    )
+    taken_over = fence_moves_on(job)
+    service.signal_worker(workers.pop(pid), signal.SIGKILL)
+    t0 = time.monotonic()
+    replacement = service.start_worker()
+    workers[replacement.pid] = replacement
+    poll("the killed worker's job claimed again", taken_over, 60, service)
+    faults.append(("SIGKILL worker mid-job, start another", job, time.monotonic() - t0))
+
+    # 2. SIGSTOP a worker past its lease; resume it once its job was taken over.
+    fresh = [service.submit(**JOB) for _ in range(2)]
+    jobs += fresh
+    job, pid = poll("a second running job", lambda: running_on(service, fresh, set(workers)), 60)
+    paused, taken_over = job, fence_moves_on(job)
+    workers[pid].send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    service.signalled.add(pid)
+    poll("the paused worker's job taken over", taken_over, 60, service)
+    faults.append(("SIGSTOP worker past its lease, SIGCONT", job, time.monotonic() - t0))
+    workers[pid].send_signal(signal.SIGCONT)
+
+    # 3. Restart Redis (AOF) while jobs run; then SIGKILL a worker: its job waits one lease
+    # past the restart (the grace every holder gets), then is taken over.
+    fresh = [service.submit(**JOB) for _ in range(2)]
+    jobs += fresh
+    job, pid = poll("a third running job", lambda: running_on(service, fresh, set(workers)), 60)
+    faults.append(("restart Redis (AOF) while jobs run", "all", server.restart()))
+    taken_over = fence_moves_on(job)
+    service.signal_worker(workers.pop(pid), signal.SIGKILL)
+    t0 = time.monotonic()
+    replacement = service.start_worker()
+    workers[replacement.pid] = replacement
+    poll("the second killed worker's job claimed again", taken_over, 60, service)
+    faults.append(("SIGKILL a worker just after", job, time.monotonic() - t0))
+
+    # 4. A claim fails: the entry is unreadable when a worker takes the message.
+    record = store.create(JOB)
+    key = f"{service.settings.redis_prefix}job:{record.job_id}"
+    entry = store.client.get(key)
+    store.client.set(key, "not an entry")
+    create_celery_app(service.settings).send_task(
+        TRAIN_TASK, args=[record.job_id], queue=service.settings.queue
+    )
+    poll("the failed claim", lambda: "cannot claim it" in service.log_text(), 60, service)
+    store.client.set(key, entry)  # readable again; its message is gone
+    store.mark_enqueued(record.job_id)  # as `send_training` did: only the resend recovers it
+    t0 = time.monotonic()
+    jobs.append(record.job_id)
+    poll("the job claimed after all", lambda: store.get(record.job_id).attempts > 0, 60, service)
+    faults.append(("claim raises, message lost", record.job_id, time.monotonic() - t0))
+
+    # 5. Cancel a running job.
+    cancelled = service.submit(**JOB)
+    jobs.append(cancelled)
+    poll("a start", lambda: store.get(cancelled).status == "running", 60, service)
+    store.request_cancel(cancelled)
+    t0 = time.monotonic()
+    poll("the cancel", lambda: store.get(cancelled).finished, 60, service)
+    faults.append(("cancel a running job", cancelled, time.monotonic() - t0))
+
+    def all_finished() -> list[JobRecord] | None:
+        records = [store.get(job_id) for job_id in jobs]
+        return records if all(r.finished for r in records) else None
+
+    records = poll("every job to finish", all_finished, timeout=150)
+    elapsed = time.monotonic() - started
+    paused_log = service.log_text()
+
+    # Every job in exactly one terminal state; nothing queued or running.
+    assert store.counts().get("queued", 0) == store.counts().get("running", 0) == 0
+    assert store.page(limit=100, status="queued")[0] == []
+    assert store.page(limit=100, status="running")[0] == []
+    by_id = {r.job_id: r for r in records}
+    assert by_id[cancelled].status == "cancelled"
+    for record in records:
+        folder = service.settings.models_dir / record.job_id
+        if record.status == "succeeded":
+            assert load_checkpoint(folder / "model.safetensors").state.epoch == JOB["epochs"]
+            assert (folder / "model.json").exists()
+        else:
+            assert record.status == "cancelled", record
+            assert not (folder / "model.json").exists()
+            assert record.model_id is None
+    assert sum(r.status == "succeeded" for r in records) == len(jobs) - 1
+
+    # Every file was written by the lease holder: no write under a fence once a later
+    # fence of the same job has claimed it.
+    latest: dict[str, int] = {}
+    for _, kind, job_id, fence in fenced_events(service.log_dir):
+        if kind == "claim":
+            latest[job_id] = max(latest.get(job_id, 0), fence)
+        else:
+            assert fence == latest.get(job_id), f"stale write by fence {fence} of {job_id}"
+    assert f"job {paused}: lease lost; stopping, writing nothing more" in paused_log
+    assert sum(r.attempts for r in records) == len(jobs) + 3  # the kills and the pause only
+
+    with capsys.disabled():
+        print(f"\nfault injection: {len(jobs)} jobs, 3 workers, {elapsed:.0f} s")
+        print(f"{'fault':<40} {'job':<9} {'handled in':>10}  {'outcome':<10} attempts")
+        for fault, job_id, seconds in faults:
+            record = by_id.get(job_id)
+            outcome = f"{record.status:<10} {record.attempts}" if record else "-"
+            print(f"{fault:<40} {job_id[:8]:<9} {seconds:>9.1f}s  {outcome}")
+        succeeded = sum(r.status == "succeeded" for r in records)
+        print(f"all {len(jobs)} jobs: {succeeded} succeeded, 1 cancelled, none failed or stuck")

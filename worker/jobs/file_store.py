@@ -1,0 +1,188 @@
+"""The embedded job store: one JSON file per job under `home/jobs/`, for a single machine.
+
+- `{id}.json`: `{"boot": ..., "entry": Entry}`, always replaced atomically (temporary file,
+  fsync, rename), so readers never lock.
+- `.workers`: the workers that reported themselves (`report_worker`).
+- `.lock`: an exclusive `flock` held around every read-modify-write, so the API and the
+  worker processes never overwrite each other's changes.
+
+The clock is this machine's monotonic clock, which every process here shares and which no
+wall-clock step moves; times written before the last boot read as long past. Listing,
+counting and the active-job limit scan the folder: fine for the single machine this mode is
+for. Finished jobs older than `retention_s` are deleted by the reaper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from models.files import write_atomic
+from worker.jobs.record import (
+    ACTIVE,
+    STATUSES,
+    Entry,
+    Instant,
+    JobNotFound,
+    JobRecord,
+    JobStatus,
+    WorkerInfo,
+    utcnow,
+)
+from worker.jobs.store import JobStore
+
+T = TypeVar("T")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class FileJobStore(JobStore):
+    """Job store in a folder; safe across processes on one machine."""
+
+    def __init__(self, root: Path, **limits: Any) -> None:
+        super().__init__(**limits)
+        self.root = Path(root)
+        self._boot = _boot_id()
+
+    # --- files ---------------------------------------------------------------------------
+
+    def _path(self, job_id: str) -> Path:
+        if not job_id or not job_id.isalnum():
+            raise JobNotFound(job_id)  # never build a path from anything but a plain id
+        return self.root / f"{job_id}.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _clock(self) -> Instant:
+        return Instant(t=time.monotonic(), wall=utcnow())
+
+    def _read(self, job_id: str) -> Entry:
+        try:
+            data = json.loads(self._path(job_id).read_text())
+        except FileNotFoundError:
+            raise JobNotFound(job_id) from None
+        entry = Entry.model_validate(data["entry"])
+        if data.get("boot") != self._boot:  # monotonic times of an earlier boot: long past
+            for name in ("lease_expires", "queued_since", "sent_at"):
+                if getattr(entry, name) is not None:
+                    setattr(entry, name, 0.0)
+        return entry
+
+    def _write(self, entry: Entry) -> None:
+        data = {"boot": self._boot, "entry": entry.model_dump(mode="json")}
+        write_atomic(self._path(entry.record.job_id), json.dumps(data).encode())
+
+    def _entries(self) -> Iterator[Entry]:
+        for path in self.root.glob("*.json"):
+            try:
+                yield self._read(path.stem)
+            except JobNotFound:
+                continue
+
+    # --- storage -------------------------------------------------------------------------
+
+    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
+        with self._locked():
+            entry = make(self._clock(), len(self._active_ids()))
+            self._write(entry)
+        return entry
+
+    def _update(self, job_id: str, change: Callable[[Entry, Instant], T]) -> T:
+        with self._locked():
+            entry = self._read(job_id)
+            before = entry.model_copy(deep=True)
+            result = change(entry, self._clock())
+            if entry != before:
+                self._write(entry)
+        return result
+
+    def _active_ids(self) -> list[str]:
+        return sorted(e.record.job_id for e in self._entries() if e.record.status in ACTIVE)
+
+    def page(
+        self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        top = float(cursor) if cursor is not None else float("inf")
+        records = sorted(
+            (
+                e.record
+                for e in self._entries()
+                if e.record.created_at.timestamp() < top
+                and (status is None or e.record.status == status)
+            ),
+            key=lambda r: r.created_at,
+            reverse=True,
+        )
+        if len(records) <= limit:
+            return records, None
+        return records[:limit], repr(records[limit - 1].created_at.timestamp())
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for entry in self._entries():
+            counts[entry.record.status] += 1
+        return counts
+
+    def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
+        path = self.root / ".workers"
+        with self._locked():
+            workers = json.loads(path.read_text()) if path.exists() else {}
+            data = workers.setdefault(name, {"outcomes": {}})
+            data.update(queues=queues, seen=time.monotonic(), boot=self._boot)
+            if outcome is not None:
+                data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
+            write_atomic(path, json.dumps(workers).encode())
+
+    def workers(self) -> list[WorkerInfo]:
+        path = self.root / ".workers"
+        workers = json.loads(path.read_text()) if path.exists() else {}
+        now = time.monotonic()
+        infos = [
+            WorkerInfo(
+                name=name,
+                queues=data["queues"],
+                seen_s_ago=now - data["seen"] if data.get("boot") == self._boot else float("inf"),
+                outcomes=data["outcomes"],
+            )
+            for name, data in workers.items()
+        ]
+        return sorted(infos, key=lambda w: w.seen_s_ago)
+
+    def ping(self) -> bool:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ping."):
+                pass
+            return True
+        except OSError:
+            return False
+
+    def reap(self, on_settled: Callable[[str], None] | None = None) -> list[str]:
+        requeued = super().reap(on_settled)
+        if self.retention_s is not None:
+            cutoff = utcnow() - timedelta(seconds=self.retention_s)
+            for entry in self._entries():
+                finished = entry.record.finished_at
+                if entry.record.finished and finished is not None and finished < cutoff:
+                    self._path(entry.record.job_id).unlink(missing_ok=True)
+        return requeued

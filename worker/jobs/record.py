@@ -1,0 +1,154 @@
+"""What the job store keeps about a job: the record users read, and the entry around it.
+
+The statuses are listed here once (`JobStatus`); everything else (schemas, metrics, stores)
+derives from it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset(STATUSES) - FINISHED
+Outcome = Literal["succeeded", "failed", "cancelled"]
+
+
+class JobNotFound(KeyError):
+    """No job with this id."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job with id {self.job_id!r}"
+
+
+class JobAlreadyFinished(Exception):
+    """The job has finished (succeeded or failed), so it cannot be cancelled."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} has already finished ({status})")
+        self.job_id = job_id
+        self.status = status
+
+
+class TooManyJobs(Exception):
+    """`IWAE_MAX_ACTIVE_JOBS` jobs are already queued or running."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"{limit} jobs are already queued or running (IWAE_MAX_ACTIVE_JOBS); "
+            f"retry in {retry_after_s} s or cancel one"
+        )
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+class ClaimRefused(Exception):
+    """A worker may not run this job now; the message that asked for it is dropped.
+
+    `reason` is one of "running" (a live lease holds it), "finished" (succeeded, failed or
+    cancelled), "exhausted" (worker lost `max_attempts` times: now failed) or "cancelled"
+    (cancel requested while its worker was lost: now cancelled).
+    """
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job {job_id} not claimed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class JobRecord(BaseModel):
+    """What the API shows about a job. Timestamps are timezone-aware UTC."""
+
+    job_id: str
+    status: JobStatus
+    config: dict[str, Any]
+    progress: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    model_id: str | None = None
+    error: str | None = None
+    attempts: int = Field(default=0, description="How many times a worker started this job.")
+    worker: str | None = Field(default=None, description="host:pid of the last worker to run it.")
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+class Entry(BaseModel):
+    """What a store keeps per job: the record plus the lifecycle's own bookkeeping.
+
+    Times here are on the store's clock (`Instant.t`), never a worker's: Redis `TIME` in
+    the Redis store, this machine's monotonic clock in the file store.
+    """
+
+    record: JobRecord
+    fence: int = Field(0, description="Number of the latest claim; a lease holds one.")
+    lease_expires: float | None = None
+    queued_since: float | None = None
+    sent_at: float | None = Field(None, description="When its message was last sent.")
+    claimed_at: float | None = Field(None, description="When the running attempt started.")
+    ran_s: float = Field(0.0, description="Seconds its earlier attempts ran.")
+
+
+@dataclass(frozen=True)
+class Instant:
+    """One reading of the store's clock: `t` for comparisons, `wall` for display, `up_s`
+    how long the store has been up (leases are not reaped in its first `lease_s`).
+    """
+
+    t: float
+    wall: datetime
+    up_s: float = float("inf")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that this worker holds a job: every worker-side write presents its fence."""
+
+    job_id: str
+    fence: int
+    record: JobRecord
+    ran_s: float = 0.0  # seconds its earlier attempts ran (IWAE_MAX_JOB_SECONDS counts them)
+
+
+Heartbeat = Literal["held", "cancel", "lost"]
+
+
+class WorkerInfo(BaseModel):
+    """A worker process as it last reported itself (its reaper reports every pass)."""
+
+    name: str
+    queues: list[str]
+    seen_s_ago: float = Field(description="Seconds since it last reported, on the store's clock.")
+    outcomes: dict[str, int] = Field(
+        default_factory=dict, description="Messages it handled, by run_job outcome."
+    )
+
+
+def lost_error(attempts: int) -> str:
+    """The error of a job whose worker died on every one of its attempts."""
+    return f"worker lost {attempts} times (out of memory?)"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -1,0 +1,217 @@
+"""The distributed job store: one Redis string per job, changed by WATCH/MULTI.
+
+Keys, all under the configured prefix `p` (default "iwae:"), in the broker's database:
+
+- `p job:{id}`: the job's `Entry` as JSON. A finished one expires after `retention_s`.
+- `p jobs`: sorted set of job ids by creation time, for paging (expired ids are dropped
+  when a page meets them).
+- `p active`: sorted set of the queued and running ids, which the reaper scans and
+  `max_active_jobs` bounds.
+- `p counts`: hash of jobs by status (finished statuses count every job that ever ended so,
+  records since expired included), kept by every change, so `/metrics` reads one key.
+
+The clock is Redis `TIME`: one clock for the API and every worker, whatever theirs say.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import redis
+
+from worker.jobs.record import (
+    ACTIVE,
+    Entry,
+    Instant,
+    JobNotFound,
+    JobRecord,
+    JobStatus,
+    WorkerInfo,
+)
+from worker.jobs.store import JobStore
+
+T = TypeVar("T")
+
+
+class RedisJobStore(JobStore):
+    """Job store in a Redis database shared by the API and every worker."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "iwae:", **limits: float) -> None:
+        super().__init__(**limits)  # type: ignore[arg-type]
+        self.client = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "iwae:", **limits: float) -> RedisJobStore:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+        )
+        return cls(client, prefix=prefix, **limits)
+
+    # --- keys ---------------------------------------------------------------------------
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}jobs"
+
+    @property
+    def _active(self) -> str:
+        return f"{self.prefix}active"
+
+    @property
+    def _counts(self) -> str:
+        return f"{self.prefix}counts"
+
+    @property
+    def _workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    # --- storage ------------------------------------------------------------------------
+
+    def _clock(self, client: redis.Redis | None = None) -> Instant:
+        seconds, micros = (client or self.client).time()
+        return _instant(seconds + micros / 1e6, self._uptime(client))
+
+    def _uptime(self, client: redis.Redis | None) -> float:
+        return float((client or self.client).info("server")["uptime_in_seconds"])
+
+    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._active)
+                    now = self._clock(pipe)
+                    entry = make(now, pipe.zcard(self._active))
+                    job_id = entry.record.job_id
+                    pipe.multi()
+                    pipe.set(self._job(job_id), entry.model_dump_json())
+                    pipe.zadd(self._index, {job_id: now.t})
+                    pipe.zadd(self._active, {job_id: now.t})
+                    pipe.hincrby(self._counts, entry.record.status, 1)
+                    pipe.execute()
+                    return entry
+                except redis.WatchError:
+                    continue
+
+    def _read(self, job_id: str) -> Entry:
+        raw = self.client.get(self._job(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return Entry.model_validate_json(raw)
+
+    def _update(self, job_id: str, change: Callable[[Entry, Instant], T]) -> T:
+        key = self._job(job_id)
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    entry = Entry.model_validate_json(raw)
+                    before = entry.record.status
+                    result = change(entry, self._clock(pipe))
+                    after = entry.model_dump_json()
+                    if after == raw:
+                        return result
+                    pipe.multi()
+                    pipe.set(key, after)
+                    status = entry.record.status
+                    if status != before:
+                        pipe.hincrby(self._counts, before, -1)
+                        pipe.hincrby(self._counts, status, 1)
+                        if status not in ACTIVE:
+                            pipe.zrem(self._active, job_id)
+                            if self.retention_s is not None:
+                                pipe.expire(key, max(1, round(self.retention_s)))
+                    pipe.execute()
+                    return result
+                except redis.WatchError:
+                    continue
+
+    def _active_ids(self) -> list[str]:
+        return list(self.client.zrange(self._active, 0, -1))
+
+    def page(
+        self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        top = f"({cursor}" if cursor is not None else "+inf"
+        records: list[JobRecord] = []
+        while len(records) < limit:
+            rows = self.client.zrevrangebyscore(
+                self._index, top, "-inf", start=0, num=limit, withscores=True
+            )
+            if not rows:
+                return records, None
+            raws = self.client.mget([self._job(job_id) for job_id, _ in rows])
+            for (job_id, score), raw in zip(rows, raws, strict=True):
+                top = f"({score!r}"
+                if raw is None:  # expired (retention): forget it
+                    self.client.zrem(self._index, job_id)
+                    continue
+                record = Entry.model_validate_json(raw).record
+                if status is None or record.status == status:
+                    records.append(record)
+                    if len(records) == limit:
+                        break
+        more = self.client.zcount(self._index, "-inf", top) > 0
+        return records, (top[1:] if more else None)
+
+    def counts(self) -> dict[str, int]:
+        return {status: int(n) for status, n in self.client.hgetall(self._counts).items()}
+
+    def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
+        self._update_worker(name, queues, outcome)
+
+    def _update_worker(self, name: str, queues: list[str], outcome: str | None) -> None:
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self._workers)
+                    raw = pipe.hget(self._workers, name)
+                    seconds, micros = pipe.time()
+                    data = json.loads(raw) if raw else {"outcomes": {}}
+                    data.update(queues=queues, seen=seconds + micros / 1e6)
+                    if outcome is not None:
+                        data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
+                    pipe.multi()
+                    pipe.hset(self._workers, name, json.dumps(data))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    def workers(self) -> list[WorkerInfo]:
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1e6
+        infos = []
+        for name, raw in self.client.hgetall(self._workers).items():
+            data = json.loads(raw)
+            infos.append(
+                WorkerInfo(
+                    name=name,
+                    queues=data["queues"],
+                    seen_s_ago=max(0.0, now - data["seen"]),
+                    outcomes=data["outcomes"],
+                )
+            )
+        return sorted(infos, key=lambda w: w.seen_s_ago)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _instant(t: float, up_s: float) -> Instant:
+    return Instant(t=t, wall=datetime.fromtimestamp(t, UTC), up_s=up_s)
