@@ -1,7 +1,7 @@
 """The `iwae` command: train and evaluate in the foreground, or run the service.
 
     iwae train --k 50 [--objective iwae] [--epochs 1] ...   train, evaluate, write a checkpoint
-    iwae study --ks 1 5 50 [...]                            train per K: table and figure
+    iwae study --ks 1 5 50 [--alphas 0 0.5] [...]           train per K (and alpha): table, figure
     iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
     iwae snr --model PATH --ks 1 10 100 1000 [...]          gradient SNR against K (JSON)
     iwae serve [--host 127.0.0.1] [--port 8000]             the API (+ a local worker if embedded)
@@ -20,7 +20,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.config import OBJECTIVES, PRESETS, ModelConfig, TrainConfig, preset_config
+from models.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_ESS_TARGET,
+    DEFAULT_K_MIN,
+    K_SCHEDULES,
+    OBJECTIVES,
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    preset_config,
+)
 from models.data import DataError
 
 _TRAIN_DEFAULTS = TrainConfig()
@@ -57,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "training time and gradient SNR against K",
     )
     study.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
+    study.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="VR-IWAE alphas, one more grid axis (vr-iwae and vr-iwae-dreg only; default: "
+        "--alpha alone)",
+    )
     _add_training_arguments(study)
     study.add_argument(
         "--snr-draws", type=int, default=100, help="gradient estimates per SNR measurement"
@@ -140,6 +158,30 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--objective", choices=OBJECTIVES, default=d.objective)
     add("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
     add("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
+    add(
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"VR-IWAE alpha in [0, 1) of vr-iwae and vr-iwae-dreg (default {DEFAULT_ALPHA})",
+    )
+    add(
+        "--k-schedule",
+        choices=K_SCHEDULES,
+        default=d.k_schedule,
+        help="K per epoch: fixed, linear (k-min to k), ess (steered by held-out ESS/K)",
+    )
+    add(
+        "--k-min",
+        type=int,
+        default=None,
+        help=f"smallest K of the linear and ess schedules (default {DEFAULT_K_MIN})",
+    )
+    add(
+        "--ess-target",
+        type=float,
+        default=None,
+        help=f"ESS/K target of the ess schedule (default {DEFAULT_ESS_TARGET})",
+    )
     add("--epochs", type=int, default=d.epochs)
     add("--batch-size", type=int, default=d.batch_size)
     add(
@@ -210,6 +252,10 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
         "objective": args.objective,
         "m": args.m,
         "beta": args.beta,
+        "alpha": args.alpha,
+        "k_schedule": args.k_schedule,
+        "k_min": args.k_min,
+        "ess_target": args.ess_target,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
@@ -294,9 +340,17 @@ def _study(args: argparse.Namespace) -> int:
     from models.study import run_study
 
     base = _config(args, args.ks[0])
+    for alpha in args.alphas or ():
+        base.with_changes(alpha=alpha)  # refuse a bad alpha before any training
     with _ProgressBar() as bar:
         rows = run_study(
-            base, args.ks, _load_data(), args.out, snr_draws=args.snr_draws, callbacks=[bar]
+            base,
+            args.ks,
+            _load_data(),
+            args.out,
+            alphas=args.alphas,
+            snr_draws=args.snr_draws,
+            callbacks=[bar],
         )
     if rows is None:  # a callback stopped it
         return 1

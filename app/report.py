@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from xml.sax.saxutils import escape
@@ -13,7 +14,8 @@ _COLORS = ("#1f77b4", "#d62728")
 
 
 def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
-    """One row per K; log-likelihood in nats per test image (IWAE bound, k=`eval_k`)."""
+    """One row per K (and alpha); log-likelihood in nats per test image (IWAE bound,
+    k=`eval_k`)."""
     lines = [
         f"| K | objective | test log p(x) (nats, k={eval_k}) | active units | "
         "train time (s) | encoder SNR (median) | decoder SNR (median) |",
@@ -26,15 +28,19 @@ def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
             else f"{r.test_loglik:.2f} ± {r.test_loglik_std_error:.2f}"
         )
         units = "-" if r.active_units is None else "/".join(map(str, r.active_units))
+        objective = r.objective if r.alpha is None else f"{r.objective} (alpha={r.alpha:g})"
         lines.append(
-            f"| {r.k} | {r.objective} | {loglik} | {units} | {r.train_seconds:.1f} | "
+            f"| {r.k} | {objective} | {loglik} | {units} | {r.train_seconds:.1f} | "
             f"{r.snr_encoder:.3f} | {r.snr_decoder:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def study_svg(rows: Sequence[StudyRow]) -> str:
-    """Four panels against K (log scale): log-likelihood, active units, time, gradient SNR."""
+    """Four panels against K (log scale): log-likelihood, active units, time, gradient SNR.
+
+    With several alphas (a VR-IWAE study), each alpha draws its own line, labelled.
+    """
     panels: list[tuple[str, dict[str, Callable[[StudyRow], float | None]]]] = [
         ("test log p(x), nats", {"bound": lambda r: r.test_loglik}),
         (
@@ -89,14 +95,26 @@ def _panel(
     for r, log_k in zip(rows, ks, strict=True):
         x, _ = point(log_k, lo_v)
         out.append(f'<text x="{x}" y="{top + plot_h + 14}" text-anchor="middle">K={r.k}</text>')
+    lines = [
+        list(group)
+        for _, group in itertools.groupby(zip(rows, ks, strict=True), lambda p: p[0].alpha)
+    ]
     for (name, f), color in zip(series.items(), _COLORS, strict=False):
-        pts = [point(lk, v) for r, lk in zip(rows, ks, strict=True) if (v := f(r)) is not None]
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-        out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
-        out.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts)
-        if len(series) > 1:
+        for line in lines:
+            pts = [point(lk, v) for r, lk in line if (v := f(r)) is not None]
+            if not pts:
+                continue
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
             out.append(
-                f'<text x="{pts[-1][0] - 4}" y="{pts[-1][1] - 6}" text-anchor="end" '
-                f'fill="{color}">{escape(name)}</text>'
+                f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>'
             )
+            out.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts)
+            labels = ([name] if len(series) > 1 else []) + (
+                [f"alpha={line[0][0].alpha:g}"] if len(lines) > 1 else []
+            )
+            if labels:
+                out.append(
+                    f'<text x="{pts[-1][0] - 4}" y="{pts[-1][1] - 6}" text-anchor="end" '
+                    f'fill="{color}">{escape(" ".join(labels))}</text>'
+                )
     return "".join(out)

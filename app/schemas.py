@@ -8,8 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_ESS_TARGET,
+    DEFAULT_K_MIN,
     PRESETS,
     Init,
+    KSchedule,
     ModelConfig,
     Objective,
     Precision,
@@ -51,7 +55,9 @@ class TrainRequest(BaseModel):
         "`iwae-dreg` its doubly reparameterized encoder gradient (unbiased, lower variance; "
         "Tucker et al. 2019); `iwae-stl` drops the score term of the encoder gradient "
         "(Roeder et al. 2017): lower variance, but for K > 1 biased (Tucker et al. 2019); "
-        "`miwae`, `ciwae` and `piwae` the combinations of Rainforth et al. (2018).",
+        "`miwae`, `ciwae` and `piwae` the combinations of Rainforth et al. (2018); "
+        "`vr-iwae` the VR-IWAE bound of Daudel et al. (2023) with parameter `alpha`, and "
+        "`vr-iwae-dreg` its doubly reparameterised encoder gradient.",
         examples=["iwae"],
     )
     m: int = Field(
@@ -67,6 +73,37 @@ class TrainRequest(BaseModel):
         le=1.0,
         description="Weight of the ELBO in `ciwae` (ignored otherwise).",
         examples=[0.5],
+    )
+    alpha: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description=f"VR-IWAE parameter of `vr-iwae` and `vr-iwae-dreg`: 0 is IWAE, toward 1 "
+        f"the ELBO; null: {DEFAULT_ALPHA}. Refused for the other objectives.",
+        examples=[DEFAULT_ALPHA],
+    )
+    k_schedule: KSchedule = Field(
+        _TRAIN.k_schedule,
+        description="K per epoch: `fixed` (k throughout), `linear` (k_min to k over the "
+        "epochs), `ess` (from k_min, doubled or halved after each epoch as the held-out "
+        "ESS/K of k samples is below or above `ess_target`; holds out one batch).",
+        examples=["fixed"],
+    )
+    k_min: int | None = Field(
+        None,
+        ge=1,
+        le=5000,
+        description=f"Smallest K of the `linear` and `ess` schedules (at most k); null: "
+        f"{DEFAULT_K_MIN}. Refused for `fixed`.",
+        examples=[DEFAULT_K_MIN],
+    )
+    ess_target: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=f"ESS/K target of the `ess` schedule; null: {DEFAULT_ESS_TARGET}. Refused "
+        "for the other schedules.",
+        examples=[DEFAULT_ESS_TARGET],
     )
     epochs: int = Field(
         _TRAIN.epochs, ge=1, le=10_000, description="Passes over the training set.", examples=[5]
@@ -158,8 +195,10 @@ class TrainRequest(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _builds_a_config(self) -> TrainRequest:
-        self.to_config()  # a ValueError (e.g. z1_dim with one layer) becomes a 422
+    def _consistent(self) -> TrainRequest:
+        """Options that depend on each other (alpha and the objective, k_min and k, ...) are
+        checked by building the config, so a bad combination is a 422, not a failed job."""
+        self.to_config()
         return self
 
     def to_config(self) -> dict[str, Any]:
@@ -196,6 +235,12 @@ class ProgressOut(BaseModel):
     loss: float | None = Field(None, description="Last training loss, nats.", examples=[95.3])
     images_per_s: float | None = Field(None, examples=[25_000.0])
     eta_s: float | None = Field(None, description="Estimated seconds to the end.", examples=[42.0])
+    k: int | None = Field(
+        None,
+        description="Importance samples per image in the current training epoch (it changes "
+        "between epochs under k_schedule `linear` or `ess`).",
+        examples=[50],
+    )
 
 
 class JobOut(BaseModel):
@@ -213,7 +258,8 @@ class JobOut(BaseModel):
         "test_loglik_std_error (over images), test_elbo, test_gap (test_loglik - test_elbo), "
         "mc_std_error_mean (per-image Monte Carlo error), ess_mean, pareto_k_mean, "
         "pareto_k_above_0_7 (share of images whose error estimate is unreliable), "
-        "active_units, train_seconds, ...",
+        "active_units, train_seconds, k_per_epoch (the K of every epoch), ess_per_epoch "
+        "(k_schedule `ess`: the held-out ESS/K after every epoch), ...",
         examples=[
             {
                 "test_loglik": -86.7,

@@ -8,7 +8,7 @@ either the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,18 @@ _FORMAT = "iwae-checkpoint/1"
 
 @dataclass
 class TrainState:
-    """Where training stands: epochs and steps completed, training wall time so far."""
+    """Where training stands: epochs and steps completed, training wall time so far.
+
+    `k` is the K of the next epoch (None before the first), `k_history` the K each completed
+    epoch used, `ess_history` the held-out ESS/K measured after each (`ess` schedule only).
+    """
 
     epoch: int = 0
     step: int = 0
     train_seconds: float = 0.0
+    k: int | None = None
+    k_history: list[int] = field(default_factory=list)
+    ess_history: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -9,14 +9,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
-Objective = Literal["vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "piwae"]
+Objective = Literal[
+    "vae", "iwae", "iwae-stl", "iwae-dreg", "miwae", "ciwae", "piwae", "vr-iwae", "vr-iwae-dreg"
+]
 Schedule = Literal["constant", "burda"]
+KSchedule = Literal["fixed", "linear", "ess"]
 Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["burda", "torch"]
 Preset = Literal["burda"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
+# Objectives of the VR-IWAE family, the only ones that take `alpha`, and its default.
+VR_OBJECTIVES = ("vr-iwae", "vr-iwae-dreg")
+DEFAULT_ALPHA = 0.5
+DEFAULT_K_MIN = 1
+# About ESS/K of 50 samples on MNIST in the first epochs (see models.k_schedule).
+DEFAULT_ESS_TARGET = 0.15
 
 # Burda et al. (2015), section 5: hidden width per architecture when none is given.
 _DEFAULT_HIDDEN = {1: 200, 2: 100}
@@ -86,6 +96,12 @@ class TrainConfig:
     test log-likelihood, which uses `eval_k` importance samples and always runs in fp32.
     `init="burda"` (the default) initialises as the authors' code did (see
     `models.networks.burda_init`), `"torch"` keeps PyTorch's default for `nn.Linear`.
+
+    `alpha` is the VR-IWAE parameter in [0, 1) of `vr-iwae` and `vr-iwae-dreg` (None: 0.5
+    for them; refused for the other objectives). `k_schedule` chooses K per epoch: `fixed`
+    trains every epoch with `k`; `linear` and `ess` move between `k_min` (None: 1) and `k`,
+    `ess` steering by the effective sample size against `ess_target` (None: 0.15); see
+    `models.k_schedule`. Options that do not apply are refused rather than ignored.
     """
 
     k: int = 50
@@ -103,6 +119,10 @@ class TrainConfig:
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "fp32"
+    alpha: float | None = None
+    k_schedule: KSchedule = "fixed"
+    k_min: int | None = None
+    ess_target: float | None = None
     init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
 
     def __post_init__(self) -> None:
@@ -119,6 +139,42 @@ class TrainConfig:
             raise ValueError("eval_size must be >= 0")
         if self.init not in get_args(Init):
             raise ValueError(f"unknown init {self.init!r}; choose from {get_args(Init)}")
+        self._resolve_alpha()
+        self._resolve_k_schedule()
+
+    def _resolve_alpha(self) -> None:
+        if self.objective not in VR_OBJECTIVES:
+            if self.alpha is not None:
+                raise ValueError(f"alpha applies only to {VR_OBJECTIVES}, not {self.objective!r}")
+            return
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA)
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError("alpha must lie in [0, 1)")
+
+    def _resolve_k_schedule(self) -> None:
+        if self.k_schedule not in K_SCHEDULES:
+            raise ValueError(f"unknown k_schedule {self.k_schedule!r}; choose from {K_SCHEDULES}")
+        if self.k_schedule == "fixed" and self.k_min is not None:
+            raise ValueError("k_min applies only to k_schedule 'linear' or 'ess'")
+        if self.k_schedule != "ess" and self.ess_target is not None:
+            raise ValueError("ess_target applies only to k_schedule 'ess'")
+        if self.k_schedule == "fixed":
+            return
+        if self.k_min is None:
+            object.__setattr__(self, "k_min", DEFAULT_K_MIN)
+        if not 1 <= self.k_min <= self.k:
+            raise ValueError(f"k_min must lie in [1, k={self.k}], got {self.k_min}")
+        if self.k_schedule == "ess":
+            if self.train_size is not None and self.train_size <= self.batch_size:
+                raise ValueError(
+                    "k_schedule 'ess' holds out one batch of training images: train_size "
+                    "must exceed batch_size"
+                )
+            if self.ess_target is None:
+                object.__setattr__(self, "ess_target", DEFAULT_ESS_TARGET)
+            if not 0.0 < self.ess_target < 1.0:
+                raise ValueError("ess_target must lie in (0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

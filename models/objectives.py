@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.config import TrainConfig
+from models.config import VR_OBJECTIVES, TrainConfig
 from models.networks import IWAEModel
 
 
@@ -39,14 +39,35 @@ def ciwae_bound(log_w: Tensor, beta: float) -> Tensor:
     return beta * elbo(log_w) + (1.0 - beta) * iwae_bound(log_w)
 
 
-def dreg_encoder_surrogate(log_w: Tensor) -> Tensor:
-    """sum_k stopgrad(w~_k)^2 log w_k: [K, B] -> [B] (Tucker et al., 2019, eq. 5).
+def vr_iwae_bound(log_w: Tensor, alpha: float) -> Tensor:
+    """The VR-IWAE bound 1/(1-alpha) log (1/K) sum_k w_k^(1-alpha): [K, B] -> [B].
 
-    Its gradient through the reparameterised z (with q's parameters stopped inside log q) is
-    the doubly reparameterised estimator of the IWAE encoder gradient.
+    Daudel, Benton, Shi & Doucet (2023), "Alpha-divergence variational inference meets
+    importance weighted auto-encoders", JMLR, the VR-IWAE bound L^(N,alpha) (their N is our
+    K). alpha = 0 is the IWAE bound (bit for bit here); it falls as alpha grows (a power mean
+    of the weights with exponent 1-alpha) and tends to the ELBO as alpha -> 1. alpha in [0, 1).
     """
-    normalized = torch.softmax(log_w.detach(), 0)  # [K, B]
-    return (normalized.square() * log_w).sum(0)
+    scale = 1.0 - alpha
+    return (torch.logsumexp(scale * log_w, 0) - math.log(log_w.shape[0])) / scale
+
+
+def dreg_encoder_surrogate(log_w: Tensor, alpha: float = 0.0) -> Tensor:
+    """sum_k stopgrad(alpha v_k + (1-alpha) v_k^2) log w_k: [K, B] -> [B].
+
+    v = softmax((1-alpha) log w) are the normalised w^(1-alpha). Its gradient through the
+    reparameterised z (with q's parameters stopped inside log q) is the doubly reparameterised
+    estimator of the encoder gradient of `vr_iwae_bound`; alpha = 0 is IWAE's DReG (Tucker et
+    al., 2019, eq. 5), bit for bit. Derivation: d/dphi of the bound is sum_k v_k (path_k -
+    score_k), and for the score term E[v_k d/dphi log q(z_k)] = E[d v_k/dz_k dz_k/dphi] (the
+    reparameterisation identity applied to v_k as a function of z_k), where
+    d v_k / d log w_k = (1-alpha) v_k (1 - v_k); so the gradient is sum_k (v_k - (1-alpha)
+    v_k (1 - v_k)) path_k = sum_k (alpha v_k + (1-alpha) v_k^2) path_k: the weights of
+    Daudel et al.'s (2023) doubly reparameterised VR-IWAE gradient, as also used by the
+    public code of their Gaussian experiment (`vr_iwae_dreg_loss`).
+    """
+    normalized = torch.softmax((1.0 - alpha) * log_w.detach(), 0)  # [K, B]
+    weights = alpha * normalized + (1.0 - alpha) * normalized.square()  # [K, B]
+    return (weights * log_w).sum(0)
 
 
 @dataclass
@@ -62,10 +83,18 @@ class Surrogates:
 
 
 def surrogates(
-    model: IWAEModel, x: Tensor, config: TrainConfig, generator: torch.Generator | None = None
+    model: IWAEModel,
+    x: Tensor,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+    *,
+    k: int | None = None,
 ) -> Surrogates:
-    """Draw importance samples for x [B, D] and build the surrogates of `config.objective`."""
-    name, k = config.objective, config.k
+    """Draw importance samples for x [B, D] and build the surrogates of `config.objective`.
+
+    `k` overrides `config.k` (the K of the current epoch under a `k_schedule`).
+    """
+    name, k = config.objective, k or config.k
     if name in ("miwae", "piwae"):
         log_w = model.log_weights(x, config.m * k, generator)  # [M*K, B]
         grouped = miwae_bound(log_w, config.m)
@@ -74,19 +103,23 @@ def surrogates(
         # PIWAE: encoder on MIWAE(M, K), decoder on IWAE with all M*K samples.
         bound = iwae_bound(log_w)
         return Surrogates(encoder=grouped, decoder=bound, bound=bound.detach())
-    if name in ("iwae-stl", "iwae-dreg"):
+    # IWAE is VR-IWAE at alpha = 0: one path serves both families.
+    alpha = config.alpha if name in VR_OBJECTIVES else 0.0
+    if name in ("iwae-stl", "iwae-dreg", "vr-iwae-dreg"):
         log_w = model.log_weights(x, k, generator, stop_q_params=True)
-        bound = iwae_bound(log_w)
+        bound = vr_iwae_bound(log_w, alpha)  # alpha = 0: iwae_bound, bit for bit
         if name == "iwae-stl":
             return _shared(bound)
         return Surrogates(
-            encoder=dreg_encoder_surrogate(log_w), decoder=bound, bound=bound.detach()
+            encoder=dreg_encoder_surrogate(log_w, alpha), decoder=bound, bound=bound.detach()
         )
     log_w = model.log_weights(x, k, generator)  # [K, B]
     if name == "vae":
         return _shared(elbo(log_w))
     if name == "ciwae":
         return _shared(ciwae_bound(log_w, config.beta))
+    if name == "vr-iwae":
+        return _shared(vr_iwae_bound(log_w, alpha))
     return _shared(iwae_bound(log_w))
 
 

@@ -53,7 +53,10 @@ def train_and_evaluate(
         "train_seconds": result.train_seconds,
         "epochs": result.epochs_done,
         "steps": result.steps,
+        "k_per_epoch": result.k_history,
     }
+    if config.k_schedule == "ess":
+        metrics["ess_per_epoch"] = result.ess_history
     if config.eval_size > 0:
         device = next(result.model.parameters()).device
         test_x = binarized_test_images(data.test_images[: config.eval_size]).to(device)

@@ -34,6 +34,7 @@ class StudyRow:
     train_seconds: float
     snr_encoder: float  # median over parameters of the bias-corrected SNR
     snr_decoder: float
+    alpha: float | None = None  # VR-IWAE objectives only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,19 +46,25 @@ def run_study(
     data: Mnist,
     out_dir: Path,
     *,
+    alphas: Sequence[float] | None = None,
     snr_draws: int = 100,
     snr_batch: int = 20,
     callbacks: Sequence[TrainCallback] = (),
 ) -> list[StudyRow] | None:
     """Train `base` once per K under `out_dir/k{K}` (resuming finished or partial runs).
 
-    Gradient SNR uses `snr_draws` estimates on the first `snr_batch` binarized test images.
-    Returns None when a callback stopped a run.
+    With `alphas` (VR-IWAE objectives), once per alpha and K under `out_dir/alpha{a}-k{K}`,
+    alpha-major. Gradient SNR uses `snr_draws` estimates on the first `snr_batch` binarized
+    test images. Returns None when a callback stopped a run.
     """
+    if alphas:
+        grid = [(a, k, f"alpha{a:g}-k{k}") for a in alphas for k in ks]
+    else:
+        grid = [(base.alpha, k, f"k{k}") for k in ks]
     rows = []
-    for k in ks:
-        config = base.with_changes(k=k)
-        run = train_and_evaluate(config, data, Path(out_dir) / f"k{k}", callbacks)
+    for alpha, k, name in grid:
+        config = base.with_changes(k=k, alpha=alpha)
+        run = train_and_evaluate(config, data, Path(out_dir) / name, callbacks)
         if run.stopped:
             return None
         device = resolve_device(config.device)
@@ -76,6 +83,7 @@ def run_study(
                 train_seconds=metrics["train_seconds"],
                 snr_encoder=snr.encoder.median,
                 snr_decoder=snr.decoder.median,
+                alpha=config.alpha,
             )
         )
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
 from models.files import Fence
+from models.k_schedule import held_out_ess, initial_k, next_k
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 
@@ -33,7 +34,10 @@ _LOSS_SYNC_STEPS = 50
 
 @dataclass
 class Progress:
-    """What a callback sees. `step`/`steps` count within the phase (images during "eval")."""
+    """What a callback sees. `step`/`steps` count within the phase (images during "eval").
+
+    `k` is the K the current training epoch uses (None during "eval").
+    """
 
     phase: Literal["train", "eval"]
     epoch: int
@@ -43,6 +47,7 @@ class Progress:
     loss: float | None
     images_per_s: float
     eta_s: float | None
+    k: int | None = None
 
 
 TrainCallback = Callable[[Progress], bool | None]
@@ -50,11 +55,16 @@ TrainCallback = Callable[[Progress], bool | None]
 
 @dataclass
 class TrainResult:
+    """`k_history`: the K of each completed epoch; `ess_history`: the held-out ESS/K after
+    each (`ess` schedule only)."""
+
     model: IWAEModel
     stopped: bool
     epochs_done: int
     steps: int
     train_seconds: float
+    k_history: list[int] = field(default_factory=list)
+    ess_history: list[float] = field(default_factory=list)
 
 
 def burda_epochs() -> int:
@@ -124,12 +134,21 @@ def train(
     """Train on `train_images` [N, D] (grey levels in [0, 1], binarized afresh each epoch).
 
     Resumes from `checkpoint_path` when that file exists, and rewrites it at every epoch end
-    (through `fence`, see `models.files.write_atomic`).
+    (through `fence`, see `models.files.write_atomic`). Under the `ess` K schedule the last
+    `batch_size` images are held out to measure ESS/K.
     """
     device = resolve_device(config.device)
     images = train_images[: config.train_size].to(device)  # [N, D]
     if config.train_size is not None and len(images) < config.train_size:
         raise ValueError(f"train_size={config.train_size} exceeds the {len(images)} images")
+    held_out = None
+    if config.k_schedule == "ess":
+        if len(images) <= config.batch_size:
+            raise ValueError(
+                f"k_schedule 'ess' holds out one batch ({config.batch_size} images) of the "
+                f"{len(images)} training images: it needs more than one batch"
+            )
+        images, held_out = images[: -config.batch_size], images[-config.batch_size :]
     model = init_model(config, device, images.mean(0))
     # The fused kernel updates every parameter in one pass: a quarter of a K=1 step saved.
     optimizer = torch.optim.Adam(
@@ -139,6 +158,8 @@ def train(
     state = TrainState()
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = _restore(checkpoint_path, config, model, optimizer, generator, device)
+    if state.k is None:
+        state.k = initial_k(config)
 
     steps_per_epoch = -(-len(images) // config.batch_size)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
@@ -157,7 +178,7 @@ def train(
                 callbacks,
             )
             if not stopped:
-                state.epoch += 1
+                _end_epoch(config, model, generator, held_out, state)
                 if checkpoint_path is not None:
                     save_checkpoint(
                         checkpoint_path, model, optimizer, config, state, generator, fence=fence
@@ -168,7 +189,27 @@ def train(
         epochs_done=state.epoch,
         steps=state.step,
         train_seconds=state.train_seconds,
+        k_history=list(state.k_history),
+        ess_history=list(state.ess_history),
     )
+
+
+def _end_epoch(
+    config: TrainConfig,
+    model: IWAEModel,
+    generator: torch.Generator,
+    held_out: Tensor | None,
+    state: TrainState,
+) -> None:
+    """Record the finished epoch's K and choose the next one (before the checkpoint)."""
+    state.epoch += 1
+    state.k_history.append(state.k)
+    ess = None
+    if held_out is not None:
+        x = torch.bernoulli(held_out, generator=generator)  # [B, D], a fresh binarization
+        ess = held_out_ess(model, x, config.k, generator)
+        state.ess_history.append(ess)
+    state.k = next_k(config, state.epoch, state.k, ess)
 
 
 def _train_epoch(
@@ -195,7 +236,7 @@ def _train_epoch(
         batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
         x = torch.bernoulli(batch, generator=generator)  # dynamic binarization, [B, D]
         with autocast:
-            s = surrogates(model, x, config, generator)
+            s = surrogates(model, x, config, generator, k=state.k)
         optimizer.zero_grad(set_to_none=True)
         backward(model, s)
         optimizer.step()
@@ -219,6 +260,7 @@ def _train_epoch(
             loss=loss,
             images_per_s=rate * config.batch_size,
             eta_s=remaining / rate if rate > 0 else None,
+            k=state.k,
         )
         # Every callback sees every step, even when an earlier one asks to stop.
         if any([callback(progress) for callback in callbacks]):

@@ -138,3 +138,51 @@ def test_snr_prints_json_per_k_with_slopes(mnist_env, tmp_path, capsys):
     for bad in (["--draws", "7"], ["--images", "0"], ["--ks", "0"]):
         assert main([*argv, "--device", "cpu", *bad]) == 2
     assert "at least 8 draws" in capsys.readouterr().err
+
+
+def test_vr_iwae_and_k_schedule_options_reach_the_config(mnist_env, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--k",
+            "3",
+            "--objective",
+            "vr-iwae-dreg",
+            "--alpha",
+            "0.25",
+            "--k-schedule",
+            "linear",
+            "--epochs",
+            "2",
+            "--train-size",
+            "200",
+            "--eval-size",
+            "0",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["k_per_epoch"] == [1, 3]
+    code = main(["eval", "--model", str(out), "--k", "5", "--eval-size", "5", "--device", "cpu"])
+    config = json.loads(capsys.readouterr().out.splitlines()[-1])["config"]
+    assert (config["objective"], config["alpha"], config["k_min"]) == ("vr-iwae-dreg", 0.25, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--alpha", "0.5"], "alpha applies only"),
+        (["--k-min", "2"], "k_min applies only"),
+        (["study", "--objective", "vr-iwae", "--alphas", "0.5", "1.0"], "alpha must lie"),
+    ],
+)
+def test_options_that_do_not_apply_are_a_message(mnist_env, tmp_path, capsys, options, message):
+    command = options[:1] if options[0] == "study" else ["train", "--k", "3"]
+    rest = options[1:] if options[0] == "study" else options
+    code = main([*command, *rest, "--out", str(tmp_path / "x"), *TINY])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any training

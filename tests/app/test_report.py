@@ -39,3 +39,17 @@ def test_svg_of_a_single_k_without_evaluation_is_still_valid():
     row = StudyRow(5, "vae", None, None, None, 1.0, 0.1, 0.2)
     root = ET.fromstring(study_svg([row]))
     assert len(root.findall("{http://www.w3.org/2000/svg}circle")) == 3
+
+
+def test_a_study_over_alphas_labels_and_draws_each_alpha():
+    rows = [
+        StudyRow(k, "vr-iwae", -90.0 - a, 0.2, [20], 1.0, 0.5, 1.0, alpha=a)
+        for a in (0.0, 0.5)
+        for k in (1, 5)
+    ]
+    assert "| 5 | vr-iwae (alpha=0.5) |" in study_markdown(rows, eval_k=100)
+    root = ET.fromstring(study_svg(rows))
+    # Per panel one line per alpha and series: 2 * (1 + 1 + 1 + 2) lines.
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 10
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "alpha=0.5" in texts and "encoder alpha=0" in texts

@@ -193,10 +193,11 @@ def test_running_job_shows_its_progress(client: TestClient) -> None:
     store = client.app.state.store
     lease = store.claim(job_id, "test-worker")
     progress = {"phase": "train", "epoch": 0, "epochs": 1, "step": 3, "steps": 10, "loss": 180.5}
-    store.update_progress(lease, {**progress, "images_per_s": 900.0, "eta_s": 2.0})
+    store.update_progress(lease, {**progress, "images_per_s": 900.0, "eta_s": 2.0, "k": 12})
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "running"
     assert job["progress"]["step"] == 3 and job["progress"]["loss"] == 180.5
+    assert job["progress"]["k"] == 12  # the K of the current epoch (K schedules)
 
 
 def test_unknown_job_is_404(client: TestClient) -> None:
@@ -274,3 +275,44 @@ def test_jobs_can_be_filtered_by_status_and_limited(client: TestClient) -> None:
     assert len(client.get("/jobs", params={"limit": 1}).json()["jobs"]) == 1
     assert client.get("/jobs", params={"status": "lost"}).status_code == 422
     assert client.get("/jobs", params={"limit": 0}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "recorded"),
+    [
+        ({"objective": "vr-iwae"}, {"alpha": 0.5, "k_schedule": "fixed", "k_min": None}),
+        ({"objective": "vr-iwae-dreg", "alpha": 0.0}, {"alpha": 0.0}),
+        ({"k_schedule": "linear"}, {"alpha": None, "k_min": 1, "ess_target": None}),
+        ({"k_schedule": "ess", "k_min": 2}, {"k_min": 2, "ess_target": 0.15}),
+        ({"k_schedule": "ess", "ess_target": 0.3}, {"k_min": 1, "ess_target": 0.3}),
+    ],
+)
+def test_vr_iwae_and_k_schedule_options_are_recorded_with_their_defaults(
+    client: TestClient, body: dict[str, Any], recorded: dict[str, Any]
+) -> None:
+    config = train(client, {"k": 5, **body}).json()["config"]
+    assert {key: config[key] for key in recorded} == recorded
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"alpha": 0.5}, "alpha applies only"),  # objective iwae
+        ({"objective": "ciwae", "alpha": 0.2}, "alpha applies only"),
+        ({"objective": "vr-iwae", "alpha": 1.0}, "less than 1"),
+        ({"objective": "vr-iwae", "alpha": -0.5}, "greater than or equal to 0"),
+        ({"k_min": 2}, "k_min applies only"),  # k_schedule fixed
+        ({"k_schedule": "linear", "k_min": 6}, "k_min must lie"),  # above k=5
+        ({"k_schedule": "linear", "ess_target": 0.2}, "ess_target applies only"),
+        ({"k_schedule": "ess", "ess_target": 0}, "greater than 0"),
+        ({"k_schedule": "ess", "train_size": 100}, "train_size must exceed batch_size"),
+        ({"k_schedule": "cosine"}, "'fixed', 'linear' or 'ess'"),
+    ],
+)
+def test_vr_iwae_and_k_schedule_options_that_do_not_apply_are_422(
+    client: TestClient, fake_queue, body: dict[str, Any], message: str
+) -> None:
+    response = train(client, {"k": 5, **body})
+    assert response.status_code == 422
+    assert message in str(response.json()["detail"])
+    assert fake_queue.job_ids == []

@@ -27,6 +27,7 @@ def assert_trained(service: Service, job_id: str) -> None:
     assert record.error is None
     assert record.metrics is not None
     assert record.metrics["epochs"] == record.config["epochs"]
+    assert len(record.metrics["k_per_epoch"]) == record.config["epochs"]
     assert record.metrics["eval_k"] == TINY_CONFIG["eval_k"]
     assert record.metrics["test_loglik"] < 0
     assert record.started_at is not None
@@ -55,7 +56,8 @@ def test_job_runs_to_success(redis_service: Service) -> None:
 def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) -> None:
     service = redis_service
     first = service.start_worker()
-    job_id = service.submit(epochs=10, train_size=1000, eval_size=50)
+    # A K schedule, so that the resumed run must also continue the schedule.
+    job_id = service.submit(epochs=10, train_size=1000, eval_size=50, k_schedule="linear")
     # Past the first epoch's checkpoint (model_id appears with it), still training.
     service.wait_for(
         job_id,
@@ -85,6 +87,9 @@ def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) ->
     service.wait_finished(job_id, timeout=90)
     assert_trained(service, job_id)
     assert service.store.get(job_id).attempts == 2
+    # round(1 + 4 e / 9) for e = 0..9: K from k_min=1 to k=5, across the crash.
+    k_per_epoch = service.store.get(job_id).metrics["k_per_epoch"]
+    assert k_per_epoch == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
 def test_stopped_worker_hands_its_job_to_the_next_worker(redis_service: Service) -> None:

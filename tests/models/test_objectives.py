@@ -27,8 +27,10 @@ from models.objectives import (
     iwae_bound,
     miwae_bound,
     surrogates,
+    vr_iwae_bound,
 )
 from tests.models.linear_gaussian import LinearGaussianModel
+from tests.models.test_estimators import LinearGaussian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,6 +71,7 @@ def test_shifting_log_weights_by_c_shifts_every_bound_by_c(c: float) -> None:
         "iwae": iwae_bound,
         "miwae(m=3)": lambda w: miwae_bound(w, 3),
         "ciwae(beta=0.3)": lambda w: ciwae_bound(w, 0.3),
+        "vr-iwae(alpha=0.4)": lambda w: vr_iwae_bound(w, 0.4),
     }
     for name, bound in bounds.items():
         torch.testing.assert_close(bound(log_w + c), bound(log_w) + c, rtol=0, atol=1e-9, msg=name)
@@ -195,6 +198,8 @@ def config(objective: str, **options: object) -> TrainConfig:
         ("miwae", 8, lambda w: miwae_bound(w, 2)),
         ("ciwae", 4, lambda w: ciwae_bound(w, 0.3)),
         ("piwae", 8, iwae_bound),
+        ("vr-iwae", 4, lambda w: vr_iwae_bound(w, 0.5)),  # alpha: its default
+        ("vr-iwae-dreg", 4, lambda w: vr_iwae_bound(w, 0.5)),
     ],
 )
 def test_surrogates_report_the_bound_of_their_objective(
@@ -406,3 +411,137 @@ def test_dreg_two_layer_encoder_gradient_follows_z1_through_log_q_z2(
         torch.testing.assert_close(ours, right, rtol=0, atol=1e-12)
         # The missing path moves the gradient by far more than the tolerance above.
         assert (cut - right).abs().max() > 1e-3
+
+
+# --- VR-IWAE (Daudel, Benton, Shi & Doucet, 2023) -----------------------------------------
+
+
+def test_vr_iwae_at_alpha_zero_is_the_iwae_bound_bit_for_bit() -> None:
+    log_w = log_weights(9, b=4).requires_grad_(True)
+    vr = vr_iwae_bound(log_w, 0.0)
+    (vr_grad,) = torch.autograd.grad(vr.sum(), log_w)
+    iwae = iwae_bound(log_w)
+    (iwae_grad,) = torch.autograd.grad(iwae.sum(), log_w)
+
+    assert torch.equal(vr, iwae)
+    assert torch.equal(vr_grad, iwae_grad)
+
+
+def test_vr_iwae_matches_a_value_worked_by_hand() -> None:
+    # w = (1, 3), alpha = 1/2: 2 log((1 + sqrt 3) / 2).
+    log_w = torch.tensor([[0.0], [math.log(3.0)]], dtype=torch.float64)
+
+    assert vr_iwae_bound(log_w, 0.5).item() == pytest.approx(2 * math.log((1 + 3**0.5) / 2))
+
+
+def test_vr_iwae_falls_from_iwae_to_the_elbo_as_alpha_grows() -> None:
+    log_w = log_weights(32, b=20, scale=3.0)
+    alphas = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99]
+
+    values = torch.stack([vr_iwae_bound(log_w, a) for a in alphas])  # [A, B]
+
+    # A power mean of the weights with exponent 1 - alpha: strictly decreasing in alpha.
+    assert (values[1:] < values[:-1]).all()
+    assert (values[-1] > elbo(log_w)).all()
+
+
+def test_vr_iwae_tends_to_the_elbo_at_the_rate_of_half_the_log_weight_variance() -> None:
+    """log mean exp(t log w) = t mean + t^2 var / 2 + O(t^3) with t = 1 - alpha, so
+    (L_alpha - ELBO) / (1 - alpha) -> Var_k(log w) / 2 as alpha -> 1."""
+    log_w = log_weights(16, b=5)
+    half_variance = log_w.var(0, correction=0) / 2
+
+    for t in (1e-2, 1e-3, 1e-4):
+        slope = (vr_iwae_bound(log_w, 1.0 - t) - elbo(log_w)) / t
+        torch.testing.assert_close(slope, half_variance, rtol=3 * t * 10, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vr_iwae_is_finite_and_exact_for_extreme_log_weights(dtype: torch.dtype) -> None:
+    k = 100_000
+    one_alive = torch.full((k, 1), -1e4, dtype=dtype)
+    one_alive[17] = 0.0
+    equal = torch.full((k, 2), 30.0, dtype=dtype)
+
+    # mean of w^(1/2) is 1/K: the bound is 2 log(1/K).
+    assert vr_iwae_bound(one_alive, 0.5).item() == pytest.approx(-2 * math.log(k), abs=1e-3)
+    torch.testing.assert_close(vr_iwae_bound(equal, 0.7), torch.full((2,), 30.0, dtype=dtype))
+
+
+def test_linear_gaussian_oracle_for_vr_iwae() -> None:
+    """With q the exact posterior every weight is p(x): L_alpha = log p(x) for any alpha.
+
+    With q the posterior shifted by delta, log w = log p(x) - delta^T S^-1 u - m^2/2 with
+    u ~ N(0, S) and m^2 = delta^T S^-1 delta: a Gaussian of variance m^2. Then
+    1/(1-alpha) log E[w^(1-alpha)] = log p(x) - alpha m^2 / 2, the K -> infinity limit of
+    the VR-IWAE bound (Li & Turner's VR bound), in closed form: the leading term
+    -alpha B_d^2 / 2 of the gap in Daudel et al.'s (2023) Gaussian example.
+    """
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3]], dtype=torch.float64)
+    exact = LinearGaussian()
+    log_px = exact.log_px(x)
+    for alpha in (0.0, 0.5, 0.9):
+        log_w = exact.log_weights(x, 10, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(vr_iwae_bound(log_w, alpha), log_px, rtol=0, atol=1e-10)
+
+    shift = 0.3
+    shifted = LinearGaussian(shift=shift)
+    delta = torch.full((2,), shift, dtype=torch.float64)
+    m2 = delta @ torch.linalg.inv(shifted.posterior_cov) @ delta
+    log_w = shifted.log_weights(x, 400_000, torch.Generator().manual_seed(1))  # [K, B]
+    for alpha in (0.0, 0.5, 0.9):
+        expected = log_px - alpha * m2 / 2
+        torch.testing.assert_close(vr_iwae_bound(log_w, alpha), expected, rtol=0, atol=0.02)
+    assert m2 / 2 > 0.3  # the shift is large enough for the alphas to be told apart
+
+
+def test_vr_dreg_surrogate_value_and_gradient() -> None:
+    # w = (1, 3), alpha = 1/2: v = (1, sqrt 3) / (1 + sqrt 3); weights alpha v + (1-alpha) v^2.
+    log_w = torch.tensor([[0.0], [math.log(3.0)]], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([[1.0], [3**0.5]], dtype=torch.float64) / (1 + 3**0.5)
+    weights = 0.5 * v + 0.5 * v.square()
+
+    value = dreg_encoder_surrogate(log_w, 0.5)
+    value.sum().backward()
+
+    assert value.item() == pytest.approx(weights[1].item() * math.log(3.0))
+    torch.testing.assert_close(log_w.grad, weights)
+
+
+def test_vr_dreg_at_alpha_zero_is_iwae_dreg_bit_for_bit(
+    model64: IWAEModel, x_binary: Tensor
+) -> None:
+    grads = []
+    for cfg in (config("iwae-dreg", k=5), config("vr-iwae-dreg", k=5, alpha=0.0)):
+        s = surrogates(model64, x_binary, cfg, torch.Generator().manual_seed(3))
+        model64.zero_grad(set_to_none=True)
+        backward(model64, s)
+        grads.append((s, [p.grad.clone() for p in model64.parameters()]))
+    (a, grads_a), (b, grads_b) = grads
+
+    for name in ("encoder", "decoder", "bound"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b, strict=True))
+
+
+def test_vr_dreg_gradients_equal_vr_iwae_in_expectation_with_lower_encoder_variance(
+    model64: IWAEModel, x_binary: Tensor
+) -> None:
+    encoder_vr, decoder_vr = gradient_draws(model64, x_binary, config("vr-iwae", k=5, alpha=0.5))
+    encoder_dreg, decoder_dreg = gradient_draws(
+        model64, x_binary, config("vr-iwae-dreg", k=5, alpha=0.5)
+    )
+    encoder_iwae, _ = gradient_draws(model64, x_binary, config("iwae", k=5))
+
+    assert_same_expectation(encoder_dreg, encoder_vr, "vr-iwae-dreg encoder")
+    assert_same_expectation(decoder_dreg, decoder_vr, "vr-iwae-dreg decoder")
+    # The test can tell expectations apart: alpha = 1/2 is not the IWAE bound's gradient.
+    assert z_scores(encoder_vr, encoder_iwae).max() > 10
+    assert encoder_dreg.var(0).sum() < encoder_vr.var(0).sum()
+
+
+def test_vr_dreg_surrogate_at_alpha_zero_is_tuckers_formula_bit_for_bit() -> None:
+    log_w = log_weights(7, b=3).requires_grad_(True)
+    tucker = (torch.softmax(log_w.detach(), 0).square() * log_w).sum(0)  # eq. 5
+
+    assert torch.equal(dreg_encoder_surrogate(log_w, 0.0), tucker)

@@ -17,7 +17,7 @@ from models.training import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRAIN_KEYS = {"train_seconds", "epochs", "steps"}
+TRAIN_KEYS = {"train_seconds", "epochs", "steps", "k_per_epoch"}
 EVAL_KEYS = {"test_loglik", "test_loglik_std_error", "active_units", "eval_k", "eval_size"}
 EVAL_KEYS |= {"test_elbo", "test_gap", "mc_std_error_mean", "ess_mean"}
 EVAL_KEYS |= {"pareto_k_mean", "pareto_k_above_0_7"}

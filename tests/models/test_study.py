@@ -38,3 +38,20 @@ def test_a_stopping_callback_stops_the_study(tmp_path, train_config, synthetic_m
     rows = run_study(train_config, [1, 2], synthetic_mnist, tmp_path, callbacks=[lambda p: True])
     assert rows is None
     assert not (tmp_path / "k2").exists()
+
+
+def test_alphas_are_one_more_grid_axis(tmp_path, train_config, synthetic_mnist):
+    config = train_config.with_changes(objective="vr-iwae", eval_size=5, epochs=1)
+    rows = run_study(
+        config, [2, 4], synthetic_mnist, tmp_path, alphas=[0.0, 0.5], snr_draws=3, snr_batch=3
+    )
+
+    assert [(r.alpha, r.k) for r in rows] == [(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "alpha0-k2",
+        "alpha0-k4",
+        "alpha0.5-k2",
+        "alpha0.5-k4",
+    ]
+    # alpha changes the objective, so the same K gives another model.
+    assert rows[0].test_loglik != rows[2].test_loglik
