@@ -43,7 +43,7 @@ def test_a_stopping_callback_stops_the_study(tmp_path, train_config, synthetic_m
 def test_alphas_are_one_more_grid_axis(tmp_path, train_config, synthetic_mnist):
     config = train_config.with_changes(objective="vr-iwae", eval_size=5, epochs=1)
     rows = run_study(
-        config, [2, 4], synthetic_mnist, tmp_path, alphas=[0.0, 0.5], snr_draws=3, snr_batch=3
+        config, [2, 4], synthetic_mnist, tmp_path, alphas=[0.0, 0.5], snr_draws=8, snr_batch=3
     )
 
     assert [(r.alpha, r.k) for r in rows] == [(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)]
