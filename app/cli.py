@@ -4,6 +4,7 @@
     iwae study --ks 1 5 50 [--alphas 0 0.5] [...]           train per K (and alpha): table, figure
     iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
     iwae snr --model PATH --ks 1 10 100 1000 [...]          gradient SNR against K (JSON)
+    iwae impute --model PATH IMAGE [--mask MASK] [--out F]  fill in an image's missing pixels
     iwae serve [--host 127.0.0.1] [--port 8000]             the API (+ a local worker if embedded)
     iwae worker                                             a Celery worker (distributed mode)
 
@@ -25,6 +26,7 @@ from models.config import (
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
     K_SCHEDULES,
+    MISSING_PATTERNS,
     OBJECTIVES,
     PRESETS,
     ModelConfig,
@@ -121,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     snr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     snr.add_argument("--seed", type=int, default=0)
+
+    impute = commands.add_parser(
+        "impute",
+        formatter_class=fmt,
+        help="fill in the missing pixels of an image with a checkpoint (as POST /impute): "
+        "writes a PNG strip of the input, the mask, the single imputation and n draws",
+    )
+    impute.add_argument(
+        "--model", type=Path, required=True, help="a model.safetensors file or its folder"
+    )
+    impute.add_argument("image", type=Path, help="an image of one digit, framed like MNIST")
+    impute.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        help="same size as IMAGE, white = missing; without it, IMAGE's transparent pixels",
+    )
+    impute.add_argument("--k", type=int, default=1000, help="importance samples")
+    impute.add_argument("--n", type=int, default=8, help="multiple imputations to draw")
+    impute.add_argument("--seed", type=int, default=0)
+    impute.add_argument("--out", type=Path, default=Path("imputed.png"), help="the PNG strip")
+    impute.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
 
     serve = commands.add_parser(
         "serve",
@@ -245,6 +269,19 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.precision,
         help="training arithmetic; evaluation always runs in fp32",
     )
+    parser.add_argument(
+        "--missing-rate",
+        type=float,
+        default=d.missing_rate,
+        help="train on incomplete images: the fraction of pixels (mcar) or of images "
+        "(top-half, random-square) with missing pixels, in [0, 0.9]",
+    )
+    parser.add_argument(
+        "--missing-pattern",
+        choices=MISSING_PATTERNS,
+        default=d.missing_pattern,
+        help="which pixels go missing when --missing-rate > 0",
+    )
 
 
 def _config(args: argparse.Namespace, k: int) -> TrainConfig:
@@ -267,6 +304,8 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
         "seed": args.seed,
         "device": args.device,
         "precision": args.precision,
+        "missing_rate": args.missing_rate,
+        "missing_pattern": args.missing_pattern,
     }
     if args.preset is not None:  # the preset's values, unless given on the command line
         given = getattr(args, "given", set())
@@ -310,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "study": _study,
         "eval": _eval,
         "snr": _snr,
+        "impute": _impute,
         "serve": _serve,
         "worker": _worker,
     }[args.command]
@@ -434,6 +474,35 @@ def _snr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _impute(args: argparse.Namespace) -> int:
+    from app.images import encode_imputation_strip, masked_digit
+    from app.inference import impute
+    from app.registry import ServedModel
+    from app.settings import get_settings
+    from models.checkpoint import load_model
+    from models.run import CHECKPOINT_NAME
+    from models.training import resolve_device
+
+    if args.k < 1 or args.n < 0:
+        raise ValueError("--k must be at least 1 and --n at least 0")
+    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    model, config = load_model(path, resolve_device(args.device))
+    mask = None if args.mask is None else args.mask.read_bytes()
+    masked = masked_digit(args.image.read_bytes(), mask, get_settings().max_image_pixels)
+    served = ServedModel(model_id=str(path), model=model, config=config)
+    result = impute(served, masked.digit, masked.missing, args.k, args.n, args.seed)
+    args.out.write_bytes(encode_imputation_strip(masked, result.single, result.draws))
+    summary = {
+        "out": str(args.out),
+        "k": args.k,
+        "n": args.n,
+        "missing_pixels": int(masked.missing.sum()),
+        "observed_log_likelihood": result.observed_log_likelihood,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
@@ -474,9 +543,9 @@ class _ProgressBar:
             self._restart(
                 key,
                 progress.steps,
-                f"epoch {progress.epoch}/{progress.epochs}"
-                if progress.phase == "train"
-                else "evaluating",
+                {"train": f"epoch {progress.epoch}/{progress.epochs}", "impute": "imputing"}.get(
+                    progress.phase, "evaluating"
+                ),
             )
         if progress.loss is not None:
             self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import NotAuthenticated, NotReady
-from app.images import binarize, preprocess
+from app.images import MaskedDigit, binarize, masked_digit, preprocess
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ServedModel
 from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut
@@ -105,6 +105,26 @@ def uploaded_digit(
     return binarize(preprocess(file.file.read(), settings.max_image_pixels))
 
 
+def uploaded_masked_digit(
+    settings: SettingsDep,
+    file: Annotated[
+        UploadFile,
+        File(
+            description="An image of one digit, framed like MNIST (the digit fills about the "
+            "middle 20/28 of a square frame); a PNG's transparent pixels are missing when no "
+            "`mask` is sent."
+        ),
+    ],
+    mask: Annotated[
+        UploadFile | None,
+        File(description="Same size as `file`: white (or transparent) pixels are missing."),
+    ] = None,
+) -> MaskedDigit:
+    """The upload as a 28x28 binarized digit and its missing pixels."""
+    mask_bytes = None if mask is None else mask.file.read()
+    return masked_digit(file.file.read(), mask_bytes, settings.max_image_pixels)
+
+
 def _above_limit(name: str, value: int, limit: int) -> RequestValidationError:
     """The 422 that `Query(le=limit)` would give, for limits that are settings."""
     return RequestValidationError(
@@ -146,6 +166,27 @@ def loglik_k(
     k = settings.default_loglik_k if k is None else k
     if k > settings.max_loglik_k:
         raise _above_limit("k", k, settings.max_loglik_k)
+    return k
+
+
+IMPUTE_K = 1000  # about 15 ms of one CPU core for a Burda-size model
+
+
+def impute_k(
+    settings: SettingsDep,
+    k: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            description=f"Importance samples; default {IMPUTE_K} (or IWAE_MAX_IMPUTE_K if "
+            "lower), at most IWAE_MAX_IMPUTE_K (10000).",
+            examples=[IMPUTE_K],
+        ),
+    ] = None,
+) -> int:
+    k = min(IMPUTE_K, settings.max_impute_k) if k is None else k
+    if k > settings.max_impute_k:
+        raise _above_limit("k", k, settings.max_impute_k)
     return k
 
 

@@ -50,6 +50,10 @@ class NoDigitFound(InvalidImage):
     """The image decodes but is blank: nothing stands out from the background."""
 
 
+class InvalidMask(InvalidImage):
+    """The mask of POST /impute is missing, of another size, empty or full."""
+
+
 class QueueUnavailable(RuntimeError):
     """The job was recorded but could not be handed to the broker."""
 
@@ -66,6 +70,7 @@ class NotReady(RuntimeError):
 STATUS_CODES: dict[type[Exception], int] = {
     EmptyImage: 400,
     NoDigitFound: 400,
+    InvalidMask: 400,
     NotAuthenticated: 401,
     ModelNotFound: 404,
     JobNotFound: 404,

@@ -5,6 +5,7 @@ MNIST itself was made (LeCun et al.): greyscale, light digit on a dark backgroun
 digit's bounding box scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28
 field so that its centre of mass sits at the centre. Pure functions over bytes and numpy
 arrays; the only state is `configure_pillow`, called once by the app's lifespan.
+`masked_digit` prepares an incomplete digit and its mask for imputation, keeping the framing.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import EmptyImage, ImageTooLarge, NoDigitFound, UnreadableImage
+from app.errors import EmptyImage, ImageTooLarge, InvalidMask, NoDigitFound, UnreadableImage
+
+_Decoded = TypeVar("_Decoded")
 
 SIDE = 28  # MNIST images are SIDE x SIDE
 BOX = 20  # the digit's bounding box is scaled to fit BOX x BOX
@@ -46,6 +52,17 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     (drawing apps export dark strokes on a transparent canvas); animated images give their
     first frame; EXIF orientation is applied.
     """
+    return _decode(data, max_pixels, _to_grey)
+
+
+def decode_with_transparency(data: bytes, max_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`decode`, and where the image is transparent (alpha below 50%): `[H, W] bool`, or
+    None for an image without an alpha channel."""
+    return _decode(data, max_pixels, lambda image: (_to_grey(image), _transparent(image)))
+
+
+def _decode(data: bytes, max_pixels: int, convert: Callable[[Image.Image], _Decoded]) -> _Decoded:
+    """Open `data` with the checks of `decode`, then `convert` the (first, upright) frame."""
     if not data:
         raise EmptyImage("the uploaded file is empty")
     try:
@@ -68,7 +85,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         image.seek(0)
         image = ImageOps.exif_transpose(image)
-        return _to_grey(image)
+        return convert(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -90,6 +107,12 @@ def _to_grey(image: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _transparent(image: Image.Image) -> np.ndarray | None:
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return None
+    return np.asarray(image.convert("RGBA"))[..., 3] < 128
 
 
 def to_mnist(grey: np.ndarray) -> np.ndarray:
@@ -148,6 +171,91 @@ def preprocess(data: bytes, max_pixels: int) -> np.ndarray:
     return to_mnist(decode(data, max_pixels))
 
 
+@dataclass(frozen=True)
+class MaskedDigit:
+    """An incomplete digit for imputation: `digit [784]` binarized, 0 where missing;
+    `missing [784] bool`."""
+
+    digit: np.ndarray
+    missing: np.ndarray
+
+
+def masked_digit(image: bytes, mask: bytes | None, max_pixels: int) -> MaskedDigit:
+    """An image and its mask (white = missing, same size), or a PNG whose transparent pixels
+    are missing, as a 28x28 incomplete digit.
+
+    Unlike `preprocess`, the picture keeps its framing: it is padded to a square and scaled
+    to 28x28 as a whole, because cropping to the digit and centring its mass would need the
+    missing part. Light-on-dark is decided, and the contrast stretched, from observed pixels.
+    """
+    if mask is None:
+        grey, missing = decode_with_transparency(image, max_pixels)
+        if missing is None:
+            raise InvalidMask(
+                "no mask: send the missing pixels as a second image `mask` (white = missing, "
+                "same size), or send a PNG whose transparent pixels are the missing ones"
+            )
+    else:
+        grey = decode(image, max_pixels)
+        missing = decode(mask, max_pixels) >= 0.5
+        if missing.shape != grey.shape:
+            raise InvalidMask(
+                f"the mask is {missing.shape[1]}x{missing.shape[0]} pixels but the image is "
+                f"{grey.shape[1]}x{grey.shape[0]}: they must be the same size"
+            )
+    ink = _observed_ink(grey, missing)
+    ink, missing = _square(ink), _square(missing.astype(np.float32))
+    if ink.shape[0] != SIDE:
+        ink = _resize(ink, SIDE, Image.Resampling.LANCZOS)
+        missing = _resize(missing, SIDE, Image.Resampling.BOX)
+    missing = (missing >= 0.5).reshape(SIDE * SIDE)
+    if not missing.any():
+        raise InvalidMask(
+            "the mask marks no pixel as missing: missing pixels are white in `mask` (or "
+            "transparent in a PNG sent alone), and at 28x28 a mark must cover half a pixel"
+        )
+    if missing.all():
+        raise InvalidMask(
+            "the mask marks every pixel as missing: nothing is left to condition on "
+            "(GET /samples draws whole digits)"
+        )
+    digit = np.where(missing, 0.0, binarize(ink.reshape(SIDE * SIDE))).astype(np.float32)
+    return MaskedDigit(digit=digit, missing=missing)
+
+
+def _observed_ink(grey: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Light ink on a dark ground in [0, 1], decided from the observed pixels only (those
+    on the border when there are any); 0 where missing and wherever the picture is blank."""
+    edge = np.zeros(grey.shape, dtype=bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    seen = ~missing
+    reference = grey[seen & edge] if (seen & edge).any() else grey[seen]
+    if reference.size == 0:  # every pixel missing: refused by the caller after scaling
+        return np.zeros_like(grey)
+    if reference.mean() > 0.5:
+        grey, reference = 1.0 - grey, 1.0 - reference
+    background = float(np.median(reference))
+    contrast = float(grey[seen].max()) - background
+    if contrast < MIN_CONTRAST:
+        return np.zeros_like(grey)
+    return np.where(seen, np.clip((grey - background) / contrast, 0.0, 1.0), 0.0)
+
+
+def _square(values: np.ndarray) -> np.ndarray:
+    """Pad `[H, W]` with zeros (dark ground, observed) to a centred `[S, S]`, S = max(H, W)."""
+    height, width = values.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    field = np.zeros((side, side), dtype=np.float32)
+    field[top : top + height, left : left + width] = values
+    return field
+
+
+def _resize(values: np.ndarray, side: int, resample: Image.Resampling) -> np.ndarray:
+    resized = Image.fromarray(values.astype(np.float32)).resize((side, side), resample)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
 def binarize(digit: np.ndarray) -> np.ndarray:
     """Threshold at 0.5, as the models were trained on binarized digits: [..., 784] in {0, 1}."""
     return (digit >= 0.5).astype(np.float32)
@@ -158,14 +266,15 @@ def encode_png(digit: np.ndarray) -> bytes:
     return _png(np.asarray(digit, dtype=np.float32).reshape(SIDE, SIDE))
 
 
-def encode_png_grid(digits: np.ndarray, padding: int = 2) -> bytes:
-    """n digits `[n, 784]` in [0, 1] -> one PNG, a near-square grid with black padding.
+def encode_png_grid(digits: np.ndarray, padding: int = 2, cols: int | None = None) -> bytes:
+    """n digits `[n, 784]` in [0, 1] -> one PNG, a grid with black padding.
 
-    `ceil(sqrt(n))` columns and as many rows as needed, like torchvision's `make_grid`.
+    `cols` columns (default `ceil(sqrt(n))`, a near-square grid like torchvision's
+    `make_grid`) and as many rows as needed.
     """
     digits = np.asarray(digits, dtype=np.float32).reshape(-1, SIDE, SIDE)  # [n, 28, 28]
     n = digits.shape[0]
-    cols = max(1, math.ceil(math.sqrt(n)))
+    cols = cols or max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
     cell = SIDE + padding
     grid = np.zeros((rows * cell + padding, cols * cell + padding), dtype=np.float32)
@@ -174,6 +283,14 @@ def encode_png_grid(digits: np.ndarray, padding: int = 2) -> bytes:
         left = padding + (i % cols) * cell
         grid[top : top + SIDE, left : left + SIDE] = digit
     return _png(grid)
+
+
+def encode_imputation_strip(masked: MaskedDigit, single: np.ndarray, draws: np.ndarray) -> bytes:
+    """One row of 28x28 cells: the input (missing pixels grey), the mask (white = missing),
+    the single imputation, then each of the n draws: `single [784]`, `draws [n, 784]`."""
+    shown = np.where(masked.missing, 0.5, masked.digit)
+    cells = [shown, masked.missing.astype(np.float32), single, *draws]
+    return encode_png_grid(np.stack(cells), cols=len(cells))
 
 
 def _png(values: np.ndarray) -> bytes:

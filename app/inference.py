@@ -1,4 +1,5 @@
-"""What the API computes with a served model: samples, reconstructions, log-likelihoods.
+"""What the API computes with a served model: samples, reconstructions, log-likelihoods,
+imputations.
 
 Called from sync routes, so in the server's thread pool and never on the event loop; every
 call runs under `torch.inference_mode()`. Inputs and outputs are numpy arrays on the CPU,
@@ -15,6 +16,7 @@ import torch
 
 from app.registry import ServedModel
 from models.estimators import log_likelihood
+from models.imputation import impute as impute_missing
 
 D = 784
 
@@ -78,4 +80,36 @@ def score(
             elbo=float(result.elbo[0]),
             ess=float(result.ess[0]),
             pareto_k=None if result.pareto_k[0].isnan() else float(result.pareto_k[0]),
+        )
+
+
+@dataclass(frozen=True)
+class Imputed:
+    """`single [784]`: observed pixels as given, E[x_missing | x_observed] elsewhere;
+    `draws [n, 784]`: binary draws of the missing pixels; `observed_log_likelihood`: the
+    K-sample IWAE bound on log p(x_observed), nats."""
+
+    single: np.ndarray
+    draws: np.ndarray
+    observed_log_likelihood: float
+
+
+def impute(
+    served: ServedModel,
+    digit: np.ndarray,
+    missing: np.ndarray,
+    k: int,
+    n: int,
+    seed: int | None = None,
+) -> Imputed:
+    """Fill in the `missing [784]` pixels of one binarized digit `[784]` with K importance
+    samples: the single imputation and n draws by sampling importance resampling."""
+    with torch.inference_mode():
+        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
+        observed = torch.as_tensor(~missing, dtype=torch.float32, device=served.device).view(1, D)
+        result = impute_missing(served.model, x, observed, k, n, _generator(served, seed))
+        return Imputed(
+            single=result.single[0].float().cpu().numpy(),
+            draws=result.draws[:, 0].float().cpu().numpy(),
+            observed_log_likelihood=float(result.log_px_observed[0]),
         )

@@ -15,11 +15,13 @@ _COLORS = ("#1f77b4", "#d62728")
 
 def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
     """One row per K (and alpha); log-likelihood in nats per test image (IWAE bound,
-    k=`eval_k`)."""
+    k=`eval_k`); imputation cross-entropy of the top halves of the test digits, nats per
+    missing pixel."""
     lines = [
         f"| K | objective | test log p(x) (nats, k={eval_k}) | active units | "
-        "train time (s) | encoder SNR (median) | decoder SNR (median) |",
-        "|---:|---|---:|---|---:|---:|---:|",
+        "train time (s) | encoder SNR (median) | decoder SNR (median) | "
+        "imputation BCE: K=1 / K / mean |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         loglik = (
@@ -31,9 +33,16 @@ def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
         objective = r.objective if r.alpha is None else f"{r.objective} (alpha={r.alpha:g})"
         lines.append(
             f"| {r.k} | {objective} | {loglik} | {units} | {r.train_seconds:.1f} | "
-            f"{r.snr_encoder:.3f} | {r.snr_decoder:.3f} |"
+            f"{r.snr_encoder:.3f} | {r.snr_decoder:.3f} | {_imputation(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _imputation(row: StudyRow) -> str:
+    if row.imputation is None:
+        return "-"
+    model, mean = row.imputation["model"], row.imputation["mean"]["bce"]
+    return f"{model['1']['bce']:.3f} / {model[str(row.k)]['bce']:.3f} / {mean:.3f}"
 
 
 def study_svg(rows: Sequence[StudyRow]) -> str:

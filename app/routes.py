@@ -23,6 +23,7 @@ from app.deps import (
     Seed,
     SettingsDep,
     StoreDep,
+    impute_k,
     live_workers,
     loglik_k,
     readiness,
@@ -30,8 +31,9 @@ from app.deps import (
     sample_count,
     served_model,
     uploaded_digit,
+    uploaded_masked_digit,
 )
-from app.images import encode_png, encode_png_grid
+from app.images import MaskedDigit, encode_imputation_strip, encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
 from app.registry import ServedModel
 from app.schemas import (
@@ -41,6 +43,7 @@ from app.schemas import (
     ErrorOut,
     HealthOut,
     ImageFormat,
+    ImputationOut,
     JobList,
     JobOut,
     JobStatus,
@@ -60,6 +63,7 @@ JobId = Annotated[str, Path(pattern=ID_PATTERN, description="The id POST /train 
 ModelId = Annotated[str, Path(pattern=ID_PATTERN, description="An id from GET /models.")]
 Model = Annotated[ServedModel, Depends(served_model)]
 Digit = Annotated[np.ndarray, Depends(uploaded_digit)]
+Masked = Annotated[MaskedDigit, Depends(uploaded_masked_digit)]
 Format = Annotated[ImageFormat, Query(description="`png` (an image) or `json` (the pixel values).")]
 
 
@@ -223,6 +227,38 @@ def loglik(
         bits_per_dim=score.bits_per_dim,
         ess=score.ess,
         pareto_k=score.pareto_k,
+    )
+
+
+@router.post(
+    "/impute",
+    response_model=ImputationOut,
+    responses={**_PNG, **_UPLOAD_ERRORS},
+    tags=["models"],
+)
+def impute(
+    masked: Masked,
+    model: Model,
+    k: Annotated[int, Depends(impute_k)],
+    n: Annotated[int, Query(ge=0, le=64, description="Multiple imputations to draw.")] = 8,
+    seed: Seed = None,
+    format: Format = "png",
+) -> Any:
+    """Fill in the missing pixels: a PNG strip (input, mask, single imputation, n draws), or
+    JSON. Any trained model works; one trained with `missing_rate` > 0 should do better."""
+    result = inference.impute(model, masked.digit, masked.missing, k, n, seed)
+    if format == "png":
+        return Response(
+            encode_imputation_strip(masked, result.single, result.draws), media_type="image/png"
+        )
+    return ImputationOut(
+        model_id=model.model_id,
+        k=k,
+        input=masked.digit.tolist(),
+        missing=masked.missing.astype(int).tolist(),
+        single=np.round(result.single, 4).tolist(),
+        draws=result.draws.tolist(),
+        observed_log_likelihood=result.observed_log_likelihood,
     )
 
 

@@ -11,9 +11,11 @@ from models.config import (
     DEFAULT_ALPHA,
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
+    MAX_MISSING_RATE,
     PRESETS,
     Init,
     KSchedule,
+    MissingPattern,
     ModelConfig,
     Objective,
     Precision,
@@ -193,6 +195,21 @@ class TrainRequest(BaseModel):
         description="Training arithmetic; evaluation always runs in fp32.",
         examples=["fp32"],
     )
+    missing_rate: float = Field(
+        _TRAIN.missing_rate,
+        ge=0.0,
+        le=MAX_MISSING_RATE,
+        description="Train on incomplete images (Mattei & Frellsen's missing-data IWAE): the "
+        "fraction of pixels (`mcar`) or of images (`top-half`, `random-square`) with missing "
+        "pixels; the bound counts observed pixels only. 0: complete images.",
+        examples=[0.5],
+    )
+    missing_pattern: MissingPattern = Field(
+        _TRAIN.missing_pattern,
+        description="`mcar`: each pixel missing at random; `top-half`: the top 14 rows; "
+        "`random-square`: a 14x14 square at a random place. Fresh masks every epoch.",
+        examples=["mcar"],
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainRequest:
@@ -215,7 +232,12 @@ class TrainRequest(BaseModel):
 class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
-    phase: Literal["train", "eval"] | None = Field(None, examples=["train"])
+    phase: Literal["train", "eval", "impute"] | None = Field(
+        None,
+        description="`train`, then `eval` (test log-likelihood), then `impute` (the "
+        "imputation metric).",
+        examples=["train"],
+    )
     epoch: int | None = Field(
         None,
         description="Training: the epoch in progress, from 1; evaluation: epochs trained.",
@@ -355,6 +377,28 @@ class LoglikOut(BaseModel):
         "0.5 the estimate is reliable, above 0.7 its variance is not finite in practice and "
         "`std_error` understates the real error. null when k <= 20 (too few weights to fit).",
         examples=[0.43],
+    )
+
+
+class ImputationOut(BaseModel):
+    """The uploaded digit's missing pixels filled in (Mattei & Frellsen, 2019)."""
+
+    model_id: str
+    k: int = Field(description="Importance samples used.", examples=[1000])
+    input: list[float] = Field(
+        description="The digit as the model saw it: 784 binarized pixels, 0 where missing."
+    )
+    missing: list[int] = Field(description="784 flags, 1 where the pixel is missing.")
+    single: list[float] = Field(
+        description="Single imputation: the input's observed pixels, and at missing pixels "
+        "E[x_missing | x_observed] estimated by self-normalised importance sampling (in [0, 1])."
+    )
+    draws: list[list[float]] = Field(
+        description="n multiple imputations by sampling importance resampling: binary images "
+        "that differ from the input only at missing pixels."
+    )
+    observed_log_likelihood: float = Field(
+        description="IWAE bound on log p(x_observed) with k samples, nats.", examples=[-45.3]
     )
 
 

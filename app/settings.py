@@ -37,6 +37,12 @@ class Settings(WorkerSettings):
         5000, ge=1, description="`k` of POST /loglik when the request gives none."
     )
     max_samples: int = Field(1024, ge=1, description="Largest `n` that GET /samples accepts.")
+    max_impute_k: int = Field(
+        10_000,
+        ge=1,
+        description="Largest `k` that POST /impute accepts; one request holds about 6 KB per "
+        "importance sample (60 MB at the default).",
+    )
     model_cache_size: int = Field(
         4, ge=1, description="Trained models kept loaded in memory (least recently used out)."
     )

@@ -6,6 +6,7 @@ JSON next to the weights (see `models.checkpoint`) and read back with `from_dict
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
@@ -18,6 +19,7 @@ Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["burda", "torch"]
 Preset = Literal["burda"]
+MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
@@ -27,6 +29,9 @@ DEFAULT_ALPHA = 0.5
 DEFAULT_K_MIN = 1
 # About ESS/K of 50 samples on MNIST in the first epochs (see models.k_schedule).
 DEFAULT_ESS_TARGET = 0.15
+MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
+# Above 90% missing, too little of each image is left to learn from.
+MAX_MISSING_RATE = 0.9
 
 # Burda et al. (2015), section 5: hidden width per architecture when none is given.
 _DEFAULT_HIDDEN = {1: 200, 2: 100}
@@ -102,6 +107,11 @@ class TrainConfig:
     trains every epoch with `k`; `linear` and `ess` move between `k_min` (None: 1) and `k`,
     `ess` steering by the effective sample size against `ess_target` (None: 0.15); see
     `models.k_schedule`. Options that do not apply are refused rather than ignored.
+
+    `missing_rate` > 0 trains on incomplete images (Mattei & Frellsen, 2019): with
+    `missing_pattern` `mcar` each pixel is missing with that probability; with `top-half` or
+    `random-square` that fraction of the images loses its top half or a random square of half
+    the side (see `models.missing`). The bound then counts observed pixels only.
     """
 
     k: int = 50
@@ -123,6 +133,8 @@ class TrainConfig:
     k_schedule: KSchedule = "fixed"
     k_min: int | None = None
     ess_target: float | None = None
+    missing_rate: float = 0.0
+    missing_pattern: MissingPattern = "mcar"
     init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
 
     def __post_init__(self) -> None:
@@ -139,6 +151,15 @@ class TrainConfig:
             raise ValueError("eval_size must be >= 0")
         if self.init not in get_args(Init):
             raise ValueError(f"unknown init {self.init!r}; choose from {get_args(Init)}")
+        if not 0.0 <= self.missing_rate <= MAX_MISSING_RATE:
+            raise ValueError(f"missing_rate must lie in [0, {MAX_MISSING_RATE}]")
+        if self.missing_pattern not in MISSING_PATTERNS:
+            raise ValueError(
+                f"unknown missing_pattern {self.missing_pattern!r}; choose from {MISSING_PATTERNS}"
+            )
+        side = math.isqrt(self.model.x_dim)
+        if self.missing_pattern == "random-square" and side * side != self.model.x_dim:
+            raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
         self._resolve_alpha()
         self._resolve_k_schedule()
 

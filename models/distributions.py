@@ -68,15 +68,22 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return -0.5 * (_LOG_2PI + z.square()).sum(-1)
 
 
-def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+def bernoulli_log_prob(x: Tensor, logits: Tensor, observed: Tensor | None = None) -> Tensor:
     """log Bernoulli(x; sigmoid(logits)): x [..., D] broadcast against logits [..., D] -> [...].
 
     Written as sum(x * l) - sum(softplus(l)), the stable form of binary cross-entropy with
     logits that also broadcasts (F.binary_cross_entropy_with_logits would need x expanded to
     K copies). The gradient is written by hand: g * (x - sigmoid(l)) in three in-place passes
     over the [K, B, D] logits, about 5% of an IWAE training step at K=50 saved over autograd.
+
+    With `observed` ([..., D] in {0, 1}, broadcast like x), only observed pixels count:
+    log p(x_obs | z) = sum_d o_d (x_d l_d - softplus(l_d)), the likelihood term of Mattei &
+    Frellsen's MIWAE bound (2019, Sec. 3): missing pixels are integrated out exactly, since
+    p(x|z) factorises over pixels.
     """
-    return _BernoulliLogProb.apply(x, logits)
+    if observed is None:
+        return _BernoulliLogProb.apply(x, logits)
+    return _ObservedBernoulliLogProb.apply(x * observed, logits, observed)
 
 
 class _BernoulliLogProb(torch.autograd.Function):
@@ -95,3 +102,24 @@ class _BernoulliLogProb(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad * logits).sum_to_size(x.shape)
         return grad_x, grad_logits
+
+
+class _ObservedBernoulliLogProb(torch.autograd.Function):
+    """The masked form; x must be zero where `observed` is (the caller multiplies)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, logits: Tensor, observed: Tensor) -> Tensor:
+        ctx.save_for_backward(x, logits, observed)
+        return (x * logits).sum(-1) - (F.softplus(logits) * observed).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, logits, observed = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)  # [..., 1]
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[1]:
+            # g * o * (x - sigmoid(l)), with o * x == x.
+            grad_logits = torch.sigmoid(logits).mul_(observed).sub_(x).mul_(grad).neg_()
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * logits).sum_to_size(x.shape)
+        return grad_x, grad_logits, None

@@ -110,14 +110,34 @@ class IWAEModel(nn.Module):
         generator: torch.Generator | None = None,
         *,
         stop_q_params: bool = False,
+        observed: Tensor | None = None,
     ) -> Tensor:
         """log w = log p(x, z) - log q(z|x) for K reparameterised draws z ~ q(z|x).
 
         x: [B, D] -> log_w: [K, B]. With `stop_q_params`, log q is evaluated with the
         inference network's parameters detached while z keeps its reparameterisation
-        gradient: the path-derivative form that STL and DReG need. Either way log q is read
-        off the standard-normal noise that drew z, so both forms give the same values.
+        gradient: the path-derivative form that STL and DReG need. With `observed` ([B, D],
+        1 = observed), the encoder sees x with missing pixels set to zero and p(x|z) counts
+        observed pixels only: log w = log p(x_obs, z) - log q(z|x_obs) (Mattei & Frellsen,
+        2019, Sec. 3). With or without `stop_q_params`, log q is read off the standard-normal
+        noise that drew z, so both forms give the same values.
         """
+        return self.log_weights_and_logits(
+            x, k, generator, stop_q_params=stop_q_params, observed=observed
+        )[0]
+
+    def log_weights_and_logits(
+        self,
+        x: Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+        *,
+        stop_q_params: bool = False,
+        observed: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """`log_weights` and the Bernoulli logits of p(x|z_1) of each draw: ([K, B], [K, B, D])."""
+        if observed is not None:
+            x = x * observed  # the encoder's input: missing pixels set to zero
         log_q = x.new_zeros(())
         h = x
         zs = []
@@ -133,7 +153,8 @@ class IWAEModel(nn.Module):
                 log_q = log_q + gaussian_log_prob_of_noise(eps, logvar)  # [K, B]
             zs.append(z)
             h = z
-        return self._log_joint(x, zs) - log_q
+        log_p, logits = self._log_joint(x, zs, observed)
+        return log_p - log_q, logits
 
     @staticmethod
     def _detached_params(
@@ -145,14 +166,17 @@ class IWAEModel(nn.Module):
         frozen = {name: p.detach() for name, p in encoder.named_parameters()}
         return functional_call(encoder, frozen, (h,))
 
-    def _log_joint(self, x: Tensor, zs: list[Tensor]) -> Tensor:
-        """log p(x, z_1..z_L): x [B, D], zs[i] [K, B, d_i] -> [K, B]."""
+    def _log_joint(
+        self, x: Tensor, zs: list[Tensor], observed: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """log p(x_obs, z_1..z_L) and the logits of p(x|z_1): x [B, D], zs[i] [K, B, d_i]
+        -> ([K, B], [K, B, D])."""
         log_p = standard_normal_log_prob(zs[-1])
         for i in range(1, len(zs)):
             mu, logvar = self.decoders[i](zs[i])
             log_p = log_p + gaussian_log_prob(zs[i - 1], mu, logvar)
         logits = _upcast(self.decoders[0](zs[0]))  # [K, B, D]
-        return log_p + bernoulli_log_prob(x, logits)
+        return log_p + bernoulli_log_prob(x, logits, observed), logits
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Bernoulli means of p(x|z_1) for z drawn from the prior: [n, D] in [0, 1]."""

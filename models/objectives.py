@@ -89,14 +89,17 @@ def surrogates(
     generator: torch.Generator | None = None,
     *,
     k: int | None = None,
+    observed: Tensor | None = None,
 ) -> Surrogates:
     """Draw importance samples for x [B, D] and build the surrogates of `config.objective`.
 
-    `k` overrides `config.k` (the K of the current epoch under a `k_schedule`).
+    `k` overrides `config.k` (the K of the current epoch under a `k_schedule`). With
+    `observed` ([B, D], 1 = observed) every bound counts observed pixels only; with the
+    `iwae` objective that is Mattei & Frellsen's (2019) MIWAE bound for missing data.
     """
     name, k = config.objective, k or config.k
     if name in ("miwae", "piwae"):
-        log_w = model.log_weights(x, config.m * k, generator)  # [M*K, B]
+        log_w = model.log_weights(x, config.m * k, generator, observed=observed)  # [M*K, B]
         grouped = miwae_bound(log_w, config.m)
         if name == "miwae":
             return _shared(grouped)
@@ -106,14 +109,14 @@ def surrogates(
     # IWAE is VR-IWAE at alpha = 0: one path serves both families.
     alpha = config.alpha if name in VR_OBJECTIVES else 0.0
     if name in ("iwae-stl", "iwae-dreg", "vr-iwae-dreg"):
-        log_w = model.log_weights(x, k, generator, stop_q_params=True)
+        log_w = model.log_weights(x, k, generator, stop_q_params=True, observed=observed)
         bound = vr_iwae_bound(log_w, alpha)  # alpha = 0: iwae_bound, bit for bit
         if name == "iwae-stl":
             return _shared(bound)
         return Surrogates(
             encoder=dreg_encoder_surrogate(log_w, alpha), decoder=bound, bound=bound.detach()
         )
-    log_w = model.log_weights(x, k, generator)  # [K, B]
+    log_w = model.log_weights(x, k, generator, observed=observed)  # [K, B]
     if name == "vae":
         return _shared(elbo(log_w))
     if name == "ciwae":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import evaluate
 from models.files import Fence, write_atomic
+from models.imputation import imputation_metrics
 from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -39,8 +40,10 @@ def train_and_evaluate(
 
     Writes `out_dir/model.safetensors` at every epoch end and `out_dir/metrics.json` at the
     end, each through `fence` (see `models.files.write_atomic`). Evaluation uses the first
-    `eval_size` test images, binarized with a fixed seed, in
-    fp32 with `eval_k` importance samples; callbacks see its progress as phase "eval".
+    `eval_size` test images, binarized with a fixed seed, in fp32 with `eval_k` importance
+    samples; callbacks see its progress as phase "eval". Then the same images with their top
+    half missing score the model's imputations with K=1 and the job's K against mean and zero
+    imputation (`metrics["imputation"]`, phase "impute").
     """
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -61,27 +64,43 @@ def train_and_evaluate(
         device = next(result.model.parameters()).device
         test_x = binarized_test_images(data.test_images[: config.eval_size]).to(device)
         generator = torch.Generator(device).manual_seed(config.seed)
-        started = time.perf_counter()
 
-        def on_progress(done: int, total: int) -> bool:
-            rate = done / (time.perf_counter() - started)
-            progress = Progress(
-                phase="eval",
-                epoch=result.epochs_done,
-                epochs=config.epochs,
-                step=done,
-                steps=total,
-                loss=None,
-                images_per_s=rate,
-                eta_s=(total - done) / rate,
-            )
-            return any([callback(progress) for callback in callbacks])
+        def reporter(phase: str) -> Callable[[int, int], bool]:
+            """Progress of one evaluation phase, timed from now, for the callbacks."""
+            started = time.perf_counter()
+
+            def on_progress(done: int, total: int) -> bool:
+                rate = done / (time.perf_counter() - started)
+                progress = Progress(
+                    phase=phase,
+                    epoch=result.epochs_done,
+                    epochs=config.epochs,
+                    step=done,
+                    steps=total,
+                    loss=None,
+                    images_per_s=rate,
+                    eta_s=(total - done) / rate,
+                )
+                return any([callback(progress) for callback in callbacks])
+
+            return on_progress
 
         evaluation = evaluate(
-            result.model, test_x, config.eval_k, generator=generator, on_progress=on_progress
+            result.model, test_x, config.eval_k, generator=generator, on_progress=reporter("eval")
         )
         if evaluation is None:
             return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
         metrics.update(evaluation.to_dict())
+        imputation = imputation_metrics(
+            result.model,
+            test_x,
+            data.train_images[: config.train_size].mean(0).to(device),  # [D]
+            sorted({1, config.k}),
+            generator=torch.Generator(device).manual_seed(config.seed),
+            on_progress=reporter("impute"),
+        )
+        if imputation is None:
+            return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
+        metrics["imputation"] = imputation
     write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode(), fence=fence)
     return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)

@@ -24,7 +24,11 @@ from models.training import TrainCallback, resolve_device
 
 @dataclass
 class StudyRow:
-    """One K of the study; log-likelihoods in nats per test image (IWAE bound, `eval_k`)."""
+    """One K of the study; log-likelihoods in nats per test image (IWAE bound, `eval_k`).
+
+    `imputation` is the run's `metrics["imputation"]` (`models.imputation`), None when the
+    run was not evaluated.
+    """
 
     k: int
     objective: str
@@ -35,6 +39,7 @@ class StudyRow:
     snr_encoder: float  # median over parameters of the bias-corrected SNR
     snr_decoder: float
     alpha: float | None = None  # VR-IWAE objectives only
+    imputation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,7 @@ def run_study(
                 snr_encoder=snr.encoder.median,
                 snr_decoder=snr.decoder.median,
                 alpha=config.alpha,
+                imputation=metrics.get("imputation"),
             )
         )
     return rows

@@ -3,7 +3,8 @@
 Callbacks see a `Progress` after every step and may return True to stop the loop (the worker
 uses this for cancellation). Checkpoints are written at epoch ends; a run resumed from one
 continues exactly as an uninterrupted run would, because the checkpoint holds the weights,
-Adam's state and the generator that draws every shuffle, binarization and importance sample.
+Adam's state and the generator that draws every shuffle, binarization, missing-pixel mask and
+importance sample.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
 from models.files import Fence
 from models.k_schedule import held_out_ess, initial_k, next_k
+from models.missing import draw_observed
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 
@@ -34,12 +36,13 @@ _LOSS_SYNC_STEPS = 50
 
 @dataclass
 class Progress:
-    """What a callback sees. `step`/`steps` count within the phase (images during "eval").
+    """What a callback sees. `step`/`steps` count within the phase (images during "eval"
+    and "impute").
 
-    `k` is the K the current training epoch uses (None during "eval").
+    `k` is the K the current training epoch uses (None during "eval" and "impute").
     """
 
-    phase: Literal["train", "eval"]
+    phase: Literal["train", "eval", "impute"]
     epoch: int
     epochs: int
     step: int
@@ -235,8 +238,13 @@ def _train_epoch(
     for step in range(steps_per_epoch):
         batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
         x = torch.bernoulli(batch, generator=generator)  # dynamic binarization, [B, D]
+        observed = None
+        if config.missing_rate > 0:  # a fresh mask per batch, from the job's generator
+            observed = draw_observed(
+                config.missing_pattern, config.missing_rate, *x.shape, generator, x.dtype
+            )  # [B, D]
         with autocast:
-            s = surrogates(model, x, config, generator, k=state.k)
+            s = surrogates(model, x, config, generator, k=state.k, observed=observed)
         optimizer.zero_grad(set_to_none=True)
         backward(model, s)
         optimizer.step()

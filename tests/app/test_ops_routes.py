@@ -131,6 +131,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("get", "/samples"),
         ("post", "/reconstruct"),
         ("post", "/loglik"),
+        ("post", "/impute"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

@@ -24,6 +24,18 @@ def test_markdown_has_a_row_per_k_with_its_values():
 def test_markdown_says_when_a_run_was_not_evaluated():
     row = StudyRow(5, "vae", None, None, None, 1.0, 0.1, 0.2)
     assert "| 5 | vae | not evaluated | - |" in study_markdown([row], eval_k=10)
+    assert study_markdown([row], eval_k=10).splitlines()[-1].endswith("| 0.200 | - |")
+
+
+def test_markdown_shows_the_imputation_metric_at_k_1_and_the_runs_k():
+    score = {"accuracy": 0.9}
+    imputation = {
+        "mean": {**score, "bce": 0.244},
+        "model": {"1": {**score, "bce": 0.31}, "5": {**score, "bce": 0.2849}},
+    }
+    row = StudyRow(5, "iwae", -90.0, 0.2, [22], 20.0, 0.5, 7.5, imputation=imputation)
+
+    assert study_markdown([row], eval_k=10).splitlines()[-1].endswith("| 0.310 / 0.285 / 0.244 |")
 
 
 def test_svg_is_well_formed_with_a_point_per_k_and_series():

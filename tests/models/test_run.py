@@ -12,13 +12,21 @@ from models.checkpoint import load_checkpoint, load_model
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import evaluate
+from models.imputation import imputation_metrics
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
 from models.training import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN_KEYS = {"train_seconds", "epochs", "steps", "k_per_epoch"}
-EVAL_KEYS = {"test_loglik", "test_loglik_std_error", "active_units", "eval_k", "eval_size"}
+EVAL_KEYS = {
+    "test_loglik",
+    "test_loglik_std_error",
+    "active_units",
+    "eval_k",
+    "eval_size",
+    "imputation",
+}
 EVAL_KEYS |= {"test_elbo", "test_gap", "mc_std_error_mean", "ess_mean"}
 EVAL_KEYS |= {"pareto_k_mean", "pareto_k_above_0_7"}
 
@@ -71,6 +79,13 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     assert metrics["pareto_k_mean"] is None  # eval_k = 20: too few weights for a tail fit
     assert len(recorder.phase("train")) == 4
     assert [(p.step, p.steps, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
+    # The imputation metric: 8 test images at K=1, then at the job's K=3.
+    assert [(p.step, p.steps) for p in recorder.phase("impute")] == [(8, 16), (16, 16)]
+    imputation = metrics["imputation"]
+    assert (imputation["pattern"], imputation["images"]) == ("top-half", 8)
+    assert imputation["missing_pixels"] == 8 * 3
+    assert sorted(imputation["model"]) == ["1", "3"]
+    assert imputation.keys() == {"pattern", "images", "missing_pixels", "zero", "mean", "model"}
 
 
 def test_metrics_describe_the_saved_model_on_the_fixed_test_binarization(
@@ -86,10 +101,19 @@ def test_metrics_describe_the_saved_model_on_the_fixed_test_binarization(
         generator=torch.Generator().manual_seed(config.seed),
     )
 
+    imputation = imputation_metrics(
+        model,
+        binarized_test_images(synthetic_mnist.test_images[:8]),
+        synthetic_mnist.train_images.mean(0),
+        [1, config.k],
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
     assert saved_config == config
     assert again is not None and result.metrics is not None
     assert again.test_loglik == result.metrics["test_loglik"]
     assert again.active_units == result.metrics["active_units"]
+    assert imputation == result.metrics["imputation"]
 
 
 def test_eval_size_zero_skips_evaluation(
@@ -106,10 +130,11 @@ def test_eval_size_zero_skips_evaluation(
     assert recorder.phase("eval") == []
 
 
+@pytest.mark.parametrize("phase", ["eval", "impute"])
 def test_a_stop_during_evaluation_returns_stopped_without_metrics(
-    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path, phase: str
 ) -> None:
-    result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[Recorder("eval")])
+    result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[Recorder(phase)])
 
     assert result.stopped and result.metrics is None
     assert not (tmp_path / METRICS_NAME).exists()

@@ -19,6 +19,7 @@ def test_study_trains_once_per_k_and_measures_each(tmp_path, train_config, synth
         assert len(row.active_units) == config.model.layers
         assert math.isfinite(row.snr_encoder) and row.snr_encoder >= 0
         assert math.isfinite(row.snr_decoder) and row.snr_decoder >= 0
+        assert sorted(row.imputation["model"]) == sorted({"1", str(row.k)})
     # K changes the bound, so the two runs must not be the same model.
     assert rows[0].test_loglik != rows[1].test_loglik
 
