@@ -60,8 +60,11 @@ class LinearGaussianModel(nn.Module):
         generator: torch.Generator | None = None,
         *,
         stop_q_params: bool = False,
+        observed: Tensor | None = None,
     ) -> Tensor:
-        """x [B, D] -> log w [K, B], with `IWAEModel.log_weights`'s meaning of stop_q_params."""
+        """x [B, D] -> log w [K, B], with `IWAEModel.log_weights`'s meaning of stop_q_params;
+        every pixel is observed (`observed` must be None)."""
+        assert observed is None, "the linear-Gaussian model has no missing pixels"
         mu = x @ self.A.T + self.c  # [B, d]
         logvar = self.logvar.expand_as(mu)
         eps = torch.randn((k, *mu.shape), generator=generator, dtype=F64)  # [K, B, d]
