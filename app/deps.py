@@ -7,57 +7,76 @@ replace with `app.dependency_overrides`. `get_job_queue` is the API's one seam t
 
 from __future__ import annotations
 
+import logging
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 import numpy as np
 from fastapi import Depends, File, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.backpressure import InferenceCall
 from app.errors import NotAuthenticated, NotReady
 from app.images import MaskedDigit, binarize, masked_digit, preprocess
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ServedModel
-from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut
+from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, TrainRequest
 from app.settings import Settings
+from models.config import TrainConfig
+from models.cost import train_cost
 from worker.jobs import JobStore, WorkerInfo
+
+log = logging.getLogger(__name__)
 
 JobQueue = Callable[[str], None]
 
 
-def current_settings(request: Request) -> Settings:
+async def current_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def job_store(request: Request) -> JobStore:
+async def job_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def model_registry(request: Request) -> ModelRegistry:
+async def model_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def app_metrics(request: Request) -> Metrics:
+async def app_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_job_queue(request: Request) -> JobQueue:
-    """`enqueue_training(job_id)`: the only Celery call the API makes (tests fake it)."""
-    from worker.queue import enqueue_training  # Celery is loaded only when a job is queued
-
-    return partial(enqueue_training, settings=current_settings(request))
+async def inference_call(request: Request) -> AsyncIterator[InferenceCall]:
+    """This request's place at the inference gate (503 when full), held until it is
+    answered: `await call(fn, *args)`. Routes declare it first, so that a refused request
+    is refused before its upload is decoded or its model loaded."""
+    with request.app.state.gate.admit(request.receive) as call:
+        yield call
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]
+
+
+def get_job_queue(settings: SettingsDep) -> JobQueue:
+    """`enqueue_training(job_id)`: the only Celery call the API makes (tests fake it)."""
+    from worker.queue import enqueue_training  # Celery is loaded only when a job is queued
+
+    return partial(enqueue_training, settings=settings)
+
+
 StoreDep = Annotated[JobStore, Depends(job_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(model_registry)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+InferenceDep = Annotated[InferenceCall, Depends(inference_call)]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -98,7 +117,7 @@ def uploaded_digit(
     settings: SettingsDep,
     file: Annotated[
         UploadFile,
-        File(description="An image of one digit: PNG, JPEG, GIF, BMP, WebP... any size."),
+        File(description="An image of one digit: PNG, JPEG, GIF, BMP, TIFF or WebP; any size."),
     ],
 ) -> np.ndarray:
     """The upload as an MNIST digit, binarized at 0.5: `[784]` in {0, 1}."""
@@ -138,6 +157,65 @@ def _above_limit(name: str, value: int, limit: int) -> RequestValidationError:
             }
         ]
     )
+
+
+@dataclass(frozen=True)
+class _Budget:
+    cost: str  # the `TrainCost` property
+    setting: str
+    formula: str
+    what: str
+    knobs: str
+
+
+_BUDGETS = (
+    _Budget(
+        "samples_per_step",
+        "IWAE_MAX_SAMPLES_PER_STEP",
+        "k*m*batch_size = {c.k}*{c.groups}*{c.batch_size}",
+        "importance samples per training step",
+        "k, m or batch_size",
+    ),
+    _Budget(
+        "train_samples",
+        "IWAE_MAX_TRAIN_SAMPLES",
+        "epochs*images*k*m = {c.epochs}*{c.images}*{c.k}*{c.groups}",
+        "importance samples in the whole run",
+        "epochs, train_size, k or m",
+    ),
+)
+
+
+def check_budget(config: TrainConfig, settings: Settings) -> None:
+    """422 when a training run would draw more importance samples than the settings allow:
+    per step (its memory, IWAE_MAX_SAMPLES_PER_STEP) or in all (its time,
+    IWAE_MAX_TRAIN_SAMPLES). For every route that queues training."""
+    cost = train_cost(config)
+    errors = []
+    for budget in _BUDGETS:
+        value = getattr(cost, budget.cost)
+        limit = getattr(settings, budget.setting.removeprefix("IWAE_").lower())
+        if value > limit:
+            errors.append(
+                {
+                    "type": "compute_budget",
+                    "loc": ("body",),
+                    "msg": f"the job asks for {budget.formula.format(c=cost)} = {value:,} "
+                    f"{budget.what}, more than {budget.setting} = {limit:,}; "
+                    f"lower {budget.knobs}",
+                    "input": value,
+                    "ctx": {"cost": budget.cost, "limit": limit, "setting": budget.setting},
+                }
+            )
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def train_config(body: TrainRequest, settings: SettingsDep) -> TrainConfig:
+    """The job's config from the request body, within the compute budget (422 otherwise)."""
+    config = TrainConfig.from_dict(body.to_config())
+    check_budget(config, settings)
+    return config
 
 
 def sample_count(
@@ -223,8 +301,17 @@ def _pings(store: JobStore) -> bool:
         return False
 
 
-def readiness(settings: SettingsDep, store: StoreDep) -> ReadyOut:
-    """Storage writable, job store and broker answering; `NotReady` (503) otherwise."""
+async def readiness(request: Request, settings: SettingsDep, store: StoreDep) -> ReadyOut:
+    """Storage writable, job store and broker answering; `NotReady` (503) otherwise.
+
+    The checks block (disk, network), so they run in the app's own few ops threads: never
+    queued behind uploads or model calls.
+    """
+    limiter = request.app.state.ops_threads
+    return await anyio.to_thread.run_sync(_readiness, settings, store, limiter=limiter)
+
+
+def _readiness(settings: Settings, store: JobStore) -> ReadyOut:
     checks = {
         "storage": _writable(settings.models_dir),
         "job_store": _pings(store),
@@ -244,3 +331,22 @@ def live_workers(settings: Settings, store: JobStore) -> list[WorkerInfo]:
     """Workers that reported within three reaper intervals and consume the training queue."""
     window = 3 * settings.reaper_interval_s
     return [w for w in store.workers() if w.seen_s_ago <= window and settings.queue in w.queues]
+
+
+JobGauges = tuple[dict[str, int] | None, list[WorkerInfo] | None]
+
+
+async def job_gauges(request: Request, settings: SettingsDep, store: StoreDep) -> JobGauges:
+    """Jobs by status and the live workers, for /metrics (read in the ops threads); None
+    for both while the job store is down."""
+    try:
+        return await anyio.to_thread.run_sync(
+            _job_gauges, settings, store, limiter=request.app.state.ops_threads
+        )
+    except Exception:  # the request metrics stay useful while the job store is down
+        log.warning("job store unreachable; /metrics without job counts", exc_info=True)
+        return None, None
+
+
+def _job_gauges(settings: Settings, store: JobStore) -> JobGauges:
+    return store.counts(), live_workers(settings, store)

@@ -66,6 +66,27 @@ class NotReady(RuntimeError):
     """A dependency of the service (storage, job store, broker) does not answer."""
 
 
+class Overloaded(RuntimeError):
+    """Too many model calls at once: the wait queue is full, or the wait passed the deadline.
+
+    Answered 503 with `Retry-After: retry_after_s`, so that clients back off.
+    """
+
+    retry_after_s = 1
+
+
+class DeadlineExceeded(Overloaded):
+    """A model call ran past IWAE_INFERENCE_TIMEOUT_S; it stopped at the next chunk."""
+
+
+class ClientDisconnected(ConnectionError):
+    """The client closed the connection; the model call stopped at the next chunk."""
+
+
+class UnsafeExposure(ValueError):
+    """`iwae serve` was asked to listen on a non-loopback address without a token."""
+
+
 # One status per exception; the handler below turns any of them into {"detail": str(exc)}.
 STATUS_CODES: dict[type[Exception], int] = {
     EmptyImage: 400,
@@ -79,30 +100,42 @@ STATUS_CODES: dict[type[Exception], int] = {
     ImageTooLarge: 413,
     TooManyJobs: 429,
     UnreadableImage: 415,
+    ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics do
     ModelUnavailable: 500,
     NotReady: 503,
     QueueUnavailable: 503,
+    Overloaded: 503,
 }
 
 
 def _detail(request: Request, exc: Exception) -> JSONResponse:
+    """`{"detail": str(exc)}`: the messages of these exceptions are written for clients and
+    hold no host, port or path; the cause of a server-side one is logged, never sent."""
     status = next(STATUS_CODES[t] for t in type(exc).__mro__ if t in STATUS_CODES)
     headers = None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    elif isinstance(exc, TooManyJobs):
-        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif (retry_after_s := getattr(exc, "retry_after_s", None)) is not None:
+        headers = {"Retry-After": str(retry_after_s)}  # load shedding: when to come back
+    if status == 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+    elif status > 500:  # load shedding or an outage: expected, no traceback
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
 def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """The Redis of the distributed mode (job store and broker) does not answer."""
-    log.warning("job store unreachable: %s", exc)
-    return JSONResponse({"detail": f"job store unavailable: {exc}"}, status_code=503)
+    """The Redis of the distributed mode (job store and broker) does not answer.
+
+    Its message names the Redis host and port: logged here, never sent to the client.
+    """
+    log.warning("job store unreachable in %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "job store unavailable"}, status_code=503)
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    # Handlers run outside the `except` block: the traceback must be passed explicitly.
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 

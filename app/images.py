@@ -1,6 +1,6 @@
 """Image codecs: uploaded pictures in, MNIST-style 28x28 digits out, and PNGs back.
 
-`preprocess` turns any image Pillow reads into what the models were trained on, the way
+`preprocess` turns an image in one of `FORMATS` into what the models were trained on, the way
 MNIST itself was made (LeCun et al.): greyscale, light digit on a dark background, the
 digit's bounding box scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28
 field so that its centre of mass sits at the centre. Pure functions over bytes and numpy
@@ -32,6 +32,10 @@ INK_THRESHOLD = 0.2
 # Below this contrast (on a 0..1 scale) between the brightest pixel and the background,
 # the picture is blank.
 MIN_CONTRAST = 0.1
+# The only decoders Pillow may try on an upload: the formats people save drawings in. Not
+# its ~40 others, some of which hand the bytes to other programs (EPS runs Ghostscript) or
+# are rarely fuzzed (PCX, TGA, ICO, SPIDER, ...).
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -66,11 +70,11 @@ def _decode(data: bytes, max_pixels: int, convert: Callable[[Image.Image], _Deco
     if not data:
         raise EmptyImage("the uploaded file is empty")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as exc:
         raise UnreadableImage(
-            "the uploaded file is not an image this service can read "
-            "(PNG, JPEG, GIF, BMP, WebP, TIFF ...)"
+            "the uploaded file is not an image this service reads (PNG, JPEG, GIF, BMP, "
+            "TIFF or WebP)"
         ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc

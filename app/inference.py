@@ -1,14 +1,15 @@
 """What the API computes with a served model: samples, reconstructions, log-likelihoods,
 imputations.
 
-Called from sync routes, so in the server's thread pool and never on the event loop; every
-call runs under `torch.inference_mode()`. Inputs and outputs are numpy arrays on the CPU,
+Called through `app.backpressure.InferenceGate`, in its threads and never on the event loop;
+every call runs under `torch.inference_mode()`. Inputs and outputs are numpy arrays on the CPU,
 whatever device the model lives on.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +68,21 @@ def score(
     *,
     chunk_size: int | None = None,
     seed: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> Score:
-    """K-sample importance-weighted estimate of log p(x) for one binarized digit `[784]`."""
+    """K-sample importance-weighted estimate of log p(x) for one binarized digit `[784]`.
+
+    `on_chunk` runs between chunks of samples and may raise to stop (deadline, disconnect).
+    """
     with torch.inference_mode():
         x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
         result = log_likelihood(
-            served.model, x, k, generator=_generator(served, seed), chunk_size=chunk_size
+            served.model,
+            x,
+            k,
+            generator=_generator(served, seed),
+            chunk_size=chunk_size,
+            on_chunk=on_chunk,
         )  # fields [1]
         return Score(
             log_likelihood=float(result.log_px[0]),

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import torch
 from fastapi import FastAPI
 
+from app.backpressure import InferenceGate
 from app.errors import install_error_handlers
 from app.images import configure_pillow
 from app.limits import BodyLimitMiddleware
@@ -23,6 +25,8 @@ from app.routes import router
 from app.settings import Settings, get_settings
 from worker.jobs import open_job_store
 
+OPS_THREADS = 4
+
 DESCRIPTION = """
 Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 
@@ -32,6 +36,8 @@ Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
 * Log-likelihoods are in nats per image, estimated with `k` importance samples.
 * `GET /jobs/{job_id}/events` streams a job's progress as server-sent events.
 * The web page at `/` does all of this in a browser, through these endpoints only.
+* Model calls are limited (IWAE_INFERENCE_CONCURRENCY running, IWAE_INFERENCE_QUEUE waiting);
+  past that, or past IWAE_INFERENCE_TIMEOUT_S, they answer 503 with `Retry-After`.
 """
 
 
@@ -48,6 +54,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = ModelRegistry(
         settings.models_dir, settings.model_cache_size, device=settings.inference_device
     )
+    app.state.gate = InferenceGate(
+        settings.inference_slots, settings.inference_queue, settings.inference_timeout_s
+    )
+    # /readyz and /metrics do blocking I/O in threads of their own, never behind other work.
+    app.state.ops_threads = anyio.CapacityLimiter(OPS_THREADS)
     try:
         yield
     finally:

@@ -45,7 +45,7 @@ class Metrics:
         self.jobs = Gauge(
             "iwae_jobs",
             "Training jobs by status: queued and running now; the finished statuses count "
-            "every job that ended so (in the Redis store, records since expired included).",
+            "every job that ended so (records since expired included).",
             ["status"],
             registry=self.registry,
         )

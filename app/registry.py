@@ -114,7 +114,8 @@ class ModelRegistry:
             try:
                 model, config = load_model(path, device=self.device)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise ModelUnavailable(f"model {model_id!r} cannot be loaded: {exc}") from exc
+                # The cause names files on the server: logged by the handler, never sent.
+                raise ModelUnavailable(f"model {model_id!r} cannot be loaded") from exc
             served = ServedModel(model_id=model_id, model=model.eval(), config=config)
             with self._lock:
                 self._cache[model_id] = (stamp, served)

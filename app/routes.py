@@ -1,7 +1,8 @@
 """The REST API. Each route parses (schema, dependencies), makes one call, encodes the answer.
 
-Routes that run models are plain `def`: FastAPI runs them in its thread pool, so inference
-never blocks the event loop. Errors are raised as domain exceptions (app.errors).
+Routes that run models await the inference gate (`app.backpressure`), which runs the model
+in threads of its own, a few at a time, so inference never blocks the event loop and never
+delays the ops routes, which are `async`. Errors are raised as domain exceptions (app.errors).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi.responses import StreamingResponse
 
 from app import events, inference
 from app.deps import (
+    InferenceDep,
+    JobGauges,
     MetricsDep,
     QueueDep,
     RegistryDep,
@@ -24,12 +27,13 @@ from app.deps import (
     SettingsDep,
     StoreDep,
     impute_k,
-    live_workers,
+    job_gauges,
     loglik_k,
     readiness,
     require_token,
     sample_count,
     served_model,
+    train_config,
     uploaded_digit,
     uploaded_masked_digit,
 )
@@ -53,8 +57,8 @@ from app.schemas import (
     ReadyOut,
     ReconstructionOut,
     SamplesOut,
-    TrainRequest,
 )
+from models.config import TrainConfig
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -71,8 +75,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in codes}
 
 
-_MODEL_ERRORS = _errors(404, 409)
-_UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415)
+_MODEL_ERRORS = _errors(404, 409, 503)  # 503: the inference gate is full or timed out
+_UPLOAD_ERRORS = _errors(400, 404, 409, 413, 415, 503)
 _PNG = {200: {"content": {"image/png": {}}, "description": "PNG by default, JSON on request."}}
 _EVENTS = {
     200: {
@@ -86,12 +90,23 @@ _EVENTS = {
     "/train",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401, 429),
+    # 400: a body FastAPI cannot parse at all (not UTF-8, nested too deeply); 413: too big.
+    responses=_errors(400, 401, 413, 429, 503),
     tags=["jobs"],
 )
-def train(body: TrainRequest, store: StoreDep, enqueue: QueueDep, response: Response) -> JobOut:
-    """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress."""
-    job = store.create(body.to_config())
+def train(
+    config: Annotated[TrainConfig, Depends(train_config)],
+    store: StoreDep,
+    enqueue: QueueDep,
+    response: Response,
+) -> JobOut:
+    """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress.
+
+    422 also when the job asks for more compute than the server allows: k*m*batch_size
+    importance samples per step above IWAE_MAX_SAMPLES_PER_STEP, or epochs*images*k*m in
+    all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
+    """
+    job = store.create(config.to_dict())
     try:
         enqueue(job.job_id)
     except Exception:  # the job is recorded: the workers' reaper sends its message later
@@ -179,17 +194,25 @@ def get_model(model_id: ModelId, registry: RegistryDep) -> ModelOut:
 @router.get(
     "/samples", response_model=SamplesOut, responses={**_PNG, **_MODEL_ERRORS}, tags=["models"]
 )
-def samples(
+async def samples(
+    call: InferenceDep,
     model: Model,
     n: Annotated[int, Depends(sample_count)],
     seed: Seed = None,
     format: Format = "png",
 ) -> Any:
     """Digits drawn from the model: a PNG grid, or JSON with 784 Bernoulli means each."""
+    return await call(_samples_answer, model, n, seed, format)
+
+
+def _samples_answer(model: ServedModel, n: int, seed: int | None, format: str) -> Response:
+    """Drawn and encoded in the inference thread: encoding 1024 digits takes about 0.5 s,
+    which on the event loop would stall every other request."""
     images = inference.sample(model, n, seed)  # [n, 784]
     if format == "png":
         return Response(encode_png_grid(images), media_type="image/png")
-    return SamplesOut(model_id=model.model_id, samples=np.round(images, 4).tolist())
+    body = SamplesOut(model_id=model.model_id, samples=np.round(images, 4).tolist())
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.post(
@@ -198,9 +221,11 @@ def samples(
     responses={**_PNG, **_UPLOAD_ERRORS},
     tags=["models"],
 )
-def reconstruct(digit: Digit, model: Model, format: Format = "png") -> Any:
+async def reconstruct(
+    call: InferenceDep, digit: Digit, model: Model, format: Format = "png"
+) -> Any:
     """The uploaded digit passed through the encoder's mean and the decoder."""
-    image = inference.reconstruct(model, digit)  # [784]
+    image = await call(inference.reconstruct, model, digit)  # [784]
     if format == "png":
         return Response(encode_png(image), media_type="image/png")
     return ReconstructionOut(
@@ -209,15 +234,27 @@ def reconstruct(digit: Digit, model: Model, format: Format = "png") -> Any:
 
 
 @router.post("/loglik", responses=_UPLOAD_ERRORS, tags=["models"])
-def loglik(
+async def loglik(
+    call: InferenceDep,
     digit: Digit,
     model: Model,
     k: Annotated[int, Depends(loglik_k)],
     settings: SettingsDep,
     seed: Seed = None,
 ) -> LoglikOut:
-    """log p(x) of the uploaded digit, estimated with K importance samples, in nats."""
-    score = inference.score(model, digit, k, chunk_size=settings.loglik_chunk_size, seed=seed)
+    """log p(x) of the uploaded digit, estimated with K importance samples, in nats.
+
+    Stops between chunks of samples at IWAE_INFERENCE_TIMEOUT_S or when the client leaves.
+    """
+    score = await call(
+        inference.score,
+        model,
+        digit,
+        k,
+        chunk_size=settings.loglik_chunk_size,
+        seed=seed,
+        on_chunk=call.check,
+    )
     return LoglikOut(
         model_id=model.model_id,
         k=k,
@@ -236,7 +273,8 @@ def loglik(
     responses={**_PNG, **_UPLOAD_ERRORS},
     tags=["models"],
 )
-def impute(
+async def impute(
+    call: InferenceDep,
     masked: Masked,
     model: Model,
     k: Annotated[int, Depends(impute_k)],
@@ -246,12 +284,19 @@ def impute(
 ) -> Any:
     """Fill in the missing pixels: a PNG strip (input, mask, single imputation, n draws), or
     JSON. Any trained model works; one trained with `missing_rate` > 0 should do better."""
+    return await call(_impute_answer, model, masked, k, n, seed, format)
+
+
+def _impute_answer(
+    model: ServedModel, masked: MaskedDigit, k: int, n: int, seed: int | None, format: str
+) -> Response:
+    """Imputed and encoded in the inference thread, like `_samples_answer`."""
     result = inference.impute(model, masked.digit, masked.missing, k, n, seed)
     if format == "png":
         return Response(
             encode_imputation_strip(masked, result.single, result.draws), media_type="image/png"
         )
-    return ImputationOut(
+    body = ImputationOut(
         model_id=model.model_id,
         k=k,
         input=masked.digit.tolist(),
@@ -260,28 +305,26 @@ def impute(
         draws=result.draws.tolist(),
         observed_log_likelihood=result.observed_log_likelihood,
     )
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/healthz", tags=["ops"])
-def healthz() -> HealthOut:
+async def healthz() -> HealthOut:
     """The process is alive."""
     return HealthOut()
 
 
 @router.get("/readyz", responses=_errors(503), tags=["ops"])
-def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
+async def readyz(ready: Annotated[ReadyOut, Depends(readiness)]) -> ReadyOut:
     """Storage is writable and the job store and broker answer; 503 otherwise."""
     return ready
 
 
 @router.get("/metrics", response_class=Response, tags=["ops"])
-def metrics(metrics: MetricsDep, store: StoreDep, settings: SettingsDep) -> Response:
+async def metrics(
+    metrics: MetricsDep, gauges: Annotated[JobGauges, Depends(job_gauges)]
+) -> Response:
     """Prometheus text: requests and latencies per route, jobs per status, queue depth,
     live workers and what they handled. Reads a few keys, whatever the job history.
     """
-    try:
-        counts, workers = store.counts(), live_workers(settings, store)
-    except Exception:  # the request metrics stay useful while the job store is down
-        log.warning("job store unreachable; /metrics without job counts", exc_info=True)
-        counts, workers = None, None
-    return Response(metrics.render(counts, workers), media_type=CONTENT_TYPE)
+    return Response(metrics.render(*gauges), media_type=CONTENT_TYPE)

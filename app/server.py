@@ -7,6 +7,7 @@ URL it runs the API only and workers are started with `iwae worker`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from types import FrameType
 
 import uvicorn
 
+from app.errors import UnsafeExposure
 from app.main import create_app
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from worker.queue import start_local_worker_process
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ UVICORN_OPTIONS = {"log_level": "info", "timeout_graceful_shutdown": SHUTDOWN_GR
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the API until SIGINT/SIGTERM; in embedded mode, with a local worker alongside."""
     settings = get_settings()
+    check_exposure(host, settings)
     app = create_app(settings)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the
     # default handler the process would die there, skipping the `finally` that stops the
@@ -45,6 +48,36 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         if worker is not None:
             stop_worker(worker)
         signal.signal(signal.SIGTERM, previous)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: 127.0.0.0/8, ::1 and `localhost`.
+
+    Any other name counts as reachable from outside: it may resolve to anything.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse to serve anonymously on an address other machines can reach.
+
+    Without IWAE_API_TOKEN anyone who reaches the port can queue training jobs (hours of a
+    GPU each), so that needs an explicit IWAE_ALLOW_ANONYMOUS; on a loopback address the
+    machine's own users are trusted.
+    """
+    if settings.api_token is not None or settings.allow_anonymous or is_loopback(host):
+        return
+    raise UnsafeExposure(
+        f"refusing to listen on {host} without IWAE_API_TOKEN: anyone who reaches this "
+        "address could queue training jobs. Set IWAE_API_TOKEN (clients then send "
+        "'Authorization: Bearer <token>'), listen on 127.0.0.1, or set "
+        "IWAE_ALLOW_ANONYMOUS=1 to serve anonymously on purpose."
+    )
 
 
 def _exit(signum: int, frame: FrameType | None) -> None:

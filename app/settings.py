@@ -6,6 +6,7 @@ safe default, so importing this module never fails and never touches the disk.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Literal, Self
 
@@ -18,7 +19,29 @@ class Settings(WorkerSettings):
     api_token: SecretStr | None = Field(
         None,
         description="When set, POST /train and POST /jobs/{id}/cancel require "
-        "`Authorization: Bearer <token>`; reads stay open. Unset: no authentication.",
+        "`Authorization: Bearer <token>`; reads stay open. Unset: no authentication, which "
+        "`iwae serve` allows only on a loopback address unless IWAE_ALLOW_ANONYMOUS is set.",
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="Let `iwae serve` listen on a non-loopback address (e.g. 0.0.0.0, as in "
+        "Docker) without IWAE_API_TOKEN, so that anyone who reaches the port can queue "
+        "training jobs; without it the server refuses to start.",
+    )
+    max_samples_per_step: int = Field(
+        250_000,
+        ge=1,
+        description="Largest k * m * batch_size of a training job (importance samples per "
+        "step, which bound a step's memory: about 9 KB each for Burda's one-layer model and "
+        "15 KB for the two-layer one, so 2 to 4 GB at the limit); POST /train answers 422 "
+        "above it.",
+    )
+    max_train_samples: int = Field(
+        10_000_000_000,
+        ge=1,
+        description="Largest epochs * images * k * m of a training job (importance samples "
+        "of the whole run, which bound its time); 1e10 admits Burda et al.'s K=50 run of "
+        "3280 epochs over 60,000 images. POST /train answers 422 above it.",
     )
     max_upload_bytes: int = Field(
         10 * 1024 * 1024,
@@ -62,6 +85,32 @@ class Settings(WorkerSettings):
     inference_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where the API runs its models (training runs in the worker)."
     )
+    inference_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Model calls (/samples, /reconstruct, /loglik) that run at once; unset: "
+        "one per core. Others wait in the queue below.",
+    )
+    inference_queue: int = Field(
+        16,
+        ge=0,
+        description="Model calls that may wait for a free slot; past it, 503 with Retry-After.",
+    )
+    inference_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Deadline of one model call, its wait in the queue included; checked "
+        "between chunks of importance samples, past it 503 with Retry-After.",
+    )
+
+    @property
+    def inference_slots(self) -> int:
+        """`inference_concurrency`, or the cores this process may run on when it is unset."""
+        if self.inference_concurrency is not None:
+            return self.inference_concurrency
+        if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and cpusets
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     @model_validator(mode="after")
     def _default_k_within_limit(self) -> Self:

@@ -65,11 +65,14 @@ def log_likelihood(
     *,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> LogLikelihood:
     """Estimate log p(x) for x [B, D] with K importance samples, drawn in chunks.
 
     A streaming logsumexp of the weights and of their squares, and a running top-M of the
     log-weights for the Pareto fit, keep memory at one chunk however large K is.
+    `on_chunk(samples_done)` runs after every chunk but the last; an exception it raises
+    stops the estimate there (a caller's deadline or cancellation).
     """
     batch, dim = x.shape
     chunk_size = chunk_size or max(1, _CHUNK_ELEMENTS // (batch * dim))
@@ -85,6 +88,9 @@ def log_likelihood(
         sum_log_w += log_w.sum(0)
         both = torch.cat([top, log_w])  # [<=M+1+c, B]
         top = both.topk(min(tail + 1, len(both)), dim=0).values
+        done = start + log_w.shape[0]
+        if on_chunk is not None and done < k:
+            on_chunk(done)
     # Var(w) / mean(w)^2 = K sum w^2 / (sum w)^2 - 1, in logs for stability.
     relative_var = torch.expm1(math.log(k) + lse_w2 - 2.0 * lse_w).clamp_min(0.0)
     return LogLikelihood(

@@ -9,6 +9,7 @@ const $ = (selector) => document.querySelector(selector);
 const VIEWS = ["jobs", "models", "try"];
 const MAIN_FIELDS = ["k", "objective", "epochs"]; // the rest of POST /train under "More options"
 const JOB_LIMIT = 50;
+const MODEL_LIMIT = 100; // the first page of GET /models
 const LIST_REFRESH_MS = 5000;
 const MAX_STREAMS = 3; // browsers allow 6 connections per server over HTTP/1.1
 const TOKEN_KEY = "iwae-api-token";
@@ -326,6 +327,8 @@ function progressText(progress, losses) {
   const parts = [];
   if (progress.phase === "eval") {
     parts.push(`evaluating: ${number(progress.step)} of ${number(progress.steps)} test images`);
+  } else if (progress.phase === "impute") {
+    parts.push(`imputing top halves: ${number(progress.step)} of ${number(progress.steps)}`);
   } else {
     parts.push(`epoch ${progress.epoch} of ${progress.epochs}, step ${progress.step} of ${progress.steps}`);
     const loss = progress.loss ?? losses[losses.length - 1]?.[1];
@@ -338,7 +341,7 @@ function progressText(progress, losses) {
 
 function fraction(progress) {
   if (!progress || !progress.steps) return 0;
-  if (progress.phase === "eval") return progress.step / progress.steps;
+  if (progress.phase !== "train") return progress.step / progress.steps;
   return ((progress.epoch - 1) * progress.steps + progress.step) / (progress.epochs * progress.steps);
 }
 
@@ -509,7 +512,7 @@ function showComparison(seed) {
 
 async function loadModels() {
   try {
-    const { models } = await (await api("/models")).json();
+    const { models } = await (await api(`/models?limit=${MODEL_LIMIT}`)).json();
     const key = models.map((m) => m.model_id).join();
     if (key === state.modelsKey) return;
     state.models = models;

@@ -148,6 +148,25 @@ def test_non_images_are_refused(data: bytes) -> None:
         images.preprocess(data, MAX_PIXELS)
 
 
+@pytest.mark.parametrize("fmt", ["EPS", "PPM", "PCX", "TGA", "ICO", "SGI", "IM"])
+def test_formats_outside_the_allowlist_are_refused(fmt: str) -> None:
+    data = encode(light_on_dark(), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt, "Pillow itself would read it"
+    with pytest.raises(UnreadableImage, match="not an image this service reads"):
+        images.preprocess(data, MAX_PIXELS)
+
+
+def test_the_eps_decoder_is_never_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading EPS runs Ghostscript where it is installed: not even its header is parsed."""
+    from PIL import EpsImagePlugin
+
+    tried = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: tried.append(self))
+    with pytest.raises(UnreadableImage):
+        images.preprocess(encode(light_on_dark(), "EPS"), MAX_PIXELS)
+    assert tried == []
+
+
 def test_truncated_image_is_refused() -> None:
     data = encode(light_on_dark())
     with pytest.raises(UnreadableImage):

@@ -143,6 +143,36 @@ def test_a_corrupt_checkpoint_is_a_clear_server_error(
     assert "cannot be loaded" in response.json()["detail"]
 
 
+def test_an_unexpected_error_is_a_plain_500_and_its_details_are_logged(
+    client: TestClient,
+    tiny_model: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from app import inference
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("/srv/secret/model.bin via redis://10.0.0.7:6379")
+
+    monkeypatch.setattr(inference, "sample", fail)
+    response = client.get("/samples")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}
+    assert "/srv/secret/model.bin" in caplog.text
+
+
+def test_a_server_error_names_no_file_of_the_server(
+    client: TestClient, home: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = home / "models" / tiny_model / "model.safetensors"
+    checkpoint.unlink()
+    checkpoint.mkdir()  # opening it fails with an OSError that names its path
+    response = client.get("/samples")
+    assert response.status_code == 500
+    assert response.json() == {"detail": f"model {tiny_model!r} cannot be loaded"}
+    assert str(checkpoint) in caplog.text, "the details go to the server's log"
+
+
 # --- reconstruct ----------------------------------------------------------------------
 
 

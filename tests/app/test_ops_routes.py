@@ -76,6 +76,14 @@ def test_job_routes_are_503_when_redis_is_down(no_redis: TestClient) -> None:
     assert no_redis.get("/metrics").status_code == 200  # still scrapeable
 
 
+def test_a_redis_error_names_no_host_or_port(
+    no_redis: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    response = no_redis.get("/jobs")
+    assert response.json() == {"detail": "job store unavailable"}
+    assert "127.0.0.1:9" in caplog.text, "the details go to the server's log"
+
+
 def test_metrics_count_requests_per_route_template(client: TestClient) -> None:
     job_id = client.post("/train", json={"k": 5}).json()["job_id"]
     client.get(f"/jobs/{job_id}")

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import server
+from app.errors import UnsafeExposure
 from app.settings import get_settings
 
 
@@ -34,7 +35,9 @@ class FakeWorker:
 def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[..., dict[str, Any]]:
     """Run `serve` with uvicorn and the worker process replaced by recorders."""
 
-    def run(uvicorn_error: Exception | None = None, **overrides: Any) -> dict[str, Any]:
+    def run(
+        uvicorn_error: Exception | None = None, host: str = "127.0.0.1", **overrides: Any
+    ) -> dict[str, Any]:
         seen: dict[str, Any] = {"workers": []}
         monkeypatch.setattr(server, "get_settings", lambda: make_settings(**overrides))
 
@@ -52,7 +55,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
         monkeypatch.setattr(server, "start_local_worker_process", start)
         monkeypatch.setattr(server.uvicorn, "run", fake_run)
         try:
-            server.serve("127.0.0.1", 8123)
+            server.serve(host, 8123)
         except Exception as exc:
             seen["error"] = exc
         return seen
@@ -71,6 +74,41 @@ def test_the_worker_is_stopped_even_when_the_server_fails(fake_serving) -> None:
     seen = fake_serving(uvicorn_error=OSError("address already in use"))
     assert isinstance(seen["error"], OSError)
     assert seen["workers"][0].stopped
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "iwae.example.org"])
+def test_an_exposed_address_without_a_token_is_refused_before_anything_starts(
+    fake_serving, host: str
+) -> None:
+    seen = fake_serving(host=host)
+    assert isinstance(seen["error"], UnsafeExposure)
+    assert "IWAE_API_TOKEN" in str(seen["error"]) and "IWAE_ALLOW_ANONYMOUS" in str(seen["error"])
+    assert "address" not in seen and seen["workers"] == []
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"api_token": "s3cret"}, {"allow_anonymous": True}], ids=["token", "anonymous"]
+)
+def test_an_exposed_address_serves_with_a_token_or_an_explicit_choice(
+    fake_serving, overrides: dict[str, Any]
+) -> None:
+    assert fake_serving(host="0.0.0.0", **overrides)["address"] == ("0.0.0.0", 8123)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_addresses_need_no_token(fake_serving, host: str) -> None:
+    assert fake_serving(host=host)["address"] == (host, 8123)
+
+
+def test_iwae_serve_explains_the_refusal(
+    monkeypatch: pytest.MonkeyPatch, make_settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+
+    monkeypatch.setattr(server, "get_settings", make_settings)
+    monkeypatch.setattr(server.uvicorn, "run", lambda *a, **k: pytest.fail("served anyway"))
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to listen on 0.0.0.0 without IWAE_API_TOKEN" in capsys.readouterr().err
 
 
 def test_distributed_mode_runs_the_api_only(fake_serving) -> None:

@@ -114,6 +114,45 @@ def test_two_layer_widths_of_the_authors_code(client: TestClient) -> None:
     assert (model["hidden_dim"], model["z1_dim"], model["hidden2_dim"]) == (200, 100, 100)
 
 
+def test_a_job_over_the_samples_per_step_budget_is_422_naming_cost_and_limit(
+    client: TestClient, fake_queue
+) -> None:
+    """The issue's example: 5000 * 64 * 10000 logit rows a step would kill the worker."""
+    body = {"k": 5000, "objective": "miwae", "m": 64, "batch_size": 10_000}
+    response = train(client, body)
+    assert response.status_code == 422
+    error, total = response.json()["detail"]  # the run as a whole is over budget too
+    assert total["ctx"]["cost"] == "train_samples"
+    assert error["ctx"] == {
+        "cost": "samples_per_step",
+        "limit": 250_000,
+        "setting": "IWAE_MAX_SAMPLES_PER_STEP",
+    }
+    assert error["input"] == 5000 * 64 * 10_000
+    assert "k*m*batch_size = 5000*64*10000 = 3,200,000,000" in error["msg"]
+    assert "IWAE_MAX_SAMPLES_PER_STEP = 250,000" in error["msg"]
+    assert fake_queue.job_ids == []
+    assert client.get("/jobs").json()["jobs"] == []
+
+
+def test_a_job_over_the_total_budget_is_422(client: TestClient, fake_queue) -> None:
+    response = train(client, {"k": 50, "epochs": 10_000})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["ctx"]["setting"] == "IWAE_MAX_TRAIN_SAMPLES"
+    assert error["input"] == 10_000 * 60_000 * 50
+    assert "epochs*images*k*m = 10000*60000*50*1" in error["msg"]
+    assert fake_queue.job_ids == []
+
+
+def test_the_budgets_are_settings_and_inclusive(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_samples_per_step=5000, max_train_samples=600 * 50)
+    assert train(client, {"k": 50, "batch_size": 100, "train_size": 600}).status_code == 202
+    assert train(client, {"k": 51, "batch_size": 100, "train_size": 600}).status_code == 422
+    over_total = train(client, {"k": 50, "batch_size": 100, "train_size": 600, "epochs": 2})
+    assert over_total.json()["detail"][0]["ctx"]["cost"] == "train_samples"
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator
 from functools import cache
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,11 +25,13 @@ from deploy_files import (
     IWAE_NAME,
     LOCAL_URL,
     ROOT,
+    copy_deploy_files,
     dockerfile_instructions,
     env_example_entries,
     go_duration_s,
     key_values,
     load_yaml,
+    run_compose,
 )
 
 ComposeConfig = Callable[..., dict[str, Any]]
@@ -289,6 +292,60 @@ def test_compose_settings_are_real_settings(compose: dict[str, Any]) -> None:
     for service in IWAE_SERVICES:
         env_file = compose["services"][service]["env_file"]
         assert env_file == [{"path": ".env", "required": False}]
+
+
+# --- Authentication: the API listens on 0.0.0.0, so a deployment must choose -------------
+
+
+def exposure_refused(host: str, environment: dict[str, str | None]) -> bool:
+    """Whether `iwae serve --host HOST` refuses to start with this container environment."""
+    from app.errors import UnsafeExposure
+    from app.server import check_exposure
+    from app.settings import Settings
+
+    values = {k[len("IWAE_") :].lower(): v for k, v in environment.items() if k.startswith("IWAE_")}
+    try:
+        check_exposure(host, Settings(**{k: v for k, v in values.items() if v}))
+    except UnsafeExposure:
+        return True
+    return False
+
+
+def test_the_image_refuses_to_serve_anonymously_by_default() -> None:
+    assert exposure_refused(parse_iwae(image_cmd()).host, image_env())
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "refused"),
+    [
+        (None, True),  # no .env: the api refuses to start and says why
+        ("IWAE_API_TOKEN=s3cret\n", False),
+        ("IWAE_ALLOW_ANONYMOUS=1\n", False),
+        ("IWAE_API_TOKEN=\nIWAE_ALLOW_ANONYMOUS=0\n", True),
+    ],
+    ids=["no-env", "token", "anonymous", "neither"],
+)
+def test_the_env_file_makes_the_authentication_choice(
+    compose_binary: Path, tmp_path: Path, dotenv: str | None, refused: bool
+) -> None:
+    """Compose passes .env to the api, whose exposed address then needs one of the two."""
+    from app.server import is_loopback
+
+    directory = copy_deploy_files(tmp_path)
+    if dotenv is not None:
+        (directory / ".env").write_text(dotenv)
+    result = run_compose(compose_binary, directory, (COMPOSE_FILE,), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    api = json.loads(result.stdout)["services"]["api"]
+    host = parse_iwae(api["command"]).host
+    assert not is_loopback(host)
+    assert exposure_refused(host, {**image_env(), **api["environment"]}) is refused
+
+
+def test_compose_and_env_example_explain_the_choice() -> None:
+    for name in (COMPOSE_FILE, ".env.example"):
+        text = (ROOT / name).read_text()
+        assert "IWAE_API_TOKEN" in text and "IWAE_ALLOW_ANONYMOUS" in text, name
 
 
 # --- The resolved projects (Compose's own reading) -----------------------------------------

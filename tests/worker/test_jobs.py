@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from worker.jobs import (
     STATUSES,
     ClaimRefused,
+    FileJobStore,
     JobAlreadyFinished,
     JobNotFound,
     JobStore,
@@ -352,3 +354,19 @@ def test_the_active_job_cap_holds_under_a_concurrent_flood(store: JobStore) -> N
         outcomes = list(pool.map(lambda _: create(), range(24)))
     assert outcomes.count("refused") == 19
     assert len(store.list()) == 5
+
+
+def test_the_file_store_counts_and_reaps_without_reading_every_record(tmp_path: Path) -> None:
+    store = FileJobStore(tmp_path, lease_s=0.3, max_attempts=2, max_active_jobs=10)
+    done, active = store.create(CONFIG).job_id, store.create(CONFIG).job_id
+    store.request_cancel(done)
+
+    def no_scan() -> None:
+        raise AssertionError("scanned every record")
+
+    store._entries = no_scan  # type: ignore[method-assign]
+    assert store.counts()["cancelled"] == 1 and store.counts()["queued"] == 1
+    assert store._active_ids() == [active]
+    store.claim(active, "w")
+    assert store.reap() == []
+    store.create(CONFIG)  # the active-job limit reads the index too

@@ -2,14 +2,17 @@
 
 - `{id}.json`: `{"boot": ..., "entry": Entry}`, always replaced atomically (temporary file,
   fsync, rename), so readers never lock.
+- `.index`: the ids of the queued and running jobs and the count of jobs by status (finished
+  statuses counting every job that ended so), kept with every change, so that the reaper,
+  the active-job limit and `/metrics` read one file whatever the history.
 - `.workers`: the workers that reported themselves (`report_worker`).
 - `.lock`: an exclusive `flock` held around every read-modify-write, so the API and the
   worker processes never overwrite each other's changes.
 
 The clock is this machine's monotonic clock, which every process here shares and which no
-wall-clock step moves; times written before the last boot read as long past. Listing,
-counting and the active-job limit scan the folder: fine for the single machine this mode is
-for. Finished jobs older than `retention_s` are deleted by the reaper.
+wall-clock step moves; times written before the last boot read as long past. Listing pages
+scan the folder: fine for the single machine this mode is for. Finished jobs older than
+`retention_s` are deleted by the reaper.
 """
 
 from __future__ import annotations
@@ -101,9 +104,32 @@ class FileJobStore(JobStore):
 
     # --- storage -------------------------------------------------------------------------
 
+    def _index(self) -> dict[str, Any]:
+        """`.index`: the active ids and the counts by status, rebuilt if missing."""
+        path = self.root / ".index"
+        if path.exists():
+            return json.loads(path.read_text())
+        index: dict[str, Any] = {"active": [], "counts": dict.fromkeys(STATUSES, 0)}
+        for entry in self._entries():
+            self._count(index, entry, +1)
+        return index
+
+    @staticmethod
+    def _count(index: dict[str, Any], entry: Entry, sign: int) -> None:
+        status, job_id = entry.record.status, entry.record.job_id
+        index["counts"][status] += sign
+        if status in ACTIVE:
+            active = set(index["active"])
+            index["active"] = sorted(active | {job_id} if sign > 0 else active - {job_id})
+
     def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
         with self._locked():
-            entry = make(self._clock(), len(self._active_ids()))
+            index = self._index()
+            entry = make(self._clock(), len(index["active"]))
+            self._count(index, entry, +1)
+            # Index first: a crash in between lists an id with no entry (skipped), never a
+            # queued job that no reaper would look at.
+            write_atomic(self.root / ".index", json.dumps(index).encode())
             self._write(entry)
         return entry
 
@@ -112,12 +138,22 @@ class FileJobStore(JobStore):
             entry = self._read(job_id)
             before = entry.model_copy(deep=True)
             result = change(entry, self._clock())
-            if entry != before:
+            if entry == before:
+                return result
+            if entry.record.status == before.record.status:
                 self._write(entry)
+                return result
+            index = self._index()  # read before the write: a rebuilt index sees the old state
+            self._count(index, before, -1)
+            self._count(index, entry, +1)
+            # Entry first: a crash in between leaves a finished job listed as active (the
+            # reaper skips it), never a running one missing from the list.
+            self._write(entry)
+            write_atomic(self.root / ".index", json.dumps(index).encode())
         return result
 
     def _active_ids(self) -> list[str]:
-        return sorted(e.record.job_id for e in self._entries() if e.record.status in ACTIVE)
+        return self._index()["active"] if self.root.exists() else []
 
     def page(
         self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
@@ -138,10 +174,7 @@ class FileJobStore(JobStore):
         return records[:limit], repr(records[limit - 1].created_at.timestamp())
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
-        for entry in self._entries():
-            counts[entry.record.status] += 1
-        return counts
+        return self._index()["counts"] if self.root.exists() else dict.fromkeys(STATUSES, 0)
 
     def report_worker(self, name: str, queues: list[str], outcome: str | None = None) -> None:
         path = self.root / ".workers"
