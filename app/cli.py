@@ -3,6 +3,7 @@
     iwae train --k 50 [--objective iwae] [--epochs 1] ...   train, evaluate, write a checkpoint
     iwae study --ks 1 5 50 [--alphas 0 0.5] [...]           train per K (and alpha): table, figure
     iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
+    iwae snr --model PATH --ks 1 10 100 1000 [...]          gradient SNR against K (JSON)
     iwae impute --model PATH IMAGE [--mask MASK] [--out F]  fill in an image's missing pixels
     iwae serve [--host 127.0.0.1] [--port 8000]             the API (+ a local worker if embedded)
     iwae worker                                             a Celery worker (distributed mode)
@@ -13,6 +14,7 @@ Data comes from IWAE_DATA_DIR (default IWAE_HOME/data, downloaded there when mis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -26,8 +28,10 @@ from models.config import (
     K_SCHEDULES,
     MISSING_PATTERNS,
     OBJECTIVES,
+    PRESETS,
     ModelConfig,
     TrainConfig,
+    preset_config,
 )
 from models.data import DataError
 
@@ -97,6 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--seed", type=int, default=0)
 
+    snr = commands.add_parser(
+        "snr",
+        formatter_class=fmt,
+        help="signal-to-noise ratio of a checkpoint's encoder and decoder gradient estimators "
+        "against K, one test image at a time (B=1, Rainforth et al. 2018); prints JSON",
+    )
+    snr.add_argument(
+        "--model", type=Path, required=True, help="a model.safetensors file or its folder"
+    )
+    snr.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100, 1000])
+    snr.add_argument("--draws", type=int, default=1000, help="gradient draws per image and K")
+    snr.add_argument(
+        "--images", type=int, default=4, help="first N binarized test images, each alone"
+    )
+    snr.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="gradient estimator (default: the one the model was trained with)",
+    )
+    snr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    snr.add_argument("--seed", type=int, default=0)
+
     impute = commands.add_parser(
         "impute",
         formatter_class=fmt,
@@ -131,74 +158,112 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Given(argparse.Action):
+    """Stores the value and records its name in `namespace.given`, so that values given on
+    the command line override a preset while the defaults do not."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a training run other than K (shared by `train` and `study`)."""
     d = _TRAIN_DEFAULTS
-    parser.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
-    parser.add_argument("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
-    parser.add_argument("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
+    add = functools.partial(parser.add_argument, action=_Given)
     parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="burda: Burda et al.'s training (batch 20, --init burda, --schedule burda, 3280 "
+        "epochs, evaluation of all 10,000 test images at k=5000); options given "
+        "explicitly override it",
+    )
+    add("--objective", choices=OBJECTIVES, default=d.objective)
+    add("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
+    add("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
+    add(
         "--alpha",
         type=float,
         default=None,
         help=f"VR-IWAE alpha in [0, 1) of vr-iwae and vr-iwae-dreg (default {DEFAULT_ALPHA})",
     )
-    parser.add_argument(
+    add(
         "--k-schedule",
         choices=K_SCHEDULES,
         default=d.k_schedule,
         help="K per epoch: fixed, linear (k-min to k), ess (steered by held-out ESS/K)",
     )
-    parser.add_argument(
+    add(
         "--k-min",
         type=int,
         default=None,
         help=f"smallest K of the linear and ess schedules (default {DEFAULT_K_MIN})",
     )
-    parser.add_argument(
+    add(
         "--ess-target",
         type=float,
         default=None,
         help=f"ESS/K target of the ess schedule (default {DEFAULT_ESS_TARGET})",
     )
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument(
+    add("--epochs", type=int, default=d.epochs)
+    add("--batch-size", type=int, default=d.batch_size)
+    add(
         "--lr",
         type=float,
         default=d.learning_rate,
         help="Adam learning rate (the first stage's with --schedule burda)",
     )
-    parser.add_argument(
+    add(
         "--schedule",
         choices=("constant", "burda"),
         default=d.schedule,
         help="burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 (3280 epochs)",
     )
-    parser.add_argument(
+    add(
+        "--init",
+        choices=("burda", "torch"),
+        default=d.init,
+        help="burda: Glorot-uniform weights, zero biases, output bias = logit of the mean "
+        "training pixel (the authors' code); torch: PyTorch's nn.Linear default",
+    )
+    add(
         "--layers",
         type=int,
         choices=(1, 2),
         default=d.model.layers,
         help="stochastic layers (Burda's two MNIST architectures)",
     )
-    parser.add_argument("--latent-dim", type=int, default=d.model.latent_dim)
-    parser.add_argument(
+    add("--latent-dim", type=int, default=d.model.latent_dim)
+    add(
         "--hidden-dim",
         type=int,
         default=None,
         help="hidden width (default 200 with 1 layer, 100 with 2)",
     )
-    parser.add_argument(
+    add(
+        "--z1-dim",
+        type=int,
+        default=None,
+        help="with --layers 2: width of z1 (default: --hidden-dim, the paper's 100)",
+    )
+    add(
+        "--hidden2-dim",
+        type=int,
+        default=None,
+        help="with --layers 2: hidden width between z1 and z2 (default: --latent-dim, the "
+        "paper's 50); the authors' code used --hidden-dim 200 --z1-dim 100 --hidden2-dim 100",
+    )
+    add(
         "--train-size",
         type=int,
         default=None,
         help="use the first N training images (default all 60000)",
     )
     _add_eval_arguments(parser, k_flag="--eval-k", eval_size=d.eval_size)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    parser.add_argument(
+    add("--seed", type=int, default=d.seed)
+    add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    add(
         "--precision",
         choices=("fp32", "bf16"),
         default=d.precision,
@@ -220,31 +285,43 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, k: int) -> TrainConfig:
-    return TrainConfig(
-        k=k,
-        objective=args.objective,
-        m=args.m,
-        beta=args.beta,
-        alpha=args.alpha,
-        k_schedule=args.k_schedule,
-        k_min=args.k_min,
-        ess_target=args.ess_target,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        schedule=args.schedule,
-        model=ModelConfig(
-            layers=args.layers, latent_dim=args.latent_dim, hidden_dim=args.hidden_dim
-        ),
-        train_size=args.train_size,
-        eval_size=args.eval_size,
-        eval_k=args.eval_k,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-        missing_rate=args.missing_rate,
-        missing_pattern=args.missing_pattern,
+    values = {
+        "objective": args.objective,
+        "m": args.m,
+        "beta": args.beta,
+        "alpha": args.alpha,
+        "k_schedule": args.k_schedule,
+        "k_min": args.k_min,
+        "ess_target": args.ess_target,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "schedule": args.schedule,
+        "init": args.init,
+        "train_size": args.train_size,
+        "eval_size": args.eval_size,
+        "eval_k": args.eval_k,
+        "seed": args.seed,
+        "device": args.device,
+        "precision": args.precision,
+        "missing_rate": args.missing_rate,
+        "missing_pattern": args.missing_pattern,
+    }
+    if args.preset is not None:  # the preset's values, unless given on the command line
+        given = getattr(args, "given", set())
+        values = {
+            name: v
+            for name, v in values.items()
+            if name in given or name not in PRESETS[args.preset]
+        }
+    model = ModelConfig(
+        layers=args.layers,
+        latent_dim=args.latent_dim,
+        hidden_dim=args.hidden_dim,
+        z1_dim=args.z1_dim,
+        hidden2_dim=args.hidden2_dim,
     )
+    return preset_config(args.preset, k=k, model=model, **values)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, *, k_flag: str, eval_size: int) -> None:
@@ -252,12 +329,14 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, *, k_flag: str, eval_si
         k_flag,
         dest="eval_k",
         type=int,
+        action=_Given,
         default=_TRAIN_DEFAULTS.eval_k,
         help="importance samples per test image for the log-likelihood",
     )
     parser.add_argument(
         "--eval-size",
         type=int,
+        action=_Given,
         default=eval_size,
         help="test images to score (0 skips the evaluation)",
     )
@@ -269,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "study": _study,
         "eval": _eval,
+        "snr": _snr,
         "impute": _impute,
         "serve": _serve,
         "worker": _worker,
@@ -345,7 +425,52 @@ def _eval(args: argparse.Namespace) -> int:
         f"binarized MNIST)"
     )
     print(f"active units per stochastic layer: {metrics.active_units}")
+    print(
+        f"ELBO: {metrics.test_elbo:.2f}, gap log p - ELBO: {metrics.test_gap:.2f} nats; "
+        f"per-image Monte Carlo error (mean): {metrics.mc_std_error_mean:.3f} nats; "
+        f"ESS (mean): {metrics.ess_mean:.1f} of {args.eval_k}"
+    )
+    if metrics.pareto_k_mean is not None:
+        print(
+            f"Pareto k-hat (mean): {metrics.pareto_k_mean:.2f}; images with k-hat > 0.7: "
+            f"{100 * metrics.pareto_k_above_0_7:.1f}% (their Monte Carlo error is unreliable)"
+        )
     print(json.dumps({"model": str(path), "config": config.to_dict(), **metrics.to_dict()}))
+    return 0
+
+
+def _snr(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_model
+    from models.data import binarized_test_images
+    from models.estimators import gradient_snr_per_image, snr_slopes
+    from models.run import CHECKPOINT_NAME
+    from models.training import resolve_device
+
+    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    device = resolve_device(args.device)
+    model, config = load_model(path, device)
+    config = config.with_changes(objective=args.objective or config.objective)
+    x = binarized_test_images(_load_data().test_images[: args.images]).to(device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    snrs = []
+    for k in args.ks:
+        snrs.append(
+            gradient_snr_per_image(
+                model, x, config.with_changes(k=k), draws=args.draws, generator=generator
+            )
+        )
+        print(f"k={k}: {snrs[-1]}", file=sys.stderr)
+    result = {
+        "model": str(path),
+        "objective": config.objective,
+        "draws": args.draws,
+        "images": len(x),
+        "snr": [{"k": k, **s.to_dict()} for k, s in zip(args.ks, snrs, strict=True)],
+        "slopes": snr_slopes(args.ks, snrs),
+    }
+    print(json.dumps(result, indent=2))
     return 0
 
 

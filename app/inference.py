@@ -24,11 +24,17 @@ D = 784
 
 @dataclass(frozen=True)
 class Score:
-    """Per-image estimates in nats; `bits_per_dim = -log_likelihood / (784 ln 2)`."""
+    """Per-image estimates in nats; `bits_per_dim = -log_likelihood / (784 ln 2)`.
+
+    `ess` is the effective sample size of the K weights; `pareto_k` their PSIS k-hat, None
+    when K <= 20 (see `models.estimators.LogLikelihood`).
+    """
 
     log_likelihood: float
     std_error: float
     elbo: float
+    ess: float
+    pareto_k: float | None
 
     @property
     def bits_per_dim(self) -> float:
@@ -82,6 +88,8 @@ def score(
             log_likelihood=float(result.log_px[0]),
             std_error=float(result.std_error[0]),
             elbo=float(result.elbo[0]),
+            ess=float(result.ess[0]),
+            pareto_k=None if result.pareto_k[0].isnan() else float(result.pareto_k[0]),
         )
 
 

@@ -19,7 +19,8 @@ def study_markdown(rows: Sequence[StudyRow], eval_k: int) -> str:
     missing pixel."""
     lines = [
         f"| K | objective | test log p(x) (nats, k={eval_k}) | active units | "
-        "train time (s) | encoder SNR | decoder SNR | imputation BCE: K=1 / K / mean |",
+        "train time (s) | encoder SNR (median) | decoder SNR (median) | "
+        "imputation BCE: K=1 / K / mean |",
         "|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:

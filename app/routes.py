@@ -262,6 +262,8 @@ async def loglik(
         std_error=score.std_error,
         elbo=score.elbo,
         bits_per_dim=score.bits_per_dim,
+        ess=score.ess,
+        pareto_k=score.pareto_k,
     )
 
 

@@ -12,13 +12,17 @@ from models.config import (
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
     MAX_MISSING_RATE,
+    PRESETS,
+    Init,
     KSchedule,
     MissingPattern,
     ModelConfig,
     Objective,
     Precision,
+    Preset,
     Schedule,
     TrainConfig,
+    preset_config,
 )
 from worker.jobs import JobStatus
 
@@ -31,6 +35,7 @@ ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
 _MODEL = ModelConfig()
+_MODEL_FIELDS = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
 
 
 class TrainRequest(BaseModel):
@@ -38,14 +43,23 @@ class TrainRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Preset | None = Field(
+        None,
+        description="`burda`: Burda et al.'s training, i.e. batch_size 20, init `burda`, "
+        "schedule `burda` with 3280 epochs, eval_size 10000 at eval_k 5000. Fields given "
+        "explicitly override the preset's.",
+        examples=[None],
+    )
     k: int = Field(ge=1, le=5000, description="Importance samples per data point.", examples=[5])
     objective: Objective = Field(
         _TRAIN.objective,
         description="Training objective: `vae` is the ELBO; `iwae` the K-sample bound; "
-        "`iwae-stl` and `iwae-dreg` its lower-variance gradient estimators; `miwae`, "
-        "`ciwae` and `piwae` the combinations of Rainforth et al. (2018); `vr-iwae` the "
-        "VR-IWAE bound of Daudel et al. (2023) with parameter `alpha`, and `vr-iwae-dreg` "
-        "its doubly reparameterised encoder gradient.",
+        "`iwae-dreg` its doubly reparameterized encoder gradient (unbiased, lower variance; "
+        "Tucker et al. 2019); `iwae-stl` drops the score term of the encoder gradient "
+        "(Roeder et al. 2017): lower variance, but for K > 1 biased (Tucker et al. 2019); "
+        "`miwae`, `ciwae` and `piwae` the combinations of Rainforth et al. (2018); "
+        "`vr-iwae` the VR-IWAE bound of Daudel et al. (2023) with parameter `alpha`, and "
+        "`vr-iwae-dreg` its doubly reparameterised encoder gradient.",
         examples=["iwae"],
     )
     m: int = Field(
@@ -111,6 +125,12 @@ class TrainRequest(BaseModel):
         description="`constant`, or `burda`: the paper's 3^i epochs at 1e-3 * 10^(-i/7).",
         examples=["constant"],
     )
+    init: Init = Field(
+        _TRAIN.init,
+        description="`burda`: Glorot-uniform weights, zero biases and the output bias at the "
+        "logit of the mean training pixel, as the authors' code; `torch`: PyTorch's default.",
+        examples=[_TRAIN.init],
+    )
     layers: Literal[1, 2] = Field(
         _MODEL.layers,
         description="Stochastic layers (Burda et al.'s two MNIST models).",
@@ -130,6 +150,21 @@ class TrainRequest(BaseModel):
         description="Width of the deterministic hidden layers; null: 200 for one stochastic "
         "layer, 100 for two.",
         examples=[200],
+    )
+    z1_dim: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Two layers only: width of z1; null: hidden_dim (the paper's 100).",
+        examples=[100],
+    )
+    hidden2_dim: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Two layers only: hidden width between z1 and z2; null: latent_dim (the "
+        "paper's 50). The authors' code: hidden_dim 200, z1_dim 100, hidden2_dim 100.",
+        examples=[50],
     )
     train_size: int | None = Field(
         _TRAIN.train_size,
@@ -184,14 +219,14 @@ class TrainRequest(BaseModel):
         return self
 
     def to_config(self) -> dict[str, Any]:
-        """The job's `TrainConfig` as a dict (validated by building it)."""
+        """The job's `TrainConfig` as a dict: the preset's values under the fields given."""
         values = self.model_dump()
-        model = ModelConfig(
-            layers=values.pop("layers"),
-            latent_dim=values.pop("latent_dim"),
-            hidden_dim=values.pop("hidden_dim"),
-        )
-        return TrainConfig(model=model, **values).to_dict()
+        preset = values.pop("preset")
+        if preset is not None:
+            for name in PRESETS[preset].keys() - self.model_fields_set:
+                del values[name]
+        model = ModelConfig(**{name: values.pop(name) for name in _MODEL_FIELDS})
+        return preset_config(preset, model=model, **values).to_dict()
 
 
 class ProgressOut(BaseModel):
@@ -241,10 +276,25 @@ class JobOut(BaseModel):
     progress: ProgressOut | None = None
     metrics: dict[str, Any] | None = Field(
         None,
-        description="Final metrics: test_loglik (nats), test_loglik_std_error, active_units, "
-        "train_seconds, k_per_epoch (the K of every epoch), ess_per_epoch (k_schedule `ess`: "
-        "the held-out ESS/K after every epoch), ...",
-        examples=[{"test_loglik": -86.7, "test_loglik_std_error": 0.05, "active_units": [19]}],
+        description="Final metrics: test_loglik (nats, IWAE bound at eval_k), "
+        "test_loglik_std_error (over images), test_elbo, test_gap (test_loglik - test_elbo), "
+        "mc_std_error_mean (per-image Monte Carlo error), ess_mean, pareto_k_mean, "
+        "pareto_k_above_0_7 (share of images whose error estimate is unreliable), "
+        "active_units, train_seconds, k_per_epoch (the K of every epoch), ess_per_epoch "
+        "(k_schedule `ess`: the held-out ESS/K after every epoch), ...",
+        examples=[
+            {
+                "test_loglik": -86.7,
+                "test_loglik_std_error": 0.05,
+                "test_elbo": -91.2,
+                "test_gap": 4.5,
+                "mc_std_error_mean": 0.3,
+                "ess_mean": 240.0,
+                "pareto_k_mean": 0.62,
+                "pareto_k_above_0_7": 0.31,
+                "active_units": [19],
+            }
+        ],
     )
     model_id: str | None = Field(None, description="Set once a checkpoint exists.")
     error: str | None = Field(None, description="Why the job failed.")
@@ -311,9 +361,23 @@ class LoglikOut(BaseModel):
         "expectation.",
         examples=[-85.2],
     )
-    std_error: float = Field(description="Delta-method standard error, nats.", examples=[0.4])
+    std_error: float = Field(
+        description="Delta-method Monte Carlo standard error, nats; it assumes the weights "
+        "have a finite variance, so do not trust it when `pareto_k` > 0.7.",
+        examples=[0.4],
+    )
     elbo: float = Field(description="Mean log-weight (the ELBO), nats.", examples=[-91.0])
     bits_per_dim: float = Field(description="-log_likelihood / (784 ln 2).", examples=[0.157])
+    ess: float = Field(
+        description="Effective sample size of the K weights, (sum w)^2 / sum w^2, in [1, K].",
+        examples=[212.4],
+    )
+    pareto_k: float | None = Field(
+        description="Pareto k-hat of the largest weights (PSIS, Vehtari et al. 2024): below "
+        "0.5 the estimate is reliable, above 0.7 its variance is not finite in practice and "
+        "`std_error` understates the real error. null when k <= 20 (too few weights to fit).",
+        examples=[0.43],
+    )
 
 
 class ImputationOut(BaseModel):

@@ -17,6 +17,8 @@ Schedule = Literal["constant", "burda"]
 KSchedule = Literal["fixed", "linear", "ess"]
 Precision = Literal["fp32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
+Init = Literal["burda", "torch"]
+Preset = Literal["burda"]
 MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
@@ -40,22 +42,38 @@ class ModelConfig:
     """Architecture of Burda et al.'s MNIST models.
 
     One stochastic layer: x -[h, h]-> z (d), tanh, with h=200 and d=50 by default.
-    Two stochastic layers: x -[h, h]-> z1 (h) -[d, d]-> z2 (d), with h=100, d=50 by default
-    (784-100-100-100 then 100-50-50-50); the generative path mirrors the inference path.
+    Two stochastic layers: x -[h, h]-> z1 (d1) -[h2, h2]-> z2 (d), with h = `hidden_dim`,
+    d1 = `z1_dim` and h2 = `hidden2_dim`; the generative path mirrors the inference path.
+    The default is the network of the paper's section 5, 784-100-100-100 then 100-50-50-50
+    (h=100, d1=h, h2=d=50). The authors' code (yburda/iwae `experiments.py`) trained a
+    wider one, 784-200-200-100 then 100-100-100-50: `hidden_dim=200, z1_dim=100,
+    hidden2_dim=100`. The defaults of `z1_dim` and `hidden2_dim` (h and d) keep every
+    checkpoint written before they existed loadable unchanged.
     """
 
     layers: Literal[1, 2] = 1
     latent_dim: int = 50
     hidden_dim: int | None = None  # None: Burda's width for `layers` (200 or 100)
     x_dim: int = 784
+    z1_dim: int | None = None  # layers=2 only; None: hidden_dim
+    hidden2_dim: int | None = None  # layers=2 only; None: latent_dim
 
     def __post_init__(self) -> None:
         if self.layers not in (1, 2):
             raise ValueError(f"layers must be 1 or 2, got {self.layers}")
         if self.hidden_dim is None:
             object.__setattr__(self, "hidden_dim", _DEFAULT_HIDDEN[self.layers])
-        for name in ("latent_dim", "hidden_dim", "x_dim"):
-            if getattr(self, name) < 1:
+        if self.layers == 1:
+            if self.z1_dim is not None or self.hidden2_dim is not None:
+                raise ValueError("z1_dim and hidden2_dim need layers=2")
+        else:
+            if self.z1_dim is None:
+                object.__setattr__(self, "z1_dim", self.hidden_dim)
+            if self.hidden2_dim is None:
+                object.__setattr__(self, "hidden2_dim", self.latent_dim)
+        for name in ("latent_dim", "hidden_dim", "x_dim", "z1_dim", "hidden2_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive")
 
     @property
@@ -63,7 +81,14 @@ class ModelConfig:
         """Width of each stochastic layer, bottom (nearest x) first."""
         if self.layers == 1:
             return (self.latent_dim,)
-        return (self.hidden_dim, self.latent_dim)
+        return (self.z1_dim, self.latent_dim)
+
+    @property
+    def hidden_dims(self) -> tuple[int, ...]:
+        """Width of the two deterministic layers of each block, bottom first."""
+        if self.layers == 1:
+            return (self.hidden_dim,)
+        return (self.hidden_dim, self.hidden2_dim)
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,8 @@ class TrainConfig:
     of `k` (Rainforth et al., 2018), `ciwae` mixes ELBO and IWAE with weight `beta` on the
     ELBO. `train_size=None` uses all 60,000 training images; `eval_size=0` skips the final
     test log-likelihood, which uses `eval_k` importance samples and always runs in fp32.
+    `init="burda"` (the default) initialises as the authors' code did (see
+    `models.networks.burda_init`), `"torch"` keeps PyTorch's default for `nn.Linear`.
 
     `alpha` is the VR-IWAE parameter in [0, 1) of `vr-iwae` and `vr-iwae-dreg` (None: 0.5
     for them; refused for the other objectives). `k_schedule` chooses K per epoch: `fixed`
@@ -108,6 +135,7 @@ class TrainConfig:
     ess_target: float | None = None
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
+    init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -121,6 +149,8 @@ class TrainConfig:
             raise ValueError("train_size must be positive (or None for all images)")
         if self.eval_size < 0:
             raise ValueError("eval_size must be >= 0")
+        if self.init not in get_args(Init):
+            raise ValueError(f"unknown init {self.init!r}; choose from {get_args(Init)}")
         if not 0.0 <= self.missing_rate <= MAX_MISSING_RATE:
             raise ValueError(f"missing_rate must lie in [0, {MAX_MISSING_RATE}]")
         if self.missing_pattern not in MISSING_PATTERNS:
@@ -178,9 +208,31 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         values = dict(data)
+        values.setdefault("init", "torch")  # what every record written before `init` used
         if isinstance(values.get("model"), dict):
             values["model"] = ModelConfig(**values["model"])
         return cls(**values)
 
     def with_changes(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
+
+
+# Burda et al. (2015), section 5 and the authors' code: batch 20, their initialisation, 3^i
+# epochs at 1e-3 * 10^(-i/7) for i = 0..7, and log p(x) of all 10,000 test images at k=5000.
+PRESETS: dict[str, dict[str, Any]] = {
+    "burda": {
+        "batch_size": 20,
+        "init": "burda",
+        "schedule": "burda",
+        "epochs": sum(3**i for i in range(8)),  # 3280
+        "eval_size": 10_000,
+        "eval_k": 5000,
+    },
+}
+
+
+def preset_config(preset: Preset | None, **fields: Any) -> TrainConfig:
+    """A `TrainConfig` from `preset`'s values with the explicitly given `fields` on top."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS.get(preset or "", {}), **fields})

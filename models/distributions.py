@@ -13,9 +13,54 @@ from torch import Tensor
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _inverse_std(logvar: Tensor) -> Tensor:
+    """exp(-logvar / 2), capped at the dtype's largest finite value.
+
+    Uncapped it is inf below logvar = -177 in fp32 and 0 * inf = NaN where z == mu; capped,
+    a density concentrated at mu gives a finite log-density at mu and -inf elsewhere.
+    """
+    return torch.exp(-0.5 * logvar).clamp_max(torch.finfo(logvar.dtype).max)
+
+
 def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; mu, diag(exp(logvar))): [..., d] -> [...]."""
-    return -0.5 * (_LOG_2PI + logvar + (z - mu).square() * torch.exp(-logvar)).sum(-1)
+    """log N(z; mu, diag(exp(logvar))): [..., d] -> [...].
+
+    The residual is standardised before squaring, ((z - mu) / sigma)^2, so that
+    (z - mu)^2 * exp(-logvar) never multiplies 0 by an overflowed inf.
+    """
+    residual = (z - mu) * _inverse_std(logvar)  # [..., d]
+    return -0.5 * (_LOG_2PI + logvar + residual.square()).sum(-1)
+
+
+def gaussian_log_prob_of_noise(eps: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mu, diag(exp(logvar))) at z = mu + exp(logvar / 2) * eps: [..., d] -> [...].
+
+    (z - mu) / sigma is eps by construction, so the density is read off the standard-normal
+    noise: exact however small sigma is against |mu| (z - mu would lose every digit), and its
+    gradient is the reparameterised one, as log q(z(phi); phi) = -(log 2 pi + logvar + eps^2)/2
+    as a function of phi (Kingma & Welling, 2014, section 2.4).
+    """
+    return -0.5 * (_LOG_2PI + logvar + eps.square()).sum(-1)
+
+
+def gaussian_log_prob_at_noise(z: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
+    """log N(z; mu, diag(exp(logvar))) for z = mu + exp(logvar / 2) * eps, with free gradients.
+
+    For the path-derivative estimators (STL, DReG) z, mu and logvar carry different
+    gradients (q's parameters stopped, z not), so the standardised residual
+    r = (z - mu) / sigma is no longer eps as a function. Its value still is: r is written as
+    eps plus terms that are exactly zero in value and carry the first-order change of
+    (z - mu) / sigma in z, mu and logvar. The log-density therefore equals
+    `gaussian_log_prob_of_noise(eps, logvar)` bit for bit, and its gradient is that of
+    `gaussian_log_prob(z, mu, logvar)`. Shapes: [..., d] each -> [...].
+    """
+    change = (z - z.detach()) - (mu - mu.detach())  # 0 in value, d(z - mu) in gradient
+    r = (
+        eps
+        + change * _inverse_std(logvar.detach())
+        - 0.5 * eps * (logvar - logvar.detach())  # d/dlogvar of (z - mu) e^(-logvar/2)
+    )
+    return -0.5 * (_LOG_2PI + logvar + r.square()).sum(-1)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ from models.config import ModelConfig
 from models.distributions import (
     bernoulli_log_prob,
     gaussian_log_prob,
+    gaussian_log_prob_at_noise,
+    gaussian_log_prob_of_noise,
     standard_normal_log_prob,
 )
 
@@ -48,6 +50,33 @@ class GaussianLayer(nn.Module):
         return mu, logvar
 
 
+def burda_init(model: IWAEModel, pixel_mean: Tensor | None = None) -> IWAEModel:
+    """Initialise `model` in place as Burda et al.'s code did (yburda/iwae `nnet.py`, `iwae.py`).
+
+    Weights uniform in +-sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio, 2010, eq. 16), biases
+    zero, and the bias of p(x|z_1)'s output set to the logit of the training set's mean grey
+    level per pixel `pixel_mean` [D], clipped to [0.001, 0.999] as there. The authors'
+    Gaussian layers have separate mean and log-sigma heads of d outputs each; ours output
+    (mu, logvar) from one linear layer, so each half is drawn with fan_out = d and the
+    log-variance half is doubled (logvar = 2 log sigma). Draws from the global RNG.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                module.bias.zero_()
+        for layer in model.modules():
+            if isinstance(layer, GaussianLayer):
+                head = layer.net[-1]
+                mean_w, logvar_w = head.weight.chunk(2, dim=0)  # views, [d, h] each
+                nn.init.xavier_uniform_(mean_w)
+                nn.init.xavier_uniform_(logvar_w).mul_(2.0)
+        if pixel_mean is not None:
+            p = pixel_mean.clamp(0.001, 0.999).to(model.decoders[0][-1].bias)
+            model.decoders[0][-1].bias.copy_(torch.log(p) - torch.log1p(-p))
+    return model
+
+
 class IWAEModel(nn.Module):
     """The generative model p(x, z) and its inference network q(z|x).
 
@@ -59,8 +88,7 @@ class IWAEModel(nn.Module):
         super().__init__()
         self.config = config
         widths = (config.x_dim, *config.latent_dims)
-        # Block i's hidden width: Burda's h for the first block, the latent width above it.
-        hidden = (config.hidden_dim, *config.latent_dims[1:])
+        hidden = config.hidden_dims  # block i's deterministic width
         self.encoders = nn.ModuleList(
             GaussianLayer(widths[i], hidden[i], widths[i + 1]) for i in range(config.layers)
         )
@@ -91,7 +119,8 @@ class IWAEModel(nn.Module):
         gradient: the path-derivative form that STL and DReG need. With `observed` ([B, D],
         1 = observed), the encoder sees x with missing pixels set to zero and p(x|z) counts
         observed pixels only: log w = log p(x_obs, z) - log q(z|x_obs) (Mattei & Frellsen,
-        2019, Sec. 3).
+        2019, Sec. 3). With or without `stop_q_params`, log q is read off the standard-normal
+        noise that drew z, so both forms give the same values.
         """
         return self.log_weights_and_logits(
             x, k, generator, stop_q_params=stop_q_params, observed=observed
@@ -119,7 +148,9 @@ class IWAEModel(nn.Module):
             z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, d]
             if stop_q_params:
                 mu, logvar = self._detached_params(i, encoder, h, mu, logvar)
-            log_q = log_q + gaussian_log_prob(z, mu, logvar)  # [K, B]
+                log_q = log_q + gaussian_log_prob_at_noise(z, mu, logvar, eps)  # [K, B]
+            else:
+                log_q = log_q + gaussian_log_prob_of_noise(eps, logvar)  # [K, B]
             zs.append(z)
             h = z
         log_p, logits = self._log_joint(x, zs, observed)

@@ -36,7 +36,7 @@ class StudyRow:
     test_loglik_std_error: float | None
     active_units: list[int] | None
     train_seconds: float
-    snr_encoder: float
+    snr_encoder: float  # median over parameters of the bias-corrected SNR
     snr_decoder: float
     alpha: float | None = None  # VR-IWAE objectives only
     imputation: dict[str, Any] | None = None
@@ -86,8 +86,8 @@ def run_study(
                 test_loglik_std_error=metrics.get("test_loglik_std_error"),
                 active_units=metrics.get("active_units"),
                 train_seconds=metrics["train_seconds"],
-                snr_encoder=snr.encoder,
-                snr_decoder=snr.decoder,
+                snr_encoder=snr.encoder.median,
+                snr_decoder=snr.decoder.median,
                 alpha=config.alpha,
                 imputation=metrics.get("imputation"),
             )

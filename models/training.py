@@ -24,7 +24,7 @@ from models.config import TrainConfig
 from models.files import Fence
 from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
-from models.networks import IWAEModel
+from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 
 # Burda et al.: 3^i epochs at learning rate 1e-3 * 10^(-i/7), for i = 0..7.
@@ -94,11 +94,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init_model(config: TrainConfig, device: torch.device) -> IWAEModel:
-    """Initial weights drawn from `config.seed`, leaving the global RNG as it was."""
+def init_model(
+    config: TrainConfig, device: torch.device, pixel_mean: Tensor | None = None
+) -> IWAEModel:
+    """Initial weights drawn from `config.seed`, leaving the global RNG as it was.
+
+    With `config.init == "burda"`, `pixel_mean` [D] (the training images' mean grey level)
+    sets the output bias of p(x|z) (see `models.networks.burda_init`).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = IWAEModel(config.model)
+        if config.init == "burda":
+            burda_init(model, pixel_mean)
     return model.to(device)
 
 
@@ -144,7 +152,7 @@ def train(
                 f"{len(images)} training images: it needs more than one batch"
             )
         images, held_out = images[: -config.batch_size], images[-config.batch_size :]
-    model = init_model(config, device)
+    model = init_model(config, device, images.mean(0))
     # The fused kernel updates every parameter in one pass: a quarter of a K=1 step saved.
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, eps=ADAM_EPS, fused=True

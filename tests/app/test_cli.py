@@ -93,6 +93,53 @@ def test_eval_of_a_missing_checkpoint_says_which(mnist_env, tmp_path, capsys):
     assert "nothing.safetensors" in capsys.readouterr().err
 
 
+def test_burda_preset_with_options_given_over_it():
+    from app.cli import _config
+
+    args = build_parser().parse_args(["train", "--k", "50", "--preset", "burda"])
+    config = _config(args, args.k)
+    assert (config.batch_size, config.init, config.schedule, config.epochs) == (
+        20,
+        "burda",
+        "burda",
+        3280,
+    )
+    assert (config.eval_size, config.eval_k) == (10_000, 5000)
+
+    # Given on the command line, a value wins even when it equals the default.
+    argv = ["train", "--k", "50", "--preset", "burda", "--batch-size", "100", "--eval-k", "5000"]
+    args = build_parser().parse_args([*argv, "--epochs", "2", "--eval-size", "100"])
+    config = _config(args, args.k)
+    assert (config.batch_size, config.epochs, config.eval_size) == (100, 2, 100)
+    assert (config.init, config.schedule) == ("burda", "burda")
+    # Without a preset, nothing changes.
+    assert _config(build_parser().parse_args(["train", "--k", "5"]), 5).batch_size == 100
+
+
+def test_snr_prints_json_per_k_with_slopes(mnist_env, tmp_path, capsys):
+    out = tmp_path / "run"
+    train = ["train", "--k", "2", "--train-size", "100", "--eval-size", "0", "--out", str(out)]
+    assert main([*train, *TINY]) == 0
+    capsys.readouterr()
+
+    argv = ["snr", "--model", str(out), "--ks", "1", "10", "--draws", "16", "--images", "2"]
+    assert main([*argv, "--device", "cpu"]) == 0
+
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["objective"], printed["draws"], printed["images"]) == ("iwae", 16, 2)
+    assert [row["k"] for row in printed["snr"]] == [1, 10]
+    for row in printed["snr"]:
+        for network in ("encoder", "decoder"):
+            assert set(row[network]) == {"median", "rms", "direction", "parameters"}
+            assert row[network]["rms"] >= 0
+    assert set(printed["slopes"]) == {"encoder", "decoder"}
+    assert set(printed["slopes"]["encoder"]) == {"median", "rms", "direction"}
+
+    for bad in (["--draws", "7"], ["--images", "0"], ["--ks", "0"]):
+        assert main([*argv, "--device", "cpu", *bad]) == 2
+    assert "at least 8 draws" in capsys.readouterr().err
+
+
 def test_vr_iwae_and_k_schedule_options_reach_the_config(mnist_env, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -206,7 +206,11 @@ def test_loglik_default_k(client: TestClient, tiny_model: str) -> None:
     response = client.post("/loglik", files=upload(digit_png()))
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"model_id", "k", "log_likelihood", "std_error", "elbo", "bits_per_dim"}
+    assert set(body) == {
+        "model_id", "k", "log_likelihood", "std_error", "elbo", "bits_per_dim", "ess", "pareto_k"
+    }  # fmt: skip
+    assert 1.0 <= body["ess"] <= 5000.0
+    assert math.isfinite(body["pareto_k"])
     assert body["model_id"] == tiny_model
     assert body["k"] == 5000
     assert math.isfinite(body["log_likelihood"]) and body["log_likelihood"] <= 0.0
@@ -227,6 +231,8 @@ def test_loglik_with_a_seed_is_reproducible(client: TestClient, tiny_model: str)
 def test_loglik_k_one_is_the_elbo(client: TestClient, tiny_model: str) -> None:
     body = client.post("/loglik", files=upload(digit_png()), params={"k": 1}).json()
     assert body["log_likelihood"] == pytest.approx(body["elbo"], abs=1e-4)
+    # One weight: an ESS of 1 and no tail to fit.
+    assert body["ess"] == pytest.approx(1.0) and body["pareto_k"] is None
 
 
 def test_loglik_is_the_same_for_dark_on_light_and_light_on_dark(

@@ -78,7 +78,14 @@ def test_train_records_the_full_config(client: TestClient) -> None:
         "precision": "bf16",
     }
     config = train(client, body).json()["config"]
-    assert config["model"] == {"layers": 2, "latent_dim": 10, "hidden_dim": 64, "x_dim": 784}
+    assert config["model"] == {
+        "layers": 2,
+        "latent_dim": 10,
+        "hidden_dim": 64,
+        "x_dim": 784,
+        "z1_dim": 64,  # unset: the paper's network, z1 as wide as the hidden layers
+        "hidden2_dim": 10,
+    }
     flat = {key: value for key, value in body.items() if key not in config["model"]}
     assert {key: config[key] for key in flat} == flat
 
@@ -88,6 +95,23 @@ def test_train_defaults_follow_the_paper(client: TestClient) -> None:
     assert config["objective"] == "iwae"
     assert config["eval_k"] == 5000
     assert config["model"]["hidden_dim"] == 200  # one stochastic layer: Burda's 200 units
+
+
+def test_burda_preset_with_explicit_fields_over_it(client: TestClient) -> None:
+    config = train(client, {"k": 50, "preset": "burda"}).json()["config"]
+    assert (config["batch_size"], config["init"], config["schedule"]) == (20, "burda", "burda")
+    assert (config["epochs"], config["eval_size"], config["eval_k"]) == (3280, 10_000, 5000)
+
+    # Given explicitly, a field wins even when it equals the field's default.
+    config = train(client, {"k": 50, "preset": "burda", "batch_size": 100, "epochs": 1}).json()
+    assert (config["config"]["batch_size"], config["config"]["epochs"]) == (100, 1)
+    assert config["config"]["init"] == "burda"
+
+
+def test_two_layer_widths_of_the_authors_code(client: TestClient) -> None:
+    body = {"k": 5, "layers": 2, "hidden_dim": 200, "z1_dim": 100, "hidden2_dim": 100}
+    model = train(client, body).json()["config"]["model"]
+    assert (model["hidden_dim"], model["z1_dim"], model["hidden2_dim"]) == (200, 100, 100)
 
 
 def test_a_job_over_the_samples_per_step_budget_is_422_naming_cost_and_limit(
@@ -157,6 +181,10 @@ def test_the_budgets_are_settings_and_inclusive(make_client: Callable[..., TestC
         {"k": 5, "precision": "fp16"},
         {"k": 5, "device": "cuda"},  # not an API field: the worker decides
         {"k": 5, "learning_rte": 0.01},  # a typo is refused, not ignored
+        {"k": 5, "init": "xavier"},
+        {"k": 5, "preset": "kingma"},
+        {"k": 5, "z1_dim": 100},  # one stochastic layer has no z1
+        {"k": 5, "layers": 2, "hidden2_dim": 0},
     ],
 )
 def test_train_refuses_out_of_range_and_unknown_fields(

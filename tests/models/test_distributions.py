@@ -11,6 +11,8 @@ from torch.distributions import Bernoulli, Normal
 from models.distributions import (
     bernoulli_log_prob,
     gaussian_log_prob,
+    gaussian_log_prob_at_noise,
+    gaussian_log_prob_of_noise,
     standard_normal_log_prob,
 )
 
@@ -114,3 +116,68 @@ def test_bernoulli_gradients_match_autograd_of_the_formula():
     torch.testing.assert_close(ours[0], x.grad)
     torch.testing.assert_close(ours[1], logits.grad)
     assert torch.autograd.gradcheck(bernoulli_log_prob, (x.detach().requires_grad_(), logits))
+
+
+# --- numerics at extreme scales -----------------------------------------------------------
+
+
+def test_log_prob_of_noise_is_the_density_at_the_reparameterised_point() -> None:
+    mu, logvar, eps = randn(3, 4, seed=6), randn(3, 4, seed=7), randn(5, 3, 4, seed=8)
+    z = mu + torch.exp(0.5 * logvar) * eps  # [K, B, d]
+
+    expected = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+
+    torch.testing.assert_close(
+        gaussian_log_prob_of_noise(eps, logvar), expected, rtol=0, atol=1e-12
+    )
+
+
+def test_log_prob_of_noise_keeps_its_precision_when_sigma_is_tiny_against_mu() -> None:
+    """sigma = 3e-7 around mu = 1e4: in fp32, z - mu keeps no digit of sigma * eps."""
+    mu = torch.full((1, 4), 1e4)
+    logvar = torch.full((1, 4), -30.0)
+    eps = randn(1, 4, seed=9).float()
+    z = mu + torch.exp(0.5 * logvar) * eps  # fp32: z == mu
+
+    exact = gaussian_log_prob_of_noise(eps.double(), logvar.double())
+
+    torch.testing.assert_close(
+        gaussian_log_prob_of_noise(eps, logvar).double(), exact, rtol=1e-6, atol=0
+    )
+    # The formula in z is off by sum(eps^2) / 2 nats here, as z - mu rounded to 0.
+    assert (gaussian_log_prob(z, mu, logvar).double() - exact).abs().item() > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("logvar_value", [-100.0, -200.0, -1000.0, 300.0])
+def test_gaussian_log_prob_is_finite_at_extreme_log_variances(
+    dtype: torch.dtype, logvar_value: float
+) -> None:
+    """Written as (z - mu)^2 * exp(-logvar), z == mu gave 0 * inf = NaN below logvar = -88
+    (fp32); the standardised residual is capped instead."""
+    mu = torch.zeros(2, 3, dtype=dtype)
+    logvar = torch.full((2, 3), logvar_value, dtype=dtype)
+
+    at_mean = gaussian_log_prob(mu, mu, logvar)  # [2]
+
+    expected = -1.5 * (math.log(2 * math.pi) + logvar_value)
+    torch.testing.assert_close(at_mean, torch.full((2,), expected, dtype=dtype))
+    assert torch.isfinite(gaussian_log_prob_of_noise(torch.ones(2, 3, dtype=dtype), logvar)).all()
+    if logvar_value < 0:  # a near point mass at mu: points away from mu have density ~0
+        assert (gaussian_log_prob(mu + 1.0, mu, logvar) < -1e30).all()
+
+
+def test_log_prob_at_noise_has_the_noise_value_and_the_formula_gradient() -> None:
+    mu, logvar, eps = randn(3, 4, seed=10), randn(3, 4, seed=11), randn(5, 3, 4, seed=12)
+    z = (mu + torch.exp(0.5 * logvar) * eps).requires_grad_()
+    mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
+
+    value = gaussian_log_prob_at_noise(z, mu, logvar, eps)
+    formula = gaussian_log_prob(z, mu, logvar)
+
+    assert torch.equal(value, gaussian_log_prob_of_noise(eps, logvar))
+    torch.testing.assert_close(value, formula, rtol=0, atol=1e-12)
+    ours = torch.autograd.grad(value.sum(), (z, mu, logvar))
+    expected = torch.autograd.grad(formula.sum(), (z, mu, logvar))
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

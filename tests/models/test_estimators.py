@@ -26,8 +26,12 @@ from models.estimators import (
     evaluate,
     gradient_snr,
     log_likelihood,
+    loglog_slope,
+    snr_slopes,
+    snr_summary,
 )
 from models.networks import IWAEModel
+from tests.models.linear_gaussian import LinearGaussianModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -254,6 +258,9 @@ def test_streaming_sums_equal_the_direct_formulas(chunk_size: int | None) -> Non
     # Delta method: sd(w) / (sqrt(K) mean(w)), with the population variance.
     expected_se = w.std(0, correction=0) / (math.sqrt(30) * w.mean(0))
     torch.testing.assert_close(result.std_error, expected_se, rtol=1e-9, atol=0)
+    torch.testing.assert_close(result.ess, w.sum(0) ** 2 / w.square().sum(0), rtol=1e-9, atol=0)
+    # The running top-M across chunks is the top M+1 of all K: M = ceil(min(6, 16.4)) = 6.
+    torch.testing.assert_close(result.top_log_w, log_w.topk(7, 0).values, rtol=0, atol=0)
     assert sum(replay.requests) == 30
     if chunk_size == 7:
         assert replay.requests == [7, 7, 7, 7, 2]
@@ -320,6 +327,59 @@ def test_evaluate_with_the_exact_posterior_gives_the_exact_mean_and_its_error() 
     assert calls == [(3, 7), (6, 7), (7, 7)]
     # Both posterior-mean coordinates vary strongly with x.
     assert metrics.active_units == [2]
+    # Every weight is p(x): ELBO = log p(x), no gap, no Monte Carlo error, ESS = K.
+    assert metrics.test_elbo == pytest.approx(metrics.test_loglik, abs=1e-9)
+    assert metrics.test_gap == pytest.approx(0.0, abs=1e-9)
+    assert metrics.mc_std_error_mean == pytest.approx(0.0, abs=1e-6)
+    assert metrics.ess_mean == pytest.approx(50.0)
+
+
+# --- PSIS k-hat and effective sample size ---------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [0.2, 0.5, 0.9, 1.3])
+def test_pareto_k_hat_recovers_the_tail_shape_of_pareto_weights(shape: float) -> None:
+    """log w = -shape * log U makes w Pareto with tail index 1/shape: k-hat = shape
+    (Zhang & Stephens' estimator is consistent; the tail of M = 213 of K = 5000 weights
+    gives each image an sd of about 0.1, the mean of 40 images about 0.02)."""
+    u = torch.rand(5000, 40, generator=generator(30), dtype=F64)
+    log_w = -shape * u.log()  # [K, B]
+
+    result = log_likelihood(Replay(log_w), torch.zeros(40, 2, dtype=F64), 5000)
+
+    assert result.pareto_k.mean().item() == pytest.approx(shape, abs=0.06)
+    assert result.pareto_k.std().item() < 0.2
+
+
+def test_pareto_k_is_nan_up_to_20_samples_and_for_equal_weights() -> None:
+    few = log_likelihood(Replay(torch.randn(20, 3, dtype=F64)), torch.zeros(3, 2), 20)
+    enough = log_likelihood(Replay(torch.randn(21, 3, dtype=F64)), torch.zeros(3, 2), 21)
+    equal = log_likelihood(Replay(torch.zeros(100, 3, dtype=F64)), torch.zeros(3, 2), 100)
+
+    assert few.pareto_k.isnan().all()
+    assert not enough.pareto_k.isnan().any()  # a tail of ceil(21 / 5) = 5 weights
+    assert equal.pareto_k.isnan().all()
+    torch.testing.assert_close(equal.ess, torch.full((3,), 100.0, dtype=F64))
+
+
+@pytest.mark.parametrize(("scale", "heavy"), [(0.4, True), (1.5, False)])
+def test_pareto_k_flags_a_proposal_narrower_than_the_posterior(scale: float, heavy: bool) -> None:
+    """q = N(posterior mean, (scale * posterior sd)^2): with scale < 1/sqrt(2) the weights
+    have infinite variance (k-hat above 0.5; 1 - scale^2 = 0.84 in the limit), and the
+    delta-method error understates the spread of repeated estimates; with scale > 1 the
+    weights are bounded and k-hat is low."""
+    model = LinearGaussian(scale=scale)
+    x = X3[:1].repeat(40, 1)  # 40 independent estimates of one image
+
+    metrics = evaluate(model, x, 2000, generator=generator(31))  # type: ignore[arg-type]
+    estimate = log_likelihood(model, x, 2000, generator=generator(31))
+
+    assert metrics is not None
+    assert metrics.pareto_k_above_0_7 > 0.5 if heavy else metrics.pareto_k_above_0_7 == 0.0
+    assert metrics.pareto_k_mean > 0.7 if heavy else metrics.pareto_k_mean < 0.3
+    assert 1 <= metrics.ess_mean <= 2000
+    spread, reported = estimate.log_px.std().item(), estimate.std_error.mean().item()
+    assert spread > 1.5 * reported if heavy else spread == pytest.approx(reported, rel=0.35)
 
 
 def test_evaluate_stops_when_progress_says_so() -> None:
@@ -378,29 +438,90 @@ def test_active_units_counts_exactly_the_units_whose_mean_varies() -> None:
 # --- gradient SNR ---------------------------------------------------------------------------
 
 
-def test_gradient_snr_is_finite_and_positive(model64: IWAEModel, x_binary: Tensor) -> None:
+def plug_in_snr(grads: Tensor) -> float:
+    """The estimator this module used to have: mean over parameters of |mean| / sd."""
+    return float((grads.mean(0).abs() / grads.std(0)).mean())
+
+
+@pytest.mark.parametrize("true_snr", [0.0, 0.1, 0.5, 2.0])
+def test_snr_summary_recovers_a_known_snr_without_a_noise_floor(true_snr: float) -> None:
+    """Synthetic gradients g = mu + sigma * N(0, 1) with mu = SNR * sigma for every one of
+    P parameters, sigma spread over six orders of magnitude: every summary is scale-free."""
+    draws, params = 400, 500
+    g = generator(20)
+    sigma = torch.exp(3.0 * torch.randn(params, generator=g, dtype=F64))  # [P]
+    grads = true_snr * sigma + sigma * torch.randn(draws, params, generator=g, dtype=F64)
+
+    summary = snr_summary(grads)
+
+    assert summary.parameters == params
+    # The per-parameter estimates have sd ~ 1/sqrt(M) = 0.05; the median of 500 much less.
+    assert summary.median == pytest.approx(true_snr, abs=0.03 + 0.05 * true_snr)
+    assert summary.rms == pytest.approx(true_snr, abs=0.02 + 0.05 * true_snr)
+    if true_snr == 0.0:
+        assert summary.median == 0.0 and summary.direction < 0.1
+        # The plug-in estimate sits at its floor sqrt(2 / (pi M)) = 0.04 instead.
+        assert plug_in_snr(grads) == pytest.approx(math.sqrt(2 / (math.pi * draws)), rel=0.1)
+
+
+@pytest.mark.parametrize("true_snr", [0.0, 0.5, 2.0])
+def test_snr_along_the_mean_direction_of_isotropic_gradients(true_snr: float) -> None:
+    """With mu = SNR * sigma * 1 and noise sigma * I, u.g ~ N(SNR sigma sqrt(P), sigma^2):
+    the whole vector's SNR along its mean is SNR * sqrt(P)."""
+    draws, params = 400, 100
+    g = generator(21)
+    grads = 0.01 * (true_snr + torch.randn(draws, params, generator=g, dtype=F64))
+
+    direction = snr_summary(grads).direction
+
+    assert direction == pytest.approx(true_snr * math.sqrt(params), abs=0.15, rel=0.1)
+
+
+def test_snr_needs_enough_draws_and_ignores_noiseless_parameters() -> None:
+    with pytest.raises(ValueError, match="at least 8"):
+        snr_summary(torch.zeros(7, 3, dtype=F64))
+    grads = torch.randn(50, 4, generator=generator(22), dtype=F64)
+    grads[:, 0] = 3.0  # a parameter whose gradient never varies: no noise, no SNR to estimate
+
+    assert snr_summary(grads).parameters == 3
+
+
+def test_gradient_snr_of_a_tiny_model_is_finite(model64: IWAEModel, x_binary: Tensor) -> None:
     for objective in ("iwae", "iwae-dreg", "vae"):
         snr = gradient_snr(
             model64, x_binary, TrainConfig(k=5, objective=objective), draws=30,
             generator=generator(13),
         )  # fmt: skip
 
-        for value in (snr.encoder, snr.decoder):
-            assert math.isfinite(value) and value > 0
+        for summary in (snr.encoder, snr.decoder):
+            values = (summary.median, summary.rms, summary.direction)
+            assert all(math.isfinite(v) and v >= 0 for v in values)
+            assert summary.rms > 0
     assert all(p.grad is None for p in model64.parameters())
 
 
-def test_iwae_encoder_snr_falls_as_k_grows(make_tiny_model: Callable[..., IWAEModel]) -> None:
-    """Rainforth et al. (2018): as K grows the IWAE encoder gradient's SNR falls (like
-    1/sqrt(K)) and the decoder's rises (like sqrt(K)); DReG's encoder SNR does not fall."""
-    model = make_tiny_model(1)
-    x = torch.bernoulli(torch.full((1, 6), 0.5, dtype=F64), generator=generator(14))
+def test_snr_slopes_on_the_linear_gaussian_model_follow_rainforth() -> None:
+    """Rainforth et al. (2018), theorem 1: IWAE's encoder SNR falls like K^-1/2 and its
+    decoder's rises like K^1/2; DReG's encoder SNR does not fall (Tucker et al., 2019).
+    Measured with one observation (B=1) of the linear-Gaussian model with a mismatched q.
+    (3000 draws give encoder SNRs 0.93, 0.37, 0.09 at K = 1, 10, 100: slope -0.52.)"""
+    model = LinearGaussianModel(shift=0.5, log_scale=0.3)
+    x = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
+    ks = [1, 10, 100]
 
-    def snr(objective: str, k: int) -> GradientSNR:
+    def snr(objective: str, k: int, draws: int) -> GradientSNR:
         config = TrainConfig(k=k, objective=objective)
-        return gradient_snr(model, x, config, draws=200, generator=generator(15))
+        return gradient_snr(model, x, config, draws=draws, generator=generator(23))
 
-    iwae_1, iwae_100 = snr("iwae", 1), snr("iwae", 100)
-    assert iwae_100.encoder < 0.5 * iwae_1.encoder
-    assert iwae_100.decoder > 2 * iwae_1.decoder
-    assert snr("iwae-dreg", 100).encoder > 2 * iwae_100.encoder
+    iwae = snr_slopes(ks, [snr("iwae", k, 400) for k in ks])
+
+    for summary in ("median", "rms", "direction"):
+        assert -0.7 < iwae["encoder"][summary] < -0.3, summary
+        assert 0.2 < iwae["decoder"][summary] < 0.9, summary
+    assert snr("iwae-dreg", 100, 200).encoder.median > snr("iwae-dreg", 1, 200).encoder.median
+
+
+def test_loglog_slope_of_a_power_law_and_of_degenerate_inputs() -> None:
+    assert loglog_slope([1, 10, 100], [2.0, 2.0 * 10**-0.5, 0.2]) == pytest.approx(-0.5)
+    assert loglog_slope([1, 10, 100], [0.0, 0.0, 3.0]) is None  # one positive value
+    assert loglog_slope([1, 10, 100], [0.0, 1.0, 10.0]) == pytest.approx(1.0)  # zero skipped

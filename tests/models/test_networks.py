@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from models.config import ModelConfig
-from models.networks import IWAEModel
+from models.networks import IWAEModel, burda_init
 
 
 def test_float64_model_computes_in_float64(model64: IWAEModel, x_binary: torch.Tensor) -> None:
@@ -128,8 +128,21 @@ def test_model_config_defaults_are_burdas() -> None:
     assert one.latent_dims == (50,)
     assert (two.hidden_dim, two.latent_dim) == (100, 50)
     assert two.latent_dims == (100, 50)
+    assert two.hidden_dims == (100, 50)
+    # z1's width and the second block's follow hidden_dim and latent_dim unless given.
     assert ModelConfig(layers=2, hidden_dim=30, latent_dim=5).latent_dims == (30, 5)
-    for bad in ({"layers": 3}, {"latent_dim": 0}, {"hidden_dim": 0}, {"x_dim": -1}):
+    code = ModelConfig(layers=2, hidden_dim=200, z1_dim=100, hidden2_dim=100)
+    assert (code.latent_dims, code.hidden_dims) == ((100, 50), (200, 100))
+    bad_configs = (
+        {"layers": 3},
+        {"latent_dim": 0},
+        {"hidden_dim": 0},
+        {"x_dim": -1},
+        {"layers": 2, "z1_dim": 0},
+        {"layers": 1, "z1_dim": 100},  # one stochastic layer has no z1 to size
+        {"layers": 1, "hidden2_dim": 100},
+    )
+    for bad in bad_configs:
         with pytest.raises(ValueError):
             ModelConfig(**bad)  # type: ignore[arg-type]
 
@@ -159,3 +172,107 @@ def test_full_size_architectures_have_burdas_layer_sizes() -> None:
     assert n_params(two.encoder_parameters()) == q1 + q2
     assert n_params(two.decoder_parameters()) == p1 + px
     assert n_params(two.parameters()) == q1 + q2 + p1 + px
+
+    # The authors' code (yburda/iwae experiments.py): q 784-200-200-100 then 100-100-100-50,
+    # p 50-100-100-100 then 100-200-200-784.
+    code = IWAEModel(ModelConfig(layers=2, hidden_dim=200, z1_dim=100, hidden2_dim=100))
+    q1 = (784 * 200 + 200) + (200 * 200 + 200) + (200 * 200 + 200)
+    q2 = (100 * 100 + 100) + (100 * 100 + 100) + (100 * 100 + 100)
+    p1 = (50 * 100 + 100) + (100 * 100 + 100) + (100 * 200 + 200)
+    px = (100 * 200 + 200) + (200 * 200 + 200) + (200 * 784 + 784)
+    assert n_params(code.encoder_parameters()) == q1 + q2
+    assert n_params(code.decoder_parameters()) == p1 + px
+
+
+def test_two_layer_log_weights_recomputed_with_torch_distributions(x_binary: torch.Tensor) -> None:
+    """log w = log p(z2) + log p(z1|z2) + log p(x|z1) - log q(z1|x) - log q(z2|z1), each
+    term from torch.distributions, for the noise the model draws (eps1 then eps2)."""
+    config = ModelConfig(layers=2, latent_dim=2, hidden_dim=5, z1_dim=3, hidden2_dim=4, x_dim=6)
+    torch.manual_seed(0)
+    model = IWAEModel(config).double()
+    k, b = 3, len(x_binary)
+
+    log_w = model.log_weights(x_binary, k, torch.Generator().manual_seed(4))
+    log_w_stopped = model.log_weights(
+        x_binary, k, torch.Generator().manual_seed(4), stop_q_params=True
+    )
+
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        mu1, logvar1 = model.encoders[0].net(x_binary).chunk(2, dim=-1)  # [B, 3]
+        q1 = Normal(mu1, torch.exp(0.5 * logvar1))
+        z1 = q1.loc + q1.scale * torch.randn((k, b, 3), generator=generator, dtype=torch.float64)
+        mu2, logvar2 = model.encoders[1].net(z1).chunk(2, dim=-1)  # [K, B, 2]
+        q2 = Normal(mu2, torch.exp(0.5 * logvar2))
+        z2 = q2.loc + q2.scale * torch.randn((k, b, 2), generator=generator, dtype=torch.float64)
+        p_mu1, p_logvar1 = model.decoders[1].net(z2).chunk(2, dim=-1)  # [K, B, 3]
+        log_p = (
+            Normal(0.0, 1.0).log_prob(z2).sum(-1)
+            + Normal(p_mu1, torch.exp(0.5 * p_logvar1)).log_prob(z1).sum(-1)
+            + Bernoulli(logits=model.decoders[0](z1)).log_prob(x_binary.expand(k, b, 6)).sum(-1)
+        )
+        expected = log_p - q1.log_prob(z1).sum(-1) - q2.log_prob(z2).sum(-1)  # [K, B]
+
+    torch.testing.assert_close(log_w, expected, rtol=0, atol=1e-10)
+    assert torch.equal(log_w, log_w_stopped)
+
+
+def test_log_weights_stay_finite_with_a_nearly_deterministic_encoder(
+    x_binary: torch.Tensor,
+) -> None:
+    """An encoder log-variance of -100 (sigma = 2e-22): in fp32, exp(100) overflowed and
+    (z - mu)^2 * exp(-logvar) gave 0 * inf = NaN; read off the noise, log q is exact.
+    The reference, in float64: z = mu to every digit, log q from the same noise."""
+    torch.manual_seed(0)
+    model = IWAEModel(ModelConfig(layers=1, latent_dim=2, hidden_dim=8, x_dim=6))
+    with torch.no_grad():
+        head = model.encoders[0].net[-1]
+        head.weight[2:] = 0.0
+        head.bias[2:] = -100.0  # logvar of both latent units
+    x = x_binary.float()
+    eps = torch.randn((3, 4, 2), generator=torch.Generator().manual_seed(1)).double()
+    reference = model.double()
+    with torch.no_grad():
+        mu, logvar = reference.encoders[0](x.double())  # [B, 2] each
+        log_q = Normal(0.0, 1.0).log_prob(eps).sum(-1) - 0.5 * logvar.sum(-1)  # [K, B]
+        logits = reference.decoders[0](mu)  # [B, D]
+        log_p = Normal(0.0, 1.0).log_prob(mu).sum(-1) + Bernoulli(logits=logits).log_prob(
+            x.double()
+        ).sum(-1)
+    model.float()
+
+    for stop in (False, True):
+        log_w = model.log_weights(x, 3, torch.Generator().manual_seed(1), stop_q_params=stop)
+
+        assert torch.isfinite(log_w).all()
+        torch.testing.assert_close(log_w.double(), log_p - log_q, rtol=1e-5, atol=1e-4)
+
+
+def test_burda_init_follows_the_authors_code() -> None:
+    """Glorot-uniform weights (bound sqrt(6 / (fan_in + fan_out)); the mean and log-variance
+    halves of a Gaussian head drawn as two layers, the latter doubled), zero biases, and the
+    output bias at logit(clip(mean pixel, 0.001, 0.999))."""
+    torch.manual_seed(0)
+    model = IWAEModel(ModelConfig(layers=2, latent_dim=20, hidden_dim=300, x_dim=6))
+    pixel_mean = torch.tensor([0.0, 0.0005, 0.25, 0.5, 0.9, 1.0])
+
+    burda_init(model, pixel_mean)
+
+    output_bias = model.decoders[0][-1].bias
+    p = torch.tensor([0.001, 0.001, 0.25, 0.5, 0.9, 0.999])
+    torch.testing.assert_close(output_bias, torch.log(p / (1 - p)))
+    for name, param in model.named_parameters():
+        if name.endswith("bias") and param is not output_bias:
+            assert (param == 0).all(), name
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        heads = [module.weight]
+        if name.endswith("net.4"):  # the last layer of a GaussianLayer
+            heads = list(module.weight.chunk(2, dim=0))  # mean, logvar
+        for i, w in enumerate(heads):
+            fan_out, fan_in = w.shape
+            bound = (6 / (fan_in + fan_out)) ** 0.5 * (2 if i == 1 else 1)
+            assert w.abs().max() <= bound, name
+            # Uniform on [-bound, bound]: the largest |w| of hundreds is close to the bound.
+            assert w.abs().max() > 0.9 * bound, name

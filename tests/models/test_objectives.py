@@ -14,6 +14,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor
+from torch.distributions import Bernoulli, Normal
+from torch.func import functional_call
 
 from models.config import TrainConfig
 from models.networks import IWAEModel
@@ -27,6 +29,7 @@ from models.objectives import (
     surrogates,
     vr_iwae_bound,
 )
+from tests.models.linear_gaussian import LinearGaussianModel
 from tests.models.test_estimators import LinearGaussian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -316,6 +319,98 @@ def test_backward_routes_each_surrogate_to_its_own_network(
     for p, g in zip(encoder + decoder, expected_encoder + expected_decoder, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
     assert any(g.abs().sum() > 0 for g in expected_encoder)
+
+
+# --- STL and DReG against closed forms and independent recomputations ---------------------
+
+X_LG = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)  # one observation of the model
+
+
+def encoder_grad(model: torch.nn.Module, x: Tensor, cfg: TrainConfig, seed: int) -> Tensor:
+    """One draw of `cfg.objective`'s encoder gradient: [P_enc]."""
+    model.zero_grad(set_to_none=True)
+    backward(model, surrogates(model, x, cfg, torch.Generator().manual_seed(seed)))
+    return flat_grads(list(model.encoder_parameters()))
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_stl_encoder_gradient_is_exactly_zero_per_draw_at_the_exact_posterior(k: int) -> None:
+    """With q = p(z|x), log p(x, z) - log q(z|x) = log p(x) for every z, so its path
+    derivative, STL's encoder gradient, is zero draw by draw (Roeder et al., 2017); IWAE's
+    keeps the score term, which is zero only in expectation."""
+    model = LinearGaussianModel()
+    for seed in range(3):
+        stl = encoder_grad(model, X_LG, config("iwae-stl", k=k), seed)
+        iwae = encoder_grad(model, X_LG, config("iwae", k=k), seed)
+
+        assert stl.abs().max() < 1e-12
+        assert iwae.abs().max() > 0.1
+
+
+def test_stl_encoder_gradient_is_iwaes_at_k1_and_biased_beyond() -> None:
+    """Tucker et al. (2019): STL is unbiased for the ELBO (K=1) but for K > 1 its
+    encoder gradient does not have IWAE's expectation."""
+    model = LinearGaussianModel(shift=0.5, log_scale=0.3)  # q is not the posterior
+
+    def draws(objective: str, k: int) -> Tensor:
+        x = X_LG.repeat(REPLICAS * 40, 1)  # each draw averages 2000 independent gradients
+        return torch.stack([encoder_grad(model, x, config(objective, k=k), seed)
+                            for seed in range(20)])  # fmt: skip
+
+    assert_same_expectation(draws("iwae-stl", 1), draws("iwae", 1), "stl vs iwae at K=1")
+    assert z_scores(draws("iwae-stl", 10), draws("iwae", 10)).max() > 50
+
+
+def dreg_encoder_gradient_by_hand(
+    model: IWAEModel, x: Tensor, k: int, seed: int, *, z1_path: bool = True
+) -> Tensor:
+    """DReG's encoder gradient for the two-layer model, written from Tucker et al. (2019),
+    eq. 5, independently of `models.networks`: z is drawn with the encoder's parameters
+    `sampling`, log q is scored with a detached copy, and the gradient of
+    sum_k stopgrad(w~_k)^2 log w_k is taken with respect to `sampling`. z1 reaches log w
+    through p(x|z1), p(z1|z2), q(z1|x) and, as the input of q(z2|z1), through log q(z2|z1):
+    `z1_path=False` cuts that last path, the mistake this oracle must tell apart."""
+    sampling = {n: p for n, p in model.encoders.named_parameters()}
+    frozen = {n: p.detach() for n, p in sampling.items()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def gaussian(params: dict[str, Tensor], i: int, h: Tensor) -> tuple[Tensor, Tensor]:
+        prefix = f"{i}.net."
+        own = {n.removeprefix(prefix): p for n, p in params.items() if n.startswith(prefix)}
+        mu, logvar = functional_call(model.encoders[i].net, own, (h,)).chunk(2, -1)
+        return mu, torch.exp(0.5 * logvar)
+
+    mu1, sd1 = gaussian(sampling, 0, x)
+    z1 = mu1 + sd1 * torch.randn((k, *mu1.shape), generator=generator, dtype=x.dtype)
+    mu2, sd2 = gaussian(sampling, 1, z1)
+    z2 = mu2 + sd2 * torch.randn(mu2.shape, generator=generator, dtype=x.dtype)
+    q1_mu, q1_sd = gaussian(frozen, 0, x)
+    q2_mu, q2_sd = gaussian(frozen, 1, z1 if z1_path else z1.detach())
+    log_q = Normal(q1_mu, q1_sd).log_prob(z1).sum(-1) + Normal(q2_mu, q2_sd).log_prob(z2).sum(-1)
+    p1_mu, p1_logvar = model.decoders[1](z2)
+    log_p = (
+        Normal(0.0, 1.0).log_prob(z2).sum(-1)
+        + Normal(p1_mu, torch.exp(0.5 * p1_logvar)).log_prob(z1).sum(-1)
+        + Bernoulli(logits=model.decoders[0](z1)).log_prob(x.expand(k, *x.shape)).sum(-1)
+    )
+    log_w = log_p - log_q  # [K, B]
+    surrogate = (torch.softmax(log_w.detach(), 0).square() * log_w).sum(0).mean()
+    grads = torch.autograd.grad(-surrogate, list(sampling.values()))
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_dreg_two_layer_encoder_gradient_follows_z1_through_log_q_z2(
+    make_tiny_model: Callable[..., IWAEModel], x_binary: Tensor
+) -> None:
+    model = make_tiny_model(2)
+    for seed in range(3):
+        ours = encoder_grad(model, x_binary, config("iwae-dreg", k=4), seed)
+        right = dreg_encoder_gradient_by_hand(model, x_binary, 4, seed)
+        cut = dreg_encoder_gradient_by_hand(model, x_binary, 4, seed, z1_path=False)
+
+        torch.testing.assert_close(ours, right, rtol=0, atol=1e-12)
+        # The missing path moves the gradient by far more than the tolerance above.
+        assert (cut - right).abs().max() > 1e-3
 
 
 # --- VR-IWAE (Daudel, Benton, Shi & Doucet, 2023) -----------------------------------------

@@ -27,6 +27,8 @@ EVAL_KEYS = {
     "eval_size",
     "imputation",
 }
+EVAL_KEYS |= {"test_elbo", "test_gap", "mc_std_error_mean", "ess_mean"}
+EVAL_KEYS |= {"pareto_k_mean", "pareto_k_above_0_7"}
 
 
 @pytest.fixture
@@ -71,6 +73,10 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     # A bound on the probability of 6 binary pixels: negative, and not absurdly so.
     assert -15 < metrics["test_loglik"] < 0
     assert metrics["test_loglik_std_error"] > 0
+    gap = metrics["test_loglik"] - metrics["test_elbo"]
+    assert metrics["test_gap"] == pytest.approx(gap, abs=1e-5)  # fp32 means
+    assert 1 <= metrics["ess_mean"] <= 20 and metrics["mc_std_error_mean"] >= 0
+    assert metrics["pareto_k_mean"] is None  # eval_k = 20: too few weights for a tail fit
     assert len(recorder.phase("train")) == 4
     assert [(p.step, p.steps, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
     # The imputation metric: 8 test images at K=1, then at the job's K=3.

@@ -9,7 +9,7 @@ from models.study import run_study
 
 def test_study_trains_once_per_k_and_measures_each(tmp_path, train_config, synthetic_mnist):
     config = train_config.with_changes(eval_size=5, epochs=1)
-    rows = run_study(config, [1, 4], synthetic_mnist, tmp_path, snr_draws=5, snr_batch=3)
+    rows = run_study(config, [1, 4], synthetic_mnist, tmp_path, snr_draws=8, snr_batch=3)
 
     assert [r.k for r in rows] == [1, 4]
     for row in rows:
@@ -17,8 +17,8 @@ def test_study_trains_once_per_k_and_measures_each(tmp_path, train_config, synth
         assert row.test_loglik < 0
         assert row.test_loglik_std_error >= 0
         assert len(row.active_units) == config.model.layers
-        assert math.isfinite(row.snr_encoder) and row.snr_encoder > 0
-        assert math.isfinite(row.snr_decoder) and row.snr_decoder > 0
+        assert math.isfinite(row.snr_encoder) and row.snr_encoder >= 0
+        assert math.isfinite(row.snr_decoder) and row.snr_decoder >= 0
         assert sorted(row.imputation["model"]) == sorted({"1", str(row.k)})
     # K changes the bound, so the two runs must not be the same model.
     assert rows[0].test_loglik != rows[1].test_loglik
@@ -26,10 +26,10 @@ def test_study_trains_once_per_k_and_measures_each(tmp_path, train_config, synth
 
 def test_study_reuses_finished_runs(tmp_path, train_config, synthetic_mnist):
     config = train_config.with_changes(epochs=1)
-    first = run_study(config, [2], synthetic_mnist, tmp_path, snr_draws=3)
+    first = run_study(config, [2], synthetic_mnist, tmp_path, snr_draws=8)
     checkpoint = tmp_path / "k2" / "model.safetensors"
     written = checkpoint.stat().st_mtime_ns
-    again = run_study(config, [2], synthetic_mnist, tmp_path, snr_draws=3)
+    again = run_study(config, [2], synthetic_mnist, tmp_path, snr_draws=8)
 
     assert checkpoint.stat().st_mtime_ns == written  # not retrained
     assert again[0].train_seconds == first[0].train_seconds
@@ -44,7 +44,7 @@ def test_a_stopping_callback_stops_the_study(tmp_path, train_config, synthetic_m
 def test_alphas_are_one_more_grid_axis(tmp_path, train_config, synthetic_mnist):
     config = train_config.with_changes(objective="vr-iwae", eval_size=5, epochs=1)
     rows = run_study(
-        config, [2, 4], synthetic_mnist, tmp_path, alphas=[0.0, 0.5], snr_draws=3, snr_batch=3
+        config, [2, 4], synthetic_mnist, tmp_path, alphas=[0.0, 0.5], snr_draws=8, snr_batch=3
     )
 
     assert [(r.alpha, r.k) for r in rows] == [(0.0, 2), (0.0, 4), (0.5, 2), (0.5, 4)]
