@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 def test_the_events_follow_a_real_job_to_its_end_and_the_stream_closes(
     live_server: LiveServer,
 ) -> None:
-    job_id = live_server.train(epochs=3, train_size=1000)
+    # Long enough (about 20,000 images) that training spans several polls of the stream even
+    # on an idle machine; a tiny job can finish training between two polls.
+    job_id = live_server.train(epochs=4, train_size=5000)
     received: list[tuple[str, Any]] = []
     name = None
     # The read timeout bounds the silence between events; the stream must end by itself.
