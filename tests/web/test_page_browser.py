@@ -60,9 +60,14 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def wait(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the page redrew the element: look again
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:
@@ -210,6 +215,11 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
     assert len(errors) == 2 and all("/train" in e and "401" in e for e in errors), errors
     screenshot(browser, shots, "jobs")
     # Asked once: the next job is queued without a dialog, and its Cancel button cancels it.
+    # It is long, so that it is still running when the cancel reaches its worker (at the next
+    # heartbeat, within 10 s): on an idle machine the first job's size ends sooner.
+    epochs = find(browser, "#train-epochs")
+    epochs.clear()
+    epochs.send_keys("200")
     find(browser, "#train-submit").click()
     wait(
         lambda: (
@@ -219,12 +229,12 @@ def test_a_job_queued_from_the_form_asks_for_the_token_once_and_runs_to_done_on_
         "a second job",
     )
     assert not find(browser, "#token-dialog").is_displayed()
-    second = find(browser, "#job-list > li:first-child")
-    assert second.get_attribute("data-job-id") != job_id
-    second.find_element("css selector", ".cancel").click()
-    badge = second.find_element("css selector", ".badge")
-    # A running job stops at its next training step, after its worker has loaded MNIST.
-    wait(lambda: badge.text == "cancelled", "the cancel", JOB_WAIT_S)
+    second_id = find(browser, "#job-list > li:first-child").get_attribute("data-job-id")
+    assert second_id != job_id
+    # By job id each time: the list is redrawn every few seconds.
+    second = f'#job-list > li[data-job-id="{second_id}"]'
+    find(browser, f"{second} .cancel").click()
+    wait(lambda: find(browser, f"{second} .badge").text == "cancelled", "the cancel", JOB_WAIT_S)
 
 
 def test_an_invalid_form_value_shows_the_apis_message(
