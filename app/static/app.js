@@ -676,10 +676,16 @@ async function score(event) {
     drawDigit($("#recon"), seen.reconstruction);
     $("#score-value").textContent = number(result.log_likelihood, 2);
     $("#score-error").textContent = number(result.std_error, 2);
+    const diagnostics =
+      result.pareto_k == null ? "" : `; ESS ${number(result.ess, 1)}; Pareto k̂ ${number(result.pareto_k, 2)}`;
     $("#score-detail").textContent =
-      `(K=${number(result.k)} importance samples; ELBO ${number(result.elbo, 2)} nats; ${number(result.bits_per_dim, 3)} bits per pixel)`;
+      `(K=${number(result.k)} importance samples; ELBO ${number(result.elbo, 2)} nats; ${number(result.bits_per_dim, 3)} bits per pixel${diagnostics})`;
     const model = state.models.find((m) => m.model_id === result.model_id);
-    $("#score-meaning").textContent = meaning(result, model);
+    // Above 0.7 the weights' variance is not finite in practice (Vehtari et al., PSIS): say so.
+    const heavy = result.pareto_k > 0.7
+      ? " Its Pareto k̂ is above 0.7: the importance weights are heavy-tailed, so the ± above can understate the real error."
+      : "";
+    $("#score-meaning").textContent = meaning(result, model) + heavy;
     $("#try-result").hidden = false;
     showMessage("#try-message", `Scored with model ${result.model_id.slice(0, 8)}.`);
   } catch (error) {

@@ -358,6 +358,10 @@ def test_a_digit_drawn_with_pointer_events_is_scored(
     ).json()["input"]
     assert seen_pixels(browser) == seen
     assert "test digit" in find(browser, "#score-meaning").text
+    # The estimator's diagnostics are shown, and heavy tails are called out in words.
+    assert "Pareto k̂" in find(browser, "#score-detail").text
+    k_hat = float(find(browser, "#score-detail").text.split("Pareto k̂ ")[1].rstrip(")"))
+    assert ("heavy-tailed" in find(browser, "#score-meaning").text) == (k_hat > 0.7)
     screenshot(browser, shots, "try")
 
 
