@@ -4,7 +4,6 @@ ops routes answer while every inference slot is taken."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable
@@ -15,11 +14,11 @@ import anyio
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
 
 from app import inference
 from app.backpressure import InferenceGate
 from app.errors import ClientDisconnected, DeadlineExceeded, Overloaded
+from tests.app.digit import digit_png
 
 
 async def connected() -> dict[str, Any]:
@@ -186,14 +185,6 @@ def test_a_client_that_leaves_while_waiting_frees_its_place() -> None:
 
 
 # --- through the API ------------------------------------------------------------------------
-
-
-def digit_png() -> bytes:
-    image = Image.new("L", (28, 28), 0)
-    ImageDraw.Draw(image).ellipse((8, 4, 20, 24), outline=255, width=3)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture

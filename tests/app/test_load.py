@@ -10,7 +10,6 @@ and an oversize training job is refused with 422 before anything is queued.
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
@@ -24,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image, ImageDraw
 
 from models.config import TrainConfig
+from tests.app.digit import digit_png
 
 pytestmark = pytest.mark.load
 
@@ -86,14 +85,6 @@ def server(home: Path, tiny_model: str, tmp_path: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=20)
-
-
-def digit_png() -> bytes:
-    image = Image.new("L", (28, 28), 0)
-    ImageDraw.Draw(image).ellipse((8, 4, 20, 24), outline=255, width=3)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def probe_while(url: str, busy: Callable[[], bool]) -> list[float]:
