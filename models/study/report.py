@@ -25,6 +25,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from torch import Tensor
 
 from models.checkpoint import load_model
+from models.config import ModelConfig
 from models.data import binarized_test_images
 from models.files import write_atomic
 from models.study.grid import Cell
@@ -52,26 +53,13 @@ BURDA_TABLE_1: dict[int, dict[str, dict[int, float]]] = {
         "iwae": {1: -85.33, 5: -83.89, 50: -82.90},
     },
 }
+_REFERENCE_MARKERS = {"vae": "s", "iwae": "*"}  # hollow, in the objective's color
 # Their architectures (section 5): 784-200-200-50, and 784-100-100-100 then 100-50-50-50;
 # the 2-layer network of the authors' code (yburda/iwae) is 784-200-200-100 then 100-100-100-50.
 _BURDA_MODELS = (
-    {"layers": 1, "x_dim": 784, "hidden_dim": 200, "latent_dim": 50},
-    {
-        "layers": 2,
-        "x_dim": 784,
-        "hidden_dim": 100,
-        "z1_dim": 100,
-        "hidden2_dim": 50,
-        "latent_dim": 50,
-    },
-    {
-        "layers": 2,
-        "x_dim": 784,
-        "hidden_dim": 200,
-        "z1_dim": 100,
-        "hidden2_dim": 100,
-        "latent_dim": 50,
-    },
+    ModelConfig(layers=1),
+    ModelConfig(layers=2),
+    ModelConfig(layers=2, hidden_dim=200, z1_dim=100, hidden2_dim=100),
 )
 # Log-log slopes of gradient SNR against K in theory: Rainforth et al. (2018), theorem 1 and
 # section 3: IWAE's encoder K^(-1/2), its decoder K^(1/2); averaging K ELBO estimates (VAE)
@@ -86,9 +74,8 @@ SNR_THEORY: dict[str, dict[str, float]] = {
 def burda_reference(model: Mapping[str, Any]) -> dict[str, dict[int, float]] | None:
     """Burda et al.'s Table 1 for the architecture `model` (a ModelConfig as a dict), None
     when it is not one of theirs."""
-    for theirs in _BURDA_MODELS:
-        if all(model.get(name) == value for name, value in theirs.items()):
-            return BURDA_TABLE_1[theirs["layers"]]
+    if ModelConfig(**model) in _BURDA_MODELS:
+        return BURDA_TABLE_1[model["layers"]]
     return None
 
 
@@ -148,7 +135,7 @@ def table_columns(results: dict[str, Any]) -> list[_Column]:
     """The trade-off table's columns: each a header and a function (row, row of the
     objective's smallest K) -> the printed value."""
     config = results["config"]
-    k_eval = config.get("eval_k")
+    k_eval = config["eval_k"]
     return [
         ("objective", lambda r, b: r["objective"]),
         ("K", lambda r, b: str(r["k"])),
@@ -368,9 +355,11 @@ def _draw_series(
     colors: Mapping[str, str],
     label: Callable[[str], str] = str,
 ) -> None:
-    for objective, (ks, means, sds) in series.items():
+    for i, (objective, (ks, means, sds)) in enumerate(series.items()):
+        # Each objective a little to the side, so that equal values stay visible.
+        dodge = 1.04 ** (i - (len(series) - 1) / 2)
         ax.errorbar(
-            ks,
+            [k * dodge for k in ks],
             means,
             yerr=sds,
             marker="o",
@@ -390,11 +379,11 @@ def _loglik_figure(results: dict[str, Any]) -> Figure:
     figure = _line_figure(
         results,
         "test_loglik",
-        f"test log p(x), nats per image (k={config.get('eval_k')})",
+        f"test log p(x), nats per image (k={config['eval_k']})",
         "Test log-likelihood against K (mean ± sd over seeds)",
     )
     ax = figure.axes[0]
-    reference = burda_reference(config.get("model", {}))
+    reference = burda_reference(config["model"])
     if reference is not None:
         colors = _colors(results)
         for objective in dict.fromkeys(row["objective"] for row in results["summary"]):
@@ -404,8 +393,8 @@ def _loglik_figure(results: dict[str, Any]) -> Figure:
                     ks,
                     values,
                     linestyle="none",
-                    marker="*",
-                    markersize=11,
+                    marker=_REFERENCE_MARKERS.get(objective, "*"),
+                    markersize=10,
                     markerfacecolor="none",
                     color=colors[objective],
                     label=f"{objective}, Burda et al. Table 1 (3280 epochs)",
@@ -422,18 +411,21 @@ def _active_units_figure(results: dict[str, Any]) -> Figure:
         "active units (Cov_x E_q[z|x] > 0.01), count",
         "Active latent units against K (mean ± sd over seeds)",
     )
-    model = results["config"].get("model", {})
-    if model:
-        total = model["latent_dim"] + (model.get("z1_dim") or 0) * (model["layers"] == 2)
-        figure.axes[0].axhline(total, color="gray", linestyle="--", linewidth=1)
-        figure.axes[0].annotate(
-            f"all {total} units",
-            (0.01, total),
-            xycoords=("axes fraction", "data"),
-            va="bottom",
-            fontsize="small",
-            color="gray",
-        )
+    total = sum(ModelConfig(**results["config"]["model"]).latent_dims)
+    ax = figure.axes[0]
+    ax.axhline(total, color="gray", linestyle="--", linewidth=1)
+    ax.annotate(
+        f"all {total} latent units",
+        (0.5, total),
+        xycoords=("axes fraction", "data"),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize="small",
+        color="gray",
+    )
+    ax.set_ylim(0, total * 1.1)
     return figure
 
 
@@ -444,6 +436,7 @@ def _seconds_figure(results: dict[str, Any]) -> Figure:
         "training wall time per epoch, s",
         "Training cost against K (mean ± sd over seeds)",
     )
+    figure.axes[0].set_ylim(bottom=0)  # from 0, so that heights compare as costs do
     return figure
 
 
