@@ -28,6 +28,7 @@ from models.checkpoint import load_model
 from models.config import ModelConfig
 from models.data import binarized_test_images
 from models.files import write_atomic
+from models.run import SNR_IMAGES
 from models.study.grid import Cell
 
 FIGURE_NAMES: tuple[str, ...] = ("loglik", "active_units", "seconds_per_epoch", "snr", "samples")
@@ -182,8 +183,10 @@ def _setup(results: dict[str, Any]) -> str:
         f"schedule), {c['precision']}, device {c['device']}. Test log p(x): IWAE bound with "
         f"k={c['eval_k']} on the first {c['eval_size']} test images (fixed binarization), nats "
         f"per image. Gradient SNR: bias-corrected, median over parameters, from "
-        f"{c.get('snr_draws', 0)} gradient draws on 20 test images at the trained parameters "
-        f"(Rainforth et al., 2018). Error bars and ± are the standard deviation over seeds."
+        f"{c['snr_draws']} gradient draws on {SNR_IMAGES} test images at each cell's trained "
+        f"parameters (Rainforth et al., 2018), so that its slope across K includes what "
+        f"training at that K did to the model. Error bars and ± are the sample standard "
+        f"deviation over seeds."
     )
 
 
@@ -339,13 +342,35 @@ def _colors(results: dict[str, Any]) -> dict[str, str]:
     return {objective: f"C{i % 10}" for i, objective in enumerate(objectives)}
 
 
-def _line_figure(results: dict[str, Any], name: str, ylabel: str, title: str) -> Figure:
+# The figures of one summary field against K: figure name -> (field, y label, title).
+_LINE_FIGURES = {
+    "loglik": (
+        "test_loglik",
+        "test log p(x), nats per image (k={eval_k})",
+        "Test log-likelihood against K",
+    ),
+    "active_units": (
+        "active_units",
+        "active units (Cov_x E_q[z|x] > 0.01), count",
+        "Active latent units against K",
+    ),
+    "seconds_per_epoch": (
+        "seconds_per_epoch",
+        "training wall time per epoch, s",
+        "Training cost against K",
+    ),
+}
+
+
+def _line_figure(results: dict[str, Any], name: str) -> Figure:
+    """The `_LINE_FIGURES` entry `name`: one line per objective, error bars = sd over seeds."""
+    field, ylabel, title = _LINE_FIGURES[name]
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = figure.add_subplot()
-    _draw_series(ax, _series(results, name), _colors(results))
+    _draw_series(ax, _series(results, field), _colors(results))
     _k_axis(ax, _all_ks(results))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_ylabel(ylabel.format(**results["config"]))
+    ax.set_title(f"{title} (mean ± sd over seeds)")
     return figure
 
 
@@ -375,15 +400,9 @@ def _draw_series(
 
 
 def _loglik_figure(results: dict[str, Any]) -> Figure:
-    config = results["config"]
-    figure = _line_figure(
-        results,
-        "test_loglik",
-        f"test log p(x), nats per image (k={config['eval_k']})",
-        "Test log-likelihood against K (mean ± sd over seeds)",
-    )
+    figure = _line_figure(results, "loglik")
     ax = figure.axes[0]
-    reference = burda_reference(config["model"])
+    reference = burda_reference(results["config"]["model"])
     if reference is not None:
         colors = _colors(results)
         for objective in dict.fromkeys(row["objective"] for row in results["summary"]):
@@ -405,12 +424,7 @@ def _loglik_figure(results: dict[str, Any]) -> Figure:
 
 
 def _active_units_figure(results: dict[str, Any]) -> Figure:
-    figure = _line_figure(
-        results,
-        "active_units",
-        "active units (Cov_x E_q[z|x] > 0.01), count",
-        "Active latent units against K (mean ± sd over seeds)",
-    )
+    figure = _line_figure(results, "active_units")
     total = sum(ModelConfig(**results["config"]["model"]).latent_dims)
     ax = figure.axes[0]
     ax.axhline(total, color="gray", linestyle="--", linewidth=1)
@@ -430,12 +444,7 @@ def _active_units_figure(results: dict[str, Any]) -> Figure:
 
 
 def _seconds_figure(results: dict[str, Any]) -> Figure:
-    figure = _line_figure(
-        results,
-        "seconds_per_epoch",
-        "training wall time per epoch, s",
-        "Training cost against K (mean ± sd over seeds)",
-    )
+    figure = _line_figure(results, "seconds_per_epoch")
     figure.axes[0].set_ylim(bottom=0)  # from 0, so that heights compare as costs do
     return figure
 
