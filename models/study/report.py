@@ -507,10 +507,13 @@ def _samples_figure(
         rows.append((samples.float(), recon.float()))
         labels.append(f"{row['objective']} K={row['k']} (seed {config.seed})")
     mosaic = _mosaic(rows)
-    # The image fills about 75% of the width: its height follows, plus room for the labels.
-    height = 9 * 0.75 * mosaic.shape[0] / mosaic.shape[1] + 0.6
-    figure = Figure(figsize=(9, height), layout="constrained")
-    ax = figure.add_subplot()
+    # Margins in inches around an image 7 inches wide: row labels left, column labels below.
+    left, right, bottom, width = 1.6, 0.15, 0.35, 7.0
+    top = 0.35 if len(rows) == 1 else 0.1  # room for the title that says why it is empty
+    height = width * mosaic.shape[0] / mosaic.shape[1]
+    size = (left + width + right, bottom + height + top)
+    figure = Figure(figsize=size)
+    ax = figure.add_axes((left / size[0], bottom / size[1], width / size[0], height / size[1]))
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks([(i + 0.5) * (_SIDE + 2) for i in range(len(rows))], labels, fontsize="small")
     ax.set_xticks(
