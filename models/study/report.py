@@ -310,12 +310,12 @@ def _k_axis(ax: Any, ks: Sequence[int]) -> None:
     ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("K, importance samples per image in training (log scale)")
-    if len(set(ks)) == 1:  # a log axis needs room around a single K
-        ax.set_xlim(ks[0] / 2, ks[0] * 2)
+    ax.set_xlim(min(ks) / 1.5, max(ks) * 1.5)  # room for the dodged points, even at one K
 
 
 def _log_y_axis(ax: Any) -> None:
-    """A log y axis with plain-number ticks at 1, 2, 5 x 10^n (every digit in a narrow range)."""
+    """A log y axis with plain-number ticks at 1, 2, 5 x 10^n (every digit in a narrow
+    range; in a very narrow one, three ticks evenly spaced on the log scale)."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     for digits in ((1, 2, 5), range(1, 10)):
@@ -327,6 +327,8 @@ def _log_y_axis(ax: Any) -> None:
         ]
         if len(ticks) >= 3:
             break
+    else:
+        ticks = list(np.geomspace(low, high, 5)[1:-1])
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:.3g}")
     ax.yaxis.set_minor_locator(NullLocator())
