@@ -12,6 +12,8 @@ from models.config import (
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
     MAX_MISSING_RATE,
+    MAX_SEED,
+    MIN_SNR_DRAWS,
     PRESETS,
     Init,
     KSchedule,
@@ -30,7 +32,6 @@ from worker.jobs import JobStatus
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?$"
 MODEL_CURSOR_PATTERN = r"^[0-9A-Za-z:.+_-]{1,200}$"
-MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
@@ -187,6 +188,15 @@ class TrainRequest(BaseModel):
         description="Importance samples for the final log-likelihood.",
         examples=[5000],
     )
+    snr_draws: int = Field(
+        _TRAIN.snr_draws,
+        ge=0,
+        le=10_000,
+        description="After the evaluation, measure the encoder's and the decoder's gradient "
+        f"SNR at the trained parameters from this many gradient draws; 0 skips it, else at "
+        f"least {MIN_SNR_DRAWS}.",
+        examples=[100],
+    )
     seed: int = Field(
         _TRAIN.seed, ge=0, le=MAX_SEED, description="Seed of every random draw.", examples=[0]
     )
@@ -232,10 +242,10 @@ class TrainRequest(BaseModel):
 class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
-    phase: Literal["train", "eval", "impute"] | None = Field(
+    phase: Literal["train", "eval", "impute", "snr"] | None = Field(
         None,
         description="`train`, then `eval` (test log-likelihood), then `impute` (the "
-        "imputation metric).",
+        "imputation metric), then `snr` (gradient SNR, when `snr_draws` > 0).",
         examples=["train"],
     )
     epoch: int | None = Field(
