@@ -32,6 +32,7 @@ from app.deps import (
     readiness,
     require_token,
     sample_count,
+    send_job,
     served_model,
     train_config,
     uploaded_digit,
@@ -107,10 +108,7 @@ def train(
     all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
     """
     job = store.create(config.to_dict())
-    try:
-        enqueue(job.job_id)
-    except Exception:  # the job is recorded: the workers' reaper sends its message later
-        log.exception("could not enqueue job %s; it stays queued for the reaper", job.job_id)
+    send_job(enqueue, job.job_id)
     response.headers["Location"] = f"/jobs/{job.job_id}"
     return JobOut.of(job)
 
@@ -119,6 +117,9 @@ def train(
 def list_jobs(
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    study_id: Annotated[
+        str | None, Query(pattern=ID_PATTERN, description="Only the cells of this study.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
     cursor: Annotated[
         str | None,
@@ -126,7 +127,7 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
-    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status)
+    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status, study_id=study_id)
     return JobList(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from models.config import (
     DEFAULT_ALPHA,
@@ -301,6 +302,7 @@ class JobOut(BaseModel):
     attempts: int = Field(0, description="How many times a worker started this job.")
     worker: str | None = Field(None, description="host:pid of the last worker to run it.")
     cancel_requested: bool = False
+    study_id: str | None = Field(None, description="The study this job is a cell of.")
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -418,3 +420,145 @@ class ReadyOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str = Field(examples=["no model with id 'abc'"])
+
+
+# --- studies ------------------------------------------------------------------------------
+
+# The grid's axes; every other field of a study request is a TrainRequest field.
+GRID_FIELDS = ("k", "objective", "seed")
+STUDY_SNR_DRAWS = 100
+StudyStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
+CellStatus = Literal[JobStatus, "missing"]
+
+
+class _StudyGrid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ks: list[int] = Field(
+        description=f"K of each cell: 1 to {MAX_KS} distinct values, each in 1..{MAX_K}.",
+        examples=[[1, 5, 50]],
+    )
+    objectives: list[Objective] = Field(
+        ["vae", "iwae"],
+        description="Training objectives (see POST /train), distinct.",
+        examples=[["vae", "iwae"]],
+    )
+    seeds: list[int] = Field(
+        [0], description=f"Seeds, distinct, at most {MAX_SEEDS}.", examples=[[0, 1, 2]]
+    )
+    snr_draws: int = Field(
+        STUDY_SNR_DRAWS,
+        ge=0,
+        le=10_000,
+        description="Gradient estimates drawn for each cell's encoder and decoder SNR at "
+        "the trained parameters; 0 skips the measurement.",
+        examples=[STUDY_SNR_DRAWS],
+    )
+
+
+StudyRequest = create_model(
+    "StudyRequest",
+    __base__=_StudyGrid,
+    __doc__="A K study: one training job per (objective, k, seed) of the grid, every other "
+    "field as in POST /train and the same for every cell.",
+    **{
+        name: (field.annotation, field)
+        for name, field in TrainRequest.model_fields.items()
+        if name not in GRID_FIELDS and name not in _StudyGrid.model_fields
+    },
+)
+
+
+class StudyCellOut(BaseModel):
+    """One cell of a study and where its job stands."""
+
+    objective: str = Field(examples=["iwae"])
+    k: int = Field(examples=[50])
+    seed: int = Field(examples=[0])
+    job_id: str = Field(
+        description="Its training job (GET /jobs/{job_id}).",
+        examples=["3f2c9a1e0b7d4c55a1e2f3b4c5d6e7f8"],
+    )
+    status: CellStatus = Field(
+        description="The job's status; `missing` when its record is gone (never created, "
+        "or deleted IWAE_JOB_RETENTION_S after it ended).",
+        examples=["running"],
+    )
+    progress: ProgressOut | None = None
+    error: str | None = Field(None, description="Why the cell failed.")
+    model_id: str | None = Field(None, description="The trained model, once it succeeded.")
+
+
+class _StudyHead(BaseModel):
+    study_id: str = Field(examples=["9b1d4c2e7f3a4b5c8d9e0f1a2b3c4d5e"])
+    status: StudyStatus = Field(
+        description="From the cells' statuses: `queued` (none started), `running`, "
+        "`succeeded` (all), `partial` (some succeeded, some failed or were cancelled), "
+        "`failed`, `cancelled`.",
+        examples=["running"],
+    )
+    created_at: datetime
+    ks: list[int] = Field(examples=[[1, 5, 50]])
+    objectives: list[str] = Field(examples=[["vae", "iwae"]])
+    seeds: list[int] = Field(examples=[[0]])
+
+    @staticmethod
+    def _head(view: Any) -> dict[str, Any]:
+        cells = view.study.cells
+        return {
+            "study_id": view.study.study_id,
+            "status": view.status,
+            "created_at": view.study.created_at,
+            "ks": list(dict.fromkeys(c.k for c in cells)),
+            "objectives": list(dict.fromkeys(c.objective for c in cells)),
+            "seeds": list(dict.fromkeys(c.seed for c in cells)),
+        }
+
+
+class StudySummaryOut(_StudyHead):
+    """A study as GET /studies lists it."""
+
+    cells: dict[str, int] = Field(
+        description="Its cells by status.", examples=[{"succeeded": 3, "running": 2, "queued": 1}]
+    )
+
+    @classmethod
+    def of(cls, view: Any) -> StudySummaryOut:
+        """From `worker.jobs.StudyView`."""
+        counts = {s: view.statuses.count(s) for s in dict.fromkeys(view.statuses)}
+        return cls(**cls._head(view), cells=counts)
+
+
+class StudyOut(_StudyHead):
+    """A K study: its grid, each cell's job, and the results of the cells that ended."""
+
+    config: dict[str, Any] = Field(
+        description="The TrainConfig every cell shares, but for objective, k and seed."
+    )
+    cells: list[StudyCellOut] = Field(description="Objective-major, then k, then seed.")
+    results: dict[str, Any] = Field(
+        description="As GET /studies/{study_id}/results.json: every cell with its config and "
+        "numbers, and `summary`: per (objective, k), the mean and sd over succeeded seeds of "
+        "test_loglik, test_elbo, active units, seconds per epoch, images/s, and the encoder "
+        "and decoder gradient SNR; `snr_slopes`: the fitted log-log slopes of SNR against K.",
+    )
+
+    @classmethod
+    def of(cls, view: Any, results: dict[str, Any]) -> StudyOut:
+        """From `worker.jobs.StudyView` and its results."""
+        cells = []
+        for cell, record, status in zip(view.study.cells, view.records, view.statuses, strict=True):
+            job = (
+                {}
+                if record is None
+                else record.model_dump(include={"progress", "error", "model_id"})
+            )
+            cells.append(StudyCellOut(**cell.model_dump(), status=status, **job))
+        return cls(**cls._head(view), config=view.study.config, cells=cells, results=results)
+
+
+class StudyList(BaseModel):
+    studies: list[StudySummaryOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )
