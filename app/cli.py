@@ -377,7 +377,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from app.report import study_markdown, study_svg
-    from models.study import run_study
+    from models.study.local import run_study
 
     base = _config(args, args.ks[0])
     for alpha in args.alphas or ():

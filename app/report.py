@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from xml.sax.saxutils import escape
 
-from models.study import StudyRow
+from models.study.local import StudyRow
 
 _PANEL_W, _PANEL_H, _MARGIN = 320, 220, 48
 _COLORS = ("#1f77b4", "#d62728")

@@ -13,6 +13,7 @@ from models.config import (
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
     MAX_MISSING_RATE,
+    MAX_SEED,
     PRESETS,
     Init,
     KSchedule,
@@ -31,7 +32,6 @@ from worker.jobs import JobStatus
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 CURSOR_PATTERN = r"^[0-9]{1,20}(\.[0-9]{1,20})?$"
 MODEL_CURSOR_PATTERN = r"^[0-9A-Za-z:.+_-]{1,200}$"
-MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints

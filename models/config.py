@@ -30,6 +30,8 @@ DEFAULT_K_MIN = 1
 # About ESS/K of 50 samples on MNIST in the first epochs (see models.k_schedule).
 DEFAULT_ESS_TARGET = 0.15
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
+# torch.Generator.manual_seed takes any unsigned 64-bit value; JSON clients a signed one.
+MAX_SEED = 2**63 - 1
 # Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9
 

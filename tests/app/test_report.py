@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from app.report import study_markdown, study_svg
-from models.study import StudyRow
+from models.study.local import StudyRow
 
 ROWS = [
     StudyRow(1, "iwae", -95.5, 0.2, [19], 10.0, 0.9, 5.0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from models.study import run_study
+from models.study.local import run_study
 
 
 def test_study_trains_once_per_k_and_measures_each(tmp_path, train_config, synthetic_mnist):

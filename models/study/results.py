@@ -1,0 +1,193 @@
+"""What a K study found: each cell's outcome, the study's status, and `results.json`.
+
+Every number of the report comes from `study_results`, which keeps each cell's metrics
+with the config and seed that produced them, and summarizes each (objective, K) by the
+mean and the standard deviation over its succeeded seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.estimators import loglog_slope
+from models.study.grid import Cell
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STUDY_STATUSES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
+
+# The metrics of a cell kept in results.json (the per-epoch histories are left out).
+CELL_METRICS = (
+    "test_loglik",
+    "test_loglik_std_error",
+    "test_elbo",
+    "test_gap",
+    "active_units",
+    "eval_k",
+    "eval_size",
+    "mc_std_error_mean",
+    "ess_mean",
+    "pareto_k_mean",
+    "pareto_k_above_0_7",
+    "train_seconds",
+    "epochs",
+    "steps",
+    "seconds_per_epoch",
+    "images_per_s",
+    "gradient_snr",
+    "imputation",
+)
+
+
+@dataclass
+class CellOutcome:
+    """Where one cell stands. `config` is its full `TrainConfig` as a dict; `metrics` the
+    run's metrics once it succeeded; `checkpoint` its model.safetensors."""
+
+    cell: Cell
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any] | None
+    error: str | None = None
+    job_id: str | None = None
+    checkpoint: Path | None = None
+
+
+def study_status(statuses: Sequence[str]) -> str:
+    """The study's status from its cells' job statuses.
+
+    queued while no cell has started; running while any cell is unfinished and one has
+    started or ended; once all have ended: cancelled if any was cancelled, succeeded if
+    all succeeded, partial if some succeeded and others failed, failed if none succeeded.
+    """
+    if not statuses:
+        raise ValueError("a study has at least one cell")
+    unknown = set(statuses) - set(STATUSES)
+    if unknown:
+        raise ValueError(f"unknown cell statuses {sorted(unknown)}")
+    if all(s == "queued" for s in statuses):
+        return "queued"
+    if any(s in ("queued", "running") for s in statuses):
+        return "running"
+    if "cancelled" in statuses:
+        return "cancelled"
+    if all(s == "succeeded" for s in statuses):
+        return "succeeded"
+    return "partial" if "succeeded" in statuses else "failed"
+
+
+def _snr(network: str) -> Callable[[dict[str, Any]], float | None]:
+    def read(metrics: dict[str, Any]) -> float | None:
+        snr = metrics.get("gradient_snr")
+        return None if snr is None else snr[network]["median"]
+
+    return read
+
+
+def _total_units(metrics: dict[str, Any]) -> float | None:
+    units = metrics.get("active_units")
+    return None if units is None else float(sum(units))
+
+
+# The summarized quantities: name -> how to read it from a cell's metrics (None: not measured).
+SUMMARY_METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "test_loglik": lambda m: m.get("test_loglik"),
+    "test_elbo": lambda m: m.get("test_elbo"),
+    "test_gap": lambda m: m.get("test_gap"),
+    "active_units": _total_units,
+    "seconds_per_epoch": lambda m: m.get("seconds_per_epoch"),
+    "images_per_s": lambda m: m.get("images_per_s"),
+    "snr_encoder": _snr("encoder"),
+    "snr_decoder": _snr("decoder"),
+}
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, Any]:
+    """{"mean", "sd", "n"} of the values: sd is the sample standard deviation (n - 1), None
+    for fewer than two values; mean is None for none."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+def study_results(outcomes: Sequence[CellOutcome], base_config: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready results of a study (results.json).
+
+    {"config": base_config, "status", "cells": [one per outcome: name, objective, k, seed,
+    status, job_id, error, config, metrics (the `CELL_METRICS` measured)], "summary": [one
+    per (objective, k) in grid order, over its succeeded cells: n, seeds, and {"mean", "sd",
+    "n"} of each of `SUMMARY_METRICS` plus "active_units_per_layer" (a list, bottom layer
+    first)], "snr_slopes": {objective: {"encoder", "decoder"}}}.
+
+    The SNR slopes are least-squares fits of log SNR (median over parameters) against log K
+    over every succeeded cell of the objective (Rainforth et al., 2018, theorem 1: about
+    -1/2 for IWAE's encoder and +1/2 for its decoder); None with fewer than two K.
+    """
+    groups: dict[tuple[str, int], list[CellOutcome]] = {}
+    for outcome in outcomes:
+        groups.setdefault((outcome.cell.objective, outcome.cell.k), []).append(outcome)
+    summary = []
+    for (objective, k), group in groups.items():
+        succeeded = _succeeded(group)
+        done = [o.metrics for o in succeeded]
+        row: dict[str, Any] = {
+            "objective": objective,
+            "k": k,
+            "n": len(done),
+            "seeds": [o.cell.seed for o in succeeded],
+        }
+        for name, read in SUMMARY_METRICS.items():
+            row[name] = mean_sd([v for m in done if (v := read(m)) is not None])
+        per_layer = [m["active_units"] for m in done if m.get("active_units") is not None]
+        row["active_units_per_layer"] = [
+            mean_sd(list(layer)) for layer in zip(*per_layer, strict=True)
+        ]
+        summary.append(row)
+    return {
+        "config": base_config,
+        "status": study_status([o.status for o in outcomes]),
+        "cells": [_cell_entry(o) for o in outcomes],
+        "summary": summary,
+        "snr_slopes": _snr_slopes(outcomes),
+    }
+
+
+def _succeeded(outcomes: Sequence[CellOutcome]) -> list[CellOutcome]:
+    return [o for o in outcomes if o.status == "succeeded" and o.metrics is not None]
+
+
+def _cell_entry(outcome: CellOutcome) -> dict[str, Any]:
+    metrics = outcome.metrics
+    return {
+        "name": outcome.cell.name,
+        "objective": outcome.cell.objective,
+        "k": outcome.cell.k,
+        "seed": outcome.cell.seed,
+        "status": outcome.status,
+        "job_id": outcome.job_id,
+        "error": outcome.error,
+        "config": outcome.config,
+        "metrics": None
+        if metrics is None
+        else {name: metrics[name] for name in CELL_METRICS if name in metrics},
+    }
+
+
+def _snr_slopes(outcomes: Sequence[CellOutcome]) -> dict[str, dict[str, float | None]]:
+    slopes = {}
+    for objective in dict.fromkeys(o.cell.objective for o in outcomes):
+        slopes[objective] = {}
+        for network in ("encoder", "decoder"):
+            read = SUMMARY_METRICS[f"snr_{network}"]
+            points = [
+                (o.cell.k, v)
+                for o in _succeeded(outcomes)
+                if o.cell.objective == objective and (v := read(o.metrics)) is not None
+            ]
+            ks, values = [p[0] for p in points], [p[1] for p in points]
+            slopes[objective][network] = loglog_slope(ks, values) if len(set(ks)) > 1 else None
+    return slopes
