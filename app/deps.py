@@ -21,7 +21,6 @@ import numpy as np
 from fastapi import Depends, File, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from models.study.grid import StudyGridError, cell_config, expand_grid
 from pydantic import ValidationError
 
 from app.backpressure import InferenceCall
@@ -33,6 +32,7 @@ from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, StudyRequest, TrainReque
 from app.settings import Settings
 from models.config import VR_OBJECTIVES, TrainConfig
 from models.cost import train_cost
+from models.study.grid import cell_config, expand_grid
 from worker.jobs import GridPoint, JobStore, StudyReports, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -249,14 +249,14 @@ def study_plan(body: StudyRequest, settings: SettingsDep) -> StudyPlan:  # type:
         grid = expand_grid(body.ks, body.objectives, body.seeds, settings.max_study_jobs)
         base = _base_config(body)
         configs = [cell_config(base, cell) for cell in grid]
-    except StudyGridError as exc:
-        raise RequestValidationError(
-            [{"type": "study_grid", "loc": ("body",), "msg": str(exc), "input": None}]
-        ) from exc
-    except ValidationError as exc:  # options that no cell's config takes (alpha, k_min, ...)
+    except ValidationError as exc:  # options that the grid's objectives refuse (alpha, ...)
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from exc
+    except ValueError as exc:  # StudyGridError, or a TrainConfig refusing snr_draws
+        raise RequestValidationError(
+            [{"type": "study_grid", "loc": ("body",), "msg": str(exc), "input": None}]
         ) from exc
     for config in configs:
         check_budget(config, settings)

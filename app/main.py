@@ -58,10 +58,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.registry = ModelRegistry(
         settings.models_dir, settings.model_cache_size, device=settings.inference_device
     )
+    # The report's reconstructions need test digits; the API never downloads them (the
+    # workers have, into the same folder).
     app.state.reports = StudyReports(
         settings.studies_dir,
         app.state.registry.checkpoint,
-        lambda: load_mnist(settings.mnist_dir, download_dir=settings.download_dir).test_images,
+        lambda: load_mnist(settings.mnist_dir).test_images,
     )
     app.state.gate = InferenceGate(
         settings.inference_slots, settings.inference_queue, settings.inference_timeout_s

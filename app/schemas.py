@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from models.config import (
@@ -26,6 +25,7 @@ from models.config import (
     TrainConfig,
     preset_config,
 )
+from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
 from worker.jobs import JobStatus
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
