@@ -432,7 +432,14 @@ CellStatus = Literal[JobStatus, "missing"]
 
 
 class _StudyGrid(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"ks": [1, 5, 50], "objectives": ["vae", "iwae"], "seeds": [0, 1, 2], "epochs": 10}
+            ]
+        },
+    )
 
     ks: list[int] = Field(
         description=f"K of each cell: 1 to {MAX_KS} distinct values, each in 1..{MAX_K}.",
