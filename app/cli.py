@@ -1,7 +1,7 @@
 """The `iwae` command: train and evaluate in the foreground, or run the service.
 
     iwae train --k 50 [--objective iwae] [--epochs 1] ...   train, evaluate, write a checkpoint
-    iwae study --ks 1 5 50 [--alphas 0 0.5] [...]           train per K (and alpha): table, figure
+    iwae study --ks 1 5 50 [--objectives vae iwae] [...]    the K study: grid of runs, report
     iwae eval --model PATH [--k 5000] [--eval-size 10000]    score a checkpoint on MNIST test
     iwae snr --model PATH --ks 1 10 100 1000 [...]          gradient SNR against K (JSON)
     iwae impute --model PATH IMAGE [--mask MASK] [--out F]  fill in an image's missing pixels
@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from models.config import (
     DEFAULT_ALPHA,
@@ -29,6 +30,7 @@ from models.config import (
     MISSING_PATTERNS,
     OBJECTIVES,
     PRESETS,
+    VR_OBJECTIVES,
     ModelConfig,
     TrainConfig,
     preset_config,
@@ -36,6 +38,8 @@ from models.config import (
 from models.data import DataError
 
 _TRAIN_DEFAULTS = TrainConfig()
+# Gradient draws per study cell: enough for the bias-corrected median SNR of 20 images.
+STUDY_SNR_DRAWS = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,27 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser(
         "study",
         formatter_class=fmt,
-        help="train once per K; table and figure of test log-likelihood, active units, "
-        "training time and gradient SNR against K",
+        help="the K study: train every (objective, K, seed), then write results.json, "
+        "report.html, figures/*.png and study.md (test log-likelihood, active units, cost "
+        "and gradient SNR against K); or --submit it to a running service",
     )
     study.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
-    study.add_argument(
-        "--alphas",
-        type=float,
-        nargs="+",
-        default=None,
-        help="VR-IWAE alphas, one more grid axis (vr-iwae and vr-iwae-dreg only; default: "
-        "--alpha alone)",
-    )
-    _add_training_arguments(study)
-    study.add_argument(
-        "--snr-draws", type=int, default=100, help="gradient estimates per SNR measurement"
-    )
+    study.add_argument("--objectives", choices=OBJECTIVES, nargs="+", default=["vae", "iwae"])
+    study.add_argument("--seeds", type=int, nargs="+", default=[0])
+    _add_training_arguments(study, per_cell=False)
+    study.set_defaults(snr_draws=STUDY_SNR_DRAWS)
     study.add_argument(
         "--out",
         type=Path,
         default=Path("runs/study"),
-        help="one folder per K plus study.json, study.md and study.svg; finished runs are reused",
+        help="cells/<cell>/ per run (finished cells are reused, interrupted ones resumed), "
+        "results.json, report.html, figures/ and study.md",
+    )
+    study.add_argument(
+        "--submit",
+        metavar="URL",
+        default=None,
+        help="POST the grid to the service at URL (e.g. http://host:8000) instead of running "
+        "it here, and print the study id",
+    )
+    study.add_argument(
+        "--token",
+        default=None,
+        help="with --submit: the service's API token (default: IWAE_API_TOKEN)",
     )
 
     evaluate = commands.add_parser(
@@ -167,8 +177,9 @@ class _Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of a training run other than K (shared by `train` and `study`)."""
+def _add_training_arguments(parser: argparse.ArgumentParser, per_cell: bool = True) -> None:
+    """Options of a training run other than K (shared by `train` and `study`); without
+    `per_cell`, also without the objective and the seed (a study's grid sets them)."""
     d = _TRAIN_DEFAULTS
     add = functools.partial(parser.add_argument, action=_Given)
     parser.add_argument(
@@ -179,7 +190,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "epochs, evaluation of all 10,000 test images at k=5000); options given "
         "explicitly override it",
     )
-    add("--objective", choices=OBJECTIVES, default=d.objective)
+    if per_cell:
+        add("--objective", choices=OBJECTIVES, default=d.objective)
     add("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
     add("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
     add(
@@ -261,7 +273,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the first N training images (default all 60000)",
     )
     _add_eval_arguments(parser, k_flag="--eval-k", eval_size=d.eval_size)
-    add("--seed", type=int, default=d.seed)
+    if per_cell:
+        add("--seed", type=int, default=d.seed)
+    add(
+        "--snr-draws",
+        type=int,
+        default=d.snr_draws,
+        help="after the evaluation, the encoder's and decoder's gradient SNR from this many "
+        "gradient draws (0 skips it)",
+    )
     add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     add(
         "--precision",
@@ -284,44 +304,51 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace, k: int) -> TrainConfig:
+# TrainConfig field -> its option's dest, for the options of `_add_training_arguments`.
+_TRAIN_OPTIONS = {
+    "objective": "objective",
+    "m": "m",
+    "beta": "beta",
+    "alpha": "alpha",
+    "k_schedule": "k_schedule",
+    "k_min": "k_min",
+    "ess_target": "ess_target",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "learning_rate": "lr",
+    "schedule": "schedule",
+    "init": "init",
+    "train_size": "train_size",
+    "eval_size": "eval_size",
+    "eval_k": "eval_k",
+    "seed": "seed",
+    "snr_draws": "snr_draws",
+    "device": "device",
+    "precision": "precision",
+    "missing_rate": "missing_rate",
+    "missing_pattern": "missing_pattern",
+}
+_MODEL_OPTIONS = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
+
+
+def _training_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the options give (under a preset, only those given explicitly)."""
     values = {
-        "objective": args.objective,
-        "m": args.m,
-        "beta": args.beta,
-        "alpha": args.alpha,
-        "k_schedule": args.k_schedule,
-        "k_min": args.k_min,
-        "ess_target": args.ess_target,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.lr,
-        "schedule": args.schedule,
-        "init": args.init,
-        "train_size": args.train_size,
-        "eval_size": args.eval_size,
-        "eval_k": args.eval_k,
-        "seed": args.seed,
-        "device": args.device,
-        "precision": args.precision,
-        "missing_rate": args.missing_rate,
-        "missing_pattern": args.missing_pattern,
+        name: getattr(args, dest) for name, dest in _TRAIN_OPTIONS.items() if hasattr(args, dest)
     }
     if args.preset is not None:  # the preset's values, unless given on the command line
         given = getattr(args, "given", set())
         values = {
             name: v
             for name, v in values.items()
-            if name in given or name not in PRESETS[args.preset]
+            if _TRAIN_OPTIONS[name] in given or name not in PRESETS[args.preset]
         }
-    model = ModelConfig(
-        layers=args.layers,
-        latent_dim=args.latent_dim,
-        hidden_dim=args.hidden_dim,
-        z1_dim=args.z1_dim,
-        hidden2_dim=args.hidden2_dim,
-    )
-    return preset_config(args.preset, k=k, model=model, **values)
+    return values
+
+
+def _config(args: argparse.Namespace, k: int, **cell: Any) -> TrainConfig:
+    model = ModelConfig(**{name: getattr(args, name) for name in _MODEL_OPTIONS})
+    return preset_config(args.preset, k=k, model=model, **_training_values(args), **cell)
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser, *, k_flag: str, eval_size: int) -> None:
@@ -376,30 +403,83 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from app.report import study_markdown, study_svg
-    from models.study.local import run_study
+    from models.study.grid import cell_config, expand_grid
+    from models.study.local import run_study, write_study
 
-    base = _config(args, args.ks[0])
-    for alpha in args.alphas or ():
-        base.with_changes(alpha=alpha)  # refuse a bad alpha before any training
+    cells = expand_grid(args.ks, args.objectives, args.seeds, max_cells=None)
+    # The base carries alpha only for a VR-IWAE objective; cell_config passes it on to those.
+    objective = next((o for o in args.objectives if o in VR_OBJECTIVES), args.objectives[0])
+    base = _config(args, max(args.ks), objective=objective, seed=args.seeds[0])
+    for cell in cells:
+        cell_config(base, cell)  # refuse a bad cell before any training or submission
+    if args.submit is not None:
+        return _submit_study(args)
+    data = _load_data()
     with _ProgressBar() as bar:
-        rows = run_study(
-            base,
-            args.ks,
-            _load_data(),
-            args.out,
-            alphas=args.alphas,
-            snr_draws=args.snr_draws,
-            callbacks=[bar],
+
+        def on_cell_start(index: int, cell) -> None:
+            bar.reset()
+            print(f"cell {index + 1}/{len(cells)}: {cell.name}", file=sys.stderr)
+
+        outcomes = run_study(base, cells, data, args.out, [bar], on_cell_start)
+    results = write_study(base, outcomes, data, args.out)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            print(f"cell {outcome.cell.name} failed: {outcome.error}", file=sys.stderr)
+    print((args.out / "study.md").read_text())
+    print(
+        f"study {results['status']}: wrote {args.out}/results.json, report.html, study.md "
+        "and figures/",
+        file=sys.stderr,
+    )
+    return 0 if results["status"] == "succeeded" else 1
+
+
+def _submit_study(args: argparse.Namespace) -> int:
+    """POST /studies with the grid and the training options; prints the study id."""
+    import urllib.error
+    import urllib.request
+
+    from app.settings import get_settings
+
+    if "device" in getattr(args, "given", set()):
+        raise ValueError("--device applies to a local study; the service's workers choose")
+    values = _training_values(args)
+    values.pop("device", None)
+    body = {
+        "ks": args.ks,
+        "objectives": args.objectives,
+        "seeds": args.seeds,
+        **({} if args.preset is None else {"preset": args.preset}),
+        **values,
+        **{name: getattr(args, name) for name in _MODEL_OPTIONS},
+    }
+    token = args.token
+    if token is None and get_settings().api_token is not None:
+        token = get_settings().api_token.get_secret_value()
+    request = urllib.request.Request(
+        args.submit.rstrip("/") + "/studies",
+        data=json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+            location = response.headers.get("Location")
+    except urllib.error.HTTPError as exc:
+        print(
+            f"iwae study: {args.submit} answered {exc.code}: {exc.read().decode()}", file=sys.stderr
         )
-    if rows is None:  # a callback stopped it
-        return 1
-    table = study_markdown(rows, base.eval_k)
-    (args.out / "study.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2))
-    (args.out / "study.md").write_text(table)
-    (args.out / "study.svg").write_text(study_svg(rows))
-    print(table)
-    print(f"wrote {args.out}/study.json, study.md and study.svg")
+        return 2
+    except urllib.error.URLError as exc:
+        raise OSError(f"cannot reach {args.submit}: {exc.reason}") from exc
+    print(answer["study_id"])
+    if location:
+        print(f"follow it at {args.submit.rstrip('/')}{location}", file=sys.stderr)
     return 0
 
 
@@ -534,8 +614,7 @@ class _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self.reset()
 
     def __call__(self, progress) -> None:
         key = (progress.phase, progress.epoch)
@@ -543,13 +622,22 @@ class _ProgressBar:
             self._restart(
                 key,
                 progress.steps,
-                {"train": f"epoch {progress.epoch}/{progress.epochs}", "impute": "imputing"}.get(
-                    progress.phase, "evaluating"
-                ),
+                {
+                    "train": f"epoch {progress.epoch}/{progress.epochs}",
+                    "impute": "imputing",
+                    "snr": "gradient SNR",
+                }.get(progress.phase, "evaluating"),
             )
         if progress.loss is not None:
             self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)
         self._bar.update(progress.step - self._bar.n)  # redraws at most every mininterval
+
+    def reset(self) -> None:
+        """Close the current bar: the next progress starts a new one (a study's next cell)."""
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = None
+        self._key = None
 
     def on_eval(self, done: int, total: int) -> None:
         if self._key is None:
@@ -559,13 +647,12 @@ class _ProgressBar:
     def _restart(self, key, total: int, description: str) -> None:
         from tqdm import tqdm
 
-        if self._bar is not None:
-            self._bar.close()
+        self.reset()
         self._key = key
         self._bar = tqdm(
             total=total,
             desc=description,
-            unit="step" if key[0] == "train" else "image",
+            unit={"train": "step", "snr": "draw"}.get(key[0], "image"),
             leave=True,
             file=sys.stderr,
             mininterval=0.5,

@@ -13,6 +13,7 @@ from models.config import (
     DEFAULT_K_MIN,
     MAX_MISSING_RATE,
     MAX_SEED,
+    MIN_SNR_DRAWS,
     PRESETS,
     Init,
     KSchedule,
@@ -188,6 +189,15 @@ class TrainRequest(BaseModel):
         description="Importance samples for the final log-likelihood.",
         examples=[5000],
     )
+    snr_draws: int = Field(
+        _TRAIN.snr_draws,
+        ge=0,
+        le=10_000,
+        description="After the evaluation, measure the encoder's and the decoder's gradient "
+        f"SNR at the trained parameters from this many gradient draws; 0 skips it, else at "
+        f"least {MIN_SNR_DRAWS}.",
+        examples=[100],
+    )
     seed: int = Field(
         _TRAIN.seed, ge=0, le=MAX_SEED, description="Seed of every random draw.", examples=[0]
     )
@@ -233,10 +243,10 @@ class TrainRequest(BaseModel):
 class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
-    phase: Literal["train", "eval", "impute"] | None = Field(
+    phase: Literal["train", "eval", "impute", "snr"] | None = Field(
         None,
         description="`train`, then `eval` (test log-likelihood), then `impute` (the "
-        "imputation metric).",
+        "imputation metric), then `snr` (gradient SNR, when `snr_draws` > 0).",
         examples=["train"],
     )
     epoch: int | None = Field(

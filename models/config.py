@@ -32,6 +32,8 @@ DEFAULT_ESS_TARGET = 0.15
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
 # torch.Generator.manual_seed takes any unsigned 64-bit value; JSON clients a signed one.
 MAX_SEED = 2**63 - 1
+# Fewer draws give no bias-corrected SNR (see models.estimators.SNRAccumulator).
+MIN_SNR_DRAWS = 8
 # Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9
 
@@ -114,6 +116,10 @@ class TrainConfig:
     `missing_pattern` `mcar` each pixel is missing with that probability; with `top-half` or
     `random-square` that fraction of the images loses its top half or a random square of half
     the side (see `models.missing`). The bound then counts observed pixels only.
+
+    `snr_draws` > 0 also measures, after the evaluation, the encoder's and the decoder's
+    gradient SNR at the trained parameters from that many gradient draws (see
+    `models.run.train_and_evaluate`); 0 skips it.
     """
 
     k: int = 50
@@ -138,6 +144,7 @@ class TrainConfig:
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
     init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
+    snr_draws: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -151,6 +158,8 @@ class TrainConfig:
             raise ValueError("train_size must be positive (or None for all images)")
         if self.eval_size < 0:
             raise ValueError("eval_size must be >= 0")
+        if self.snr_draws != 0 and self.snr_draws < MIN_SNR_DRAWS:
+            raise ValueError(f"snr_draws must be 0 (no SNR) or at least {MIN_SNR_DRAWS}")
         if self.init not in get_args(Init):
             raise ValueError(f"unknown init {self.init!r}; choose from {get_args(Init)}")
         if not 0.0 <= self.missing_rate <= MAX_MISSING_RATE:

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from models.config import TrainConfig
+from models.config import MIN_SNR_DRAWS, TrainConfig
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
 
@@ -292,8 +292,8 @@ class SNRAccumulator:
     """
 
     def __init__(self, draws: int) -> None:
-        if draws < 8:
-            raise ValueError("the SNR needs at least 8 draws")
+        if draws < MIN_SNR_DRAWS:
+            raise ValueError(f"the SNR needs at least {MIN_SNR_DRAWS} draws")
         self.draws, self.seen = draws, 0
         self._sum: Tensor | None = None  # [P], float64
         self._sum_sq: Tensor | None = None
@@ -362,24 +362,30 @@ def gradient_snr(
     *,
     draws: int = 1000,
     generator: torch.Generator | None = None,
-) -> GradientSNR:
+    on_progress: Callable[[int, int], bool | None] | None = None,
+) -> GradientSNR | None:
     """SNR of the gradient estimator of `config.objective` at fixed parameters and data x [B, D].
 
     Each of the M=`draws` estimates is the gradient of the batch-mean surrogate with fresh
     importance samples for the same x; Rainforth et al. (2018) measure it with B=1.
+    `on_progress(done, draws)` runs after each draw; returning True stops the measurement,
+    and then the result is None.
     """
     networks = {
         "encoder": list(model.encoder_parameters()),
         "decoder": list(model.decoder_parameters()),
     }
     accumulators = {name: SNRAccumulator(draws) for name in networks}
-    for _ in range(draws):
+    for draw in range(draws):
         model.zero_grad(set_to_none=True)
         backward(model, surrogates(model, x, config, generator))
         for name, params in networks.items():
             accumulators[name].add(
                 torch.cat([_grad_or_zeros(p).flatten() for p in params])  # [P]
             )
+        if on_progress is not None and on_progress(draw + 1, draws):
+            model.zero_grad(set_to_none=True)
+            return None
     model.zero_grad(set_to_none=True)
     return GradientSNR(**{name: acc.summary() for name, acc in accumulators.items()})
 

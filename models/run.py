@@ -13,13 +13,16 @@ import torch
 
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate
+from models.estimators import evaluate, gradient_snr
 from models.files import Fence, write_atomic
 from models.imputation import imputation_metrics
 from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
+# Test images the gradient SNR is measured on (the batch of Rainforth et al.'s figure 4 is 1;
+# 20 keeps the median SNR of a study cell out of the noise at 100 draws).
+SNR_IMAGES = 20
 
 
 @dataclass
@@ -43,7 +46,14 @@ def train_and_evaluate(
     `eval_size` test images, binarized with a fixed seed, in fp32 with `eval_k` importance
     samples; callbacks see its progress as phase "eval". Then the same images with their top
     half missing score the model's imputations with K=1 and the job's K against mean and zero
-    imputation (`metrics["imputation"]`, phase "impute").
+    imputation (`metrics["imputation"]`, phase "impute"). With `snr_draws` > 0, last, the
+    bias-corrected SNR of the encoder's and the decoder's gradient estimators of the job's
+    objective and K at the trained parameters, from `snr_draws` gradients of the batch-mean
+    surrogate on the first `SNR_IMAGES` of those images (`metrics["gradient_snr"]`, see
+    `models.estimators.gradient_snr`; Rainforth et al. 2018, section 3), phase "snr".
+
+    `seconds_per_epoch` and `images_per_s` are training wall time per epoch and training
+    images per second of it, over all epochs (resumed runs included).
     """
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
@@ -57,6 +67,8 @@ def train_and_evaluate(
         "epochs": result.epochs_done,
         "steps": result.steps,
         "k_per_epoch": result.k_history,
+        "seconds_per_epoch": result.train_seconds / result.epochs_done,
+        "images_per_s": result.images_per_epoch * result.epochs_done / result.train_seconds,
     }
     if config.k_schedule == "ess":
         metrics["ess_per_epoch"] = result.ess_history
@@ -102,5 +114,17 @@ def train_and_evaluate(
         if imputation is None:
             return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
         metrics["imputation"] = imputation
+        if config.snr_draws > 0:
+            snr = gradient_snr(
+                result.model,
+                test_x[:SNR_IMAGES],
+                config,
+                draws=config.snr_draws,
+                generator=torch.Generator(device).manual_seed(config.seed),
+                on_progress=reporter("snr"),
+            )
+            if snr is None:
+                return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
+            metrics["gradient_snr"] = snr.to_dict()
     write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode(), fence=fence)
     return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)

@@ -37,12 +37,12 @@ _LOSS_SYNC_STEPS = 50
 @dataclass
 class Progress:
     """What a callback sees. `step`/`steps` count within the phase (images during "eval"
-    and "impute").
+    and "impute", gradient draws during "snr").
 
     `k` is the K the current training epoch uses (None during "eval" and "impute").
     """
 
-    phase: Literal["train", "eval", "impute"]
+    phase: Literal["train", "eval", "impute", "snr"]
     epoch: int
     epochs: int
     step: int
@@ -58,14 +58,16 @@ TrainCallback = Callable[[Progress], bool | None]
 
 @dataclass
 class TrainResult:
-    """`k_history`: the K of each completed epoch; `ess_history`: the held-out ESS/K after
-    each (`ess` schedule only)."""
+    """`images_per_epoch`: the training images of one epoch (without the `ess` schedule's
+    held-out batch); `k_history`: the K of each completed epoch; `ess_history`: the held-out
+    ESS/K after each (`ess` schedule only)."""
 
     model: IWAEModel
     stopped: bool
     epochs_done: int
     steps: int
     train_seconds: float
+    images_per_epoch: int
     k_history: list[int] = field(default_factory=list)
     ess_history: list[float] = field(default_factory=list)
 
@@ -192,6 +194,7 @@ def train(
         epochs_done=state.epoch,
         steps=state.step,
         train_seconds=state.train_seconds,
+        images_per_epoch=len(images),
         k_history=list(state.k_history),
         ess_history=list(state.ess_history),
     )

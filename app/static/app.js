@@ -329,6 +329,8 @@ function progressText(progress, losses) {
     parts.push(`evaluating: ${number(progress.step)} of ${number(progress.steps)} test images`);
   } else if (progress.phase === "impute") {
     parts.push(`imputing top halves: ${number(progress.step)} of ${number(progress.steps)}`);
+  } else if (progress.phase === "snr") {
+    parts.push(`gradient SNR: ${number(progress.step)} of ${number(progress.steps)} draws`);
   } else {
     parts.push(`epoch ${progress.epoch} of ${progress.epochs}, step ${progress.step} of ${progress.steps}`);
     const loss = progress.loss ?? losses[losses.length - 1]?.[1];

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from models.config import MAX_SEED, OBJECTIVES, VR_OBJECTIVES, TrainConfig
 
 MAX_KS = 12
 MAX_K = 5000
 MAX_SEEDS = 10
+# The fields of a TrainConfig that the grid sets per cell.
+CELL_FIELDS = ("objective", "k", "seed")
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,13 @@ class StudyGridError(ValueError):
 
 
 def expand_grid(
-    ks: Sequence[int], objectives: Sequence[str], seeds: Sequence[int], max_cells: int
+    ks: Sequence[int], objectives: Sequence[str], seeds: Sequence[int], max_cells: int | None
 ) -> list[Cell]:
     """Every (objective, k, seed), objective-major, then k, then seed, in the given orders.
 
     ks: 1 to `MAX_KS` distinct values in [1, `MAX_K`]; objectives: distinct training
     objectives; seeds: 1 to `MAX_SEEDS` distinct values in [0, `MAX_SEED`]; at most
-    `max_cells` cells in all.
+    `max_cells` cells in all (None: no limit but those).
     """
     _check_list("ks", ks, MAX_KS)
     _check_list("objectives", objectives, len(OBJECTIVES))
@@ -52,7 +55,7 @@ def expand_grid(
         if not 0 <= seed <= MAX_SEED:
             raise StudyGridError(f"seeds: {seed} is outside [0, {MAX_SEED}]")
     cells = len(ks) * len(objectives) * len(seeds)
-    if cells > max_cells:
+    if max_cells is not None and cells > max_cells:
         raise StudyGridError(
             f"ks x objectives x seeds: {len(ks)} x {len(objectives)} x {len(seeds)} = {cells} "
             f"cells, more than the {max_cells} allowed"
@@ -82,3 +85,8 @@ def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:
         return base.with_changes(objective=cell.objective, k=cell.k, seed=cell.seed, alpha=alpha)
     except ValueError as exc:
         raise StudyGridError(f"cell {cell.name}: {exc}") from exc
+
+
+def shared_config(base: TrainConfig) -> dict[str, Any]:
+    """The options every cell shares: `base` as a dict without the `CELL_FIELDS`."""
+    return {name: v for name, v in base.to_dict().items() if name not in CELL_FIELDS}

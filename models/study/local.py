@@ -1,95 +1,95 @@
-"""The study the service exists for: how K changes what IWAE learns.
+"""A study on one machine: its cells one after another, each in its own folder.
 
-For each K, train the same configuration, then measure the test log-likelihood bound, the
-active units, the training time, and the signal-to-noise ratio of the encoder's and the
-decoder's gradient estimates at the trained parameters (Rainforth et al., 2018).
+`out_dir/cells/<cell name>/` holds a cell's checkpoint and metrics (`models.run`); a cell
+whose metrics were written by a checkpoint of the same config is not run again, and a cell
+interrupted in training resumes from its last epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from models.checkpoint import load_model
+from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
-from models.data import Mnist, binarized_test_images
-from models.estimators import gradient_snr
-from models.run import train_and_evaluate
-from models.training import TrainCallback, resolve_device
+from models.data import Mnist
+from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
+from models.study.grid import Cell, cell_config, shared_config
+from models.study.report import write_report
+from models.study.results import CellOutcome, study_results
+from models.training import TrainCallback
+
+CELLS_DIR = "cells"
 
 
-@dataclass
-class StudyRow:
-    """One K of the study; log-likelihoods in nats per test image (IWAE bound, `eval_k`).
-
-    `imputation` is the run's `metrics["imputation"]` (`models.imputation`), None when the
-    run was not evaluated.
-    """
-
-    k: int
-    objective: str
-    test_loglik: float | None
-    test_loglik_std_error: float | None
-    active_units: list[int] | None
-    train_seconds: float
-    snr_encoder: float  # median over parameters of the bias-corrected SNR
-    snr_decoder: float
-    alpha: float | None = None  # VR-IWAE objectives only
-    imputation: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def cell_dir(out_dir: Path, cell: Cell) -> Path:
+    return Path(out_dir) / CELLS_DIR / cell.name
 
 
 def run_study(
     base: TrainConfig,
-    ks: Sequence[int],
+    cells: Sequence[Cell],
     data: Mnist,
     out_dir: Path,
-    *,
-    alphas: Sequence[float] | None = None,
-    snr_draws: int = 100,
-    snr_batch: int = 20,
     callbacks: Sequence[TrainCallback] = (),
-) -> list[StudyRow] | None:
-    """Train `base` once per K under `out_dir/k{K}` (resuming finished or partial runs).
+    on_cell_start: Callable[[int, Cell], None] | None = None,
+) -> list[CellOutcome]:
+    """Train and evaluate every cell of the grid, in order; one outcome per cell.
 
-    With `alphas` (VR-IWAE objectives), once per alpha and K under `out_dir/alpha{a}-k{K}`,
-    alpha-major. Gradient SNR uses `snr_draws` estimates on the first `snr_batch` binarized
-    test images. Returns None when a callback stopped a run.
+    `callbacks` see every cell's training and evaluation progress (`models.run`);
+    `on_cell_start(index, cell)` runs before each cell. A cell that raises is `failed`
+    with the error and the study goes on. When a callback stops a run, that cell is
+    `cancelled`, the later ones stay `queued`, and nothing more runs.
     """
-    if alphas:
-        grid = [(a, k, f"alpha{a:g}-k{k}") for a in alphas for k in ks]
-    else:
-        grid = [(base.alpha, k, f"k{k}") for k in ks]
-    rows = []
-    for alpha, k, name in grid:
-        config = base.with_changes(k=k, alpha=alpha)
-        run = train_and_evaluate(config, data, Path(out_dir) / name, callbacks)
-        if run.stopped:
-            return None
-        device = resolve_device(config.device)
-        model, _ = load_model(run.checkpoint, device)
-        x = binarized_test_images(data.test_images[:snr_batch]).to(device)
-        generator = torch.Generator(device).manual_seed(config.seed)
-        snr = gradient_snr(model, x, config, draws=snr_draws, generator=generator)
-        metrics = run.metrics or {}
-        rows.append(
-            StudyRow(
-                k=k,
-                objective=config.objective,
-                test_loglik=metrics.get("test_loglik"),
-                test_loglik_std_error=metrics.get("test_loglik_std_error"),
-                active_units=metrics.get("active_units"),
-                train_seconds=metrics["train_seconds"],
-                snr_encoder=snr.encoder.median,
-                snr_decoder=snr.decoder.median,
-                alpha=config.alpha,
-                imputation=metrics.get("imputation"),
-            )
-        )
-    return rows
+    configs = [cell_config(base, cell) for cell in cells]  # refuse a bad cell before training
+    outcomes = []
+    stopped = False
+    for index, (cell, config) in enumerate(zip(cells, configs, strict=True)):
+        outcome = CellOutcome(cell=cell, status="queued", config=config.to_dict(), metrics=None)
+        outcomes.append(outcome)
+        if stopped:
+            continue
+        if on_cell_start is not None:
+            on_cell_start(index, cell)
+        folder = cell_dir(out_dir, cell)
+        try:
+            metrics = _finished_metrics(folder, config)
+            if metrics is None:
+                run = train_and_evaluate(config, data, folder, callbacks)
+                stopped, metrics = run.stopped, run.metrics
+        except Exception as exc:  # one failed cell does not end the study
+            outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
+            continue
+        if stopped:
+            outcome.status = "cancelled"
+        else:
+            outcome.status, outcome.metrics = "succeeded", metrics
+            outcome.checkpoint = folder / CHECKPOINT_NAME
+    return outcomes
+
+
+def _finished_metrics(folder: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run of `config` in `folder`, None when there is none."""
+    checkpoint, metrics = folder / CHECKPOINT_NAME, folder / METRICS_NAME
+    if not (checkpoint.is_file() and metrics.is_file()):
+        return None
+    if load_checkpoint(checkpoint).config != config:
+        return None
+    return json.loads(metrics.read_text())
+
+
+def write_study(
+    base: TrainConfig, outcomes: Sequence[CellOutcome], data: Mnist, out_dir: Path
+) -> dict[str, Any]:
+    """results.json, report.html, figures/ and study.md of the outcomes in `out_dir`;
+    returns the results."""
+    results = study_results(outcomes, shared_config(base))
+    checkpoints = {
+        o.cell.name: o.checkpoint
+        for o in outcomes
+        if o.status == "succeeded" and o.checkpoint is not None
+    }
+    write_report(results, checkpoints, data.test_images, Path(out_dir))
+    return results

@@ -176,7 +176,13 @@ def test_vr_iwae_and_k_schedule_options_reach_the_config(mnist_env, tmp_path, ca
     [
         (["--alpha", "0.5"], "alpha applies only"),
         (["--k-min", "2"], "k_min applies only"),
-        (["study", "--objective", "vr-iwae", "--alphas", "0.5", "1.0"], "alpha must lie"),
+        (["study", "--objectives", "iwae", "vr-iwae", "--alpha", "1.0"], "alpha must lie"),
+        (["study", "--ks", "1", "1"], "ks: repeated 1"),
+        (["study", "--seeds", "-1"], "seeds: -1 is outside"),
+        (
+            ["study", "--ks", "1", "5", "--k-schedule", "linear", "--k-min", "2"],
+            "cell vae-k1-s0: k_min must lie in [1, k=1]",
+        ),
     ],
 )
 def test_options_that_do_not_apply_are_a_message(mnist_env, tmp_path, capsys, options, message):
@@ -186,3 +192,124 @@ def test_options_that_do_not_apply_are_a_message(mnist_env, tmp_path, capsys, op
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any training
+
+
+STUDY = ["--ks", "1", "2", "--objectives", "vae", "iwae", "--seeds", "0", "1"]
+STUDY += ["--train-size", "200", "--epochs", "1", "--eval-size", "20", "--eval-k", "10"]
+STUDY += ["--snr-draws", "10", "--device", "cpu"]
+
+
+def test_study_runs_the_grid_writes_the_report_and_resumes(mnist_env, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", *STUDY, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "cell 1/8: vae-k1-s0" in printed.err and "cell 8/8: iwae-k2-s1" in printed.err
+    assert printed.out.startswith("# K study")
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "succeeded"
+    assert [c["name"] for c in results["cells"]] == [
+        f"{o}-k{k}-s{s}" for o in ("vae", "iwae") for k in (1, 2) for s in (0, 1)
+    ]
+    assert [(r["objective"], r["k"], r["n"]) for r in results["summary"]] == [
+        ("vae", 1, 2),
+        ("vae", 2, 2),
+        ("iwae", 1, 2),
+        ("iwae", 2, 2),
+    ]
+    assert results["config"]["snr_draws"] == 10 and "k" not in results["config"]
+    for cell in results["cells"]:
+        assert (cell["config"]["train_size"], cell["config"]["seed"]) == (200, cell["seed"])
+        assert cell["metrics"]["test_loglik"] < 0
+        assert cell["metrics"]["gradient_snr"]["encoder"]["median"] >= 0
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert (out / "study.md").read_text() == printed.out.removesuffix("\n")
+    for name in ("loglik", "active_units", "seconds_per_epoch", "snr", "samples"):
+        assert (out / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+    # Again: every cell is finished, nothing trains, the same numbers come out.
+    assert main(["study", *STUDY, "--out", str(out)]) == 0
+    assert "epoch 1/1" not in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+
+
+class _FakeService:
+    """An HTTP server on a free port that records one POST and answers it."""
+
+    def __init__(self, status: int, answer: dict) -> None:
+        import http.server
+        import threading
+
+        seen = self.seen = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                seen.update(
+                    path=self.path,
+                    headers=dict(self.headers),
+                    body=json.loads(self.rfile.read(length)),
+                )
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Location", f"/studies/{answer.get('study_id')}")
+                self.end_headers()
+                self.wfile.write(json.dumps(answer).encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.handle_request, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.server_close()
+
+
+def test_study_submit_posts_the_grid_and_prints_the_study_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IWAE_API_TOKEN", raising=False)
+    get_settings.cache_clear()
+    service = _FakeService(202, {"study_id": "s123", "status": "queued"})
+    argv = ["study", "--ks", "1", "50", "--seeds", "0", "1", "--epochs", "3", "--lr", "3e-4"]
+    try:
+        code = main([*argv, "--token", "secret", "--submit", service.url + "/"])
+    finally:
+        service.close()
+        get_settings.cache_clear()
+
+    assert code == 0
+    assert capsys.readouterr().out == "s123\n"
+    assert service.seen["path"] == "/studies"
+    assert service.seen["headers"]["Authorization"] == "Bearer secret"
+    body = service.seen["body"]
+    assert (body["ks"], body["objectives"], body["seeds"]) == ([1, 50], ["vae", "iwae"], [0, 1])
+    assert (body["epochs"], body["learning_rate"], body["snr_draws"]) == (3, 3e-4, 100)
+    assert (body["layers"], body["latent_dim"], body["eval_k"]) == (1, 50, 5000)
+    # The grid sets these per cell, and the service's workers choose the device.
+    assert not {"k", "objective", "seed", "device", "preset"} & body.keys()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_study_submit_uses_the_configured_token_and_reports_a_refusal(capsys, monkeypatch):
+    monkeypatch.setenv("IWAE_API_TOKEN", "from-env")
+    get_settings.cache_clear()
+    service = _FakeService(422, {"detail": "ks x objectives x seeds: too many cells"})
+    try:
+        code = main(["study", "--preset", "burda", "--epochs", "2", "--submit", service.url])
+    finally:
+        service.close()
+        get_settings.cache_clear()
+
+    assert code == 2
+    assert "answered 422" in capsys.readouterr().err
+    assert service.seen["headers"]["Authorization"] == "Bearer from-env"
+    body = service.seen["body"]
+    # Under a preset, only what was given: the service applies the preset to the rest.
+    assert (body["preset"], body["epochs"]) == ("burda", 2)
+    assert "batch_size" not in body and "eval_k" not in body
+
+
+def test_study_submit_refuses_a_device(capsys):
+    assert main(["study", "--device", "cpu", "--submit", "http://127.0.0.1:9"]) == 2
+    assert "--device applies to a local study" in capsys.readouterr().err

@@ -177,6 +177,9 @@ def test_the_budgets_are_settings_and_inclusive(make_client: Callable[..., TestC
         {"k": 5, "eval_size": -1},
         {"k": 5, "eval_size": 10_001},
         {"k": 5, "eval_k": 0},
+        {"k": 5, "snr_draws": -1},
+        {"k": 5, "snr_draws": 7},  # too few draws for the bias-corrected SNR
+        {"k": 5, "snr_draws": 10_001},
         {"k": 5, "seed": -1},
         {"k": 5, "precision": "fp16"},
         {"k": 5, "device": "cuda"},  # not an API field: the worker decides

@@ -11,7 +11,7 @@ import torch
 from models.checkpoint import load_checkpoint, load_model
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate
+from models.estimators import evaluate, gradient_snr
 from models.imputation import imputation_metrics
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
 from models.training import Progress
@@ -19,6 +19,7 @@ from models.training import Progress
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN_KEYS = {"train_seconds", "epochs", "steps", "k_per_epoch"}
+TRAIN_KEYS |= {"seconds_per_epoch", "images_per_s"}
 EVAL_KEYS = {
     "test_loglik",
     "test_loglik_std_error",
@@ -69,6 +70,9 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     assert (metrics["epochs"], metrics["steps"]) == (1, 4)
     assert (metrics["eval_k"], metrics["eval_size"]) == (20, 8)
     assert metrics["train_seconds"] > 0
+    # One epoch of the 40 training images.
+    assert metrics["seconds_per_epoch"] == metrics["train_seconds"]
+    assert metrics["images_per_s"] == pytest.approx(40 / metrics["train_seconds"])
     assert len(metrics["active_units"]) == 1 and 0 <= metrics["active_units"][0] <= 2
     # A bound on the probability of 6 binary pixels: negative, and not absurdly so.
     assert -15 < metrics["test_loglik"] < 0
@@ -86,6 +90,57 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     assert imputation["missing_pixels"] == 8 * 3
     assert sorted(imputation["model"]) == ["1", "3"]
     assert imputation.keys() == {"pattern", "images", "missing_pixels", "zero", "mean", "model"}
+    assert recorder.phase("snr") == []  # snr_draws = 0
+
+
+def test_snr_draws_measure_the_gradient_snr_at_the_trained_parameters(
+    config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    config = config.with_changes(snr_draws=10)
+    recorder = Recorder()
+
+    result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[recorder])
+
+    assert result.metrics is not None
+    assert result.metrics.keys() == TRAIN_KEYS | EVAL_KEYS | {"gradient_snr"}
+    assert [(p.step, p.steps) for p in recorder.phase("snr")] == [(i, 10) for i in range(1, 11)]
+    assert recorder.seen[-1].phase == "snr"
+    # The same measurement, repeated from the checkpoint: the trained parameters, the first
+    # (here: all 8) binarized test images and a generator seeded from the job's seed.
+    model, _ = load_model(result.checkpoint)
+    again = gradient_snr(
+        model,
+        binarized_test_images(synthetic_mnist.test_images[:8]),
+        config,
+        draws=10,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    assert again is not None
+    assert result.metrics["gradient_snr"] == again.to_dict()
+    for network in ("encoder", "decoder"):
+        summary = result.metrics["gradient_snr"][network]
+        assert summary["median"] >= 0 and summary["parameters"] > 0
+
+
+def test_seconds_per_epoch_and_images_per_s_count_every_epoch(
+    train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    config = train_config.with_changes(epochs=3, batch_size=7, train_size=30)
+    metrics = train_and_evaluate(config, synthetic_mnist, tmp_path).metrics
+
+    assert metrics is not None
+    assert metrics["seconds_per_epoch"] == pytest.approx(metrics["train_seconds"] / 3)
+    assert metrics["images_per_s"] == pytest.approx(3 * 30 / metrics["train_seconds"])
+
+
+def test_the_ess_schedules_held_out_batch_is_not_counted_as_trained(
+    train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
+) -> None:
+    config = train_config.with_changes(epochs=1, k_schedule="ess")
+    metrics = train_and_evaluate(config, synthetic_mnist, tmp_path).metrics
+
+    assert metrics is not None  # 40 images, one batch of 10 held out
+    assert metrics["images_per_s"] == pytest.approx(30 / metrics["train_seconds"])
 
 
 def test_metrics_describe_the_saved_model_on_the_fixed_test_binarization(
@@ -130,10 +185,11 @@ def test_eval_size_zero_skips_evaluation(
     assert recorder.phase("eval") == []
 
 
-@pytest.mark.parametrize("phase", ["eval", "impute"])
+@pytest.mark.parametrize("phase", ["eval", "impute", "snr"])
 def test_a_stop_during_evaluation_returns_stopped_without_metrics(
     config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path, phase: str
 ) -> None:
+    config = config.with_changes(snr_draws=8)
     result = train_and_evaluate(config, synthetic_mnist, tmp_path, callbacks=[Recorder(phase)])
 
     assert result.stopped and result.metrics is None

@@ -408,6 +408,14 @@ def test_records_from_before_init_existed_read_as_torch_init(train_config: Train
         train_config.with_changes(init="xavier")
 
 
+def test_snr_draws_is_zero_or_enough_for_the_bias_correction(train_config: TrainConfig) -> None:
+    for draws in (0, 8, 1000):
+        assert train_config.with_changes(snr_draws=draws).snr_draws == draws
+    for draws in (-1, 1, 7):
+        with pytest.raises(ValueError, match=r"snr_draws must be 0 \(no SNR\) or at least 8"):
+            train_config.with_changes(snr_draws=draws)
+
+
 def test_burda_init_sets_the_output_bias_from_the_training_images(
     train_config: TrainConfig, synthetic_mnist: Mnist
 ) -> None:
