@@ -467,8 +467,9 @@ class _StudyGrid(BaseModel):
         STUDY_SNR_DRAWS,
         ge=0,
         le=10_000,
-        description="Gradient estimates drawn for each cell's encoder and decoder SNR at "
-        "the trained parameters; 0 skips the measurement.",
+        description="As in POST /train, but on by default: gradients drawn for each cell's "
+        f"encoder and decoder SNR at its trained parameters; 0 skips it, else at least "
+        f"{MIN_SNR_DRAWS}.",
         examples=[STUDY_SNR_DRAWS],
     )
 
