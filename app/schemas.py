@@ -27,7 +27,7 @@ from models.config import (
     preset_config,
 )
 from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
-from worker.jobs import JobStatus
+from worker.jobs import JobStatus, StudyView
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -521,7 +521,7 @@ class _StudyHead(BaseModel):
     seeds: list[int] = Field(examples=[[0]])
 
     @staticmethod
-    def _head(view: Any) -> dict[str, Any]:
+    def _head(view: StudyView) -> dict[str, Any]:
         cells = view.study.cells
         return {
             "study_id": view.study.study_id,
@@ -541,8 +541,7 @@ class StudySummaryOut(_StudyHead):
     )
 
     @classmethod
-    def of(cls, view: Any) -> StudySummaryOut:
-        """From `worker.jobs.StudyView`."""
+    def of(cls, view: StudyView) -> StudySummaryOut:
         counts = {s: view.statuses.count(s) for s in dict.fromkeys(view.statuses)}
         return cls(**cls._head(view), cells=counts)
 
@@ -562,8 +561,8 @@ class StudyOut(_StudyHead):
     )
 
     @classmethod
-    def of(cls, view: Any, results: dict[str, Any]) -> StudyOut:
-        """From `worker.jobs.StudyView` and its results."""
+    def of(cls, view: StudyView, results: dict[str, Any]) -> StudyOut:
+        """From the study's view and its results."""
         cells = []
         for cell, record, status in zip(view.study.cells, view.records, view.statuses, strict=True):
             job = (

@@ -37,8 +37,8 @@ CELL = {
     "hidden_dim": 32,
     "snr_draws": 8,
 }
-# Hundreds of steps: still running when a test looks for it.
-LONG_CELL = {**CELL, "epochs": 10, "train_size": 1000, "batch_size": 20}
+# 3000 steps (seconds on an idle machine): still running when a test looks for it.
+LONG_CELL = {**CELL, "epochs": 30, "train_size": 1000, "batch_size": 10}
 ENDED = ("succeeded", "partial", "failed", "cancelled")
 
 
@@ -75,23 +75,14 @@ def wait_study(
     what: str,
     timeout: float = 240.0,
 ) -> dict[str, Any]:
-    """Poll GET /studies/{study_id} until `until(study)`; fail at the deadline or when a
-    worker that no test stopped has exited."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Poll GET /studies/{study_id} until `until(study)` (`Service.poll`)."""
+
+    def read() -> dict[str, Any]:
         response = api.get(f"/studies/{study_id}")
         assert response.status_code == 200, response.text
-        study = response.json()
-        if until(study):
-            return study
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}: {study}\n{service.logs()}"
-            )
-        for worker in service.workers:
-            if worker.pid not in service.signalled and worker.poll() is not None:
-                pytest.fail(f"worker exited with {worker.returncode}\n{service.logs()}")
-        time.sleep(0.1)
+        return response.json()
+
+    return service.poll(read, until, timeout, what)
 
 
 def ended(study: dict[str, Any]) -> bool:
@@ -170,7 +161,7 @@ def test_a_cell_that_fails_in_training_leaves_the_study_partial(
 
 def test_cancel_ends_every_unfinished_cell(service: Service, api: TestClient) -> None:
     start_workers(service, 1)
-    study = submit(api, **{**LONG_CELL, "epochs": 500}, ks=[1, 2], objectives=["iwae"])
+    study = submit(api, **{**LONG_CELL, "epochs": 1000}, ks=[1, 2], objectives=["iwae"])
     wait_study(
         api,
         service,
@@ -207,6 +198,7 @@ def test_a_study_completes_when_a_worker_is_sigkilled_mid_study(
     pid = int(victim.worker.rsplit(":", 1)[1])
     worker = next(w for w in service.workers if w.pid == pid)
     service.signal_worker(worker, signal.SIGKILL)
+    assert service.store.get(victim.job_id).status == "running"  # nobody knows yet
 
     done = wait_study(api, service, study["study_id"], ended, "the study to end", timeout=300)
     assert done["status"] == "succeeded", f"{done}\n{service.logs()}"
