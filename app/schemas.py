@@ -487,6 +487,48 @@ StudyRequest = create_model(
 )
 
 
+def _mean_sd(mean: float | None, n: int = 1) -> dict[str, Any]:
+    return {"mean": mean, "sd": None, "n": n}
+
+
+# From a real study (2 epochs of 2000 images; `config` and the cells' metrics shortened).
+RESULTS_EXAMPLE = {
+    "config": {"epochs": 2, "train_size": 2000, "eval_size": 200, "eval_k": 500, "snr_draws": 100},
+    "status": "succeeded",
+    "cells": [
+        {
+            "name": "iwae-k5-s0",
+            "objective": "iwae",
+            "k": 5,
+            "seed": 0,
+            "status": "succeeded",
+            "job_id": "9ba65d100800466dbcff388b31840cff",
+            "error": None,
+            "config": {"k": 5, "objective": "iwae", "seed": 0, "epochs": 2},
+            "metrics": {"test_loglik": -169.68, "active_units": [50]},
+        }
+    ],
+    "summary": [
+        {
+            "objective": "iwae",
+            "k": 5,
+            "n": 1,
+            "seeds": [0],
+            "test_loglik": _mean_sd(-169.68),
+            "test_elbo": _mean_sd(-183.67),
+            "test_gap": _mean_sd(13.99),
+            "active_units": _mean_sd(50.0),
+            "seconds_per_epoch": _mean_sd(6.85),
+            "images_per_s": _mean_sd(292.0),
+            "snr_encoder": _mean_sd(0.248),
+            "snr_decoder": _mean_sd(1.086),
+            "active_units_per_layer": [_mean_sd(50.0)],
+        }
+    ],
+    "snr_slopes": {"iwae": {"encoder": -0.173, "decoder": 0.112}},
+}
+
+
 class StudyCellOut(BaseModel):
     """One cell of a study and where its job stands."""
 
@@ -558,6 +600,7 @@ class StudyOut(_StudyHead):
         "numbers, and `summary`: per (objective, k), the mean and sd over succeeded seeds of "
         "test_loglik, test_elbo, active units, seconds per epoch, images/s, and the encoder "
         "and decoder gradient SNR; `snr_slopes`: the fitted log-log slopes of SNR against K.",
+        examples=[RESULTS_EXAMPLE],
     )
 
     @classmethod

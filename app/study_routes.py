@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import FileResponse
-from models.study.report import FIGURE_NAMES
 
 from app.deps import (
     InferenceDep,
@@ -27,7 +26,16 @@ from app.deps import (
     study_plan,
 )
 from app.errors import FigureNotFound
-from app.schemas import CURSOR_PATTERN, ID_PATTERN, ErrorOut, StudyList, StudyOut, StudySummaryOut
+from app.schemas import (
+    CURSOR_PATTERN,
+    ID_PATTERN,
+    RESULTS_EXAMPLE,
+    ErrorOut,
+    StudyList,
+    StudyOut,
+    StudySummaryOut,
+)
+from models.study.report import FIGURE_NAMES
 from worker.jobs import JobStore, StudyReports
 
 router = APIRouter(tags=["studies"])
@@ -95,7 +103,13 @@ def get_study(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> Stud
     return StudyOut.of(view, view.results(registry.checkpoint))
 
 
-@router.get("/studies/{study_id}/results.json", responses=_errors(404))
+@router.get(
+    "/studies/{study_id}/results.json",
+    responses={
+        200: {"content": {"application/json": {"example": RESULTS_EXAMPLE}}},
+        **_errors(404),
+    },
+)
 def study_results(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> dict[str, Any]:
     """Every cell with the config and seed that produced its numbers, and the summary per
     (objective, k): the `results` of GET /studies/{study_id}, and the report's numbers."""
