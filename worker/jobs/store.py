@@ -13,6 +13,9 @@ while training progresses) stops renewing; once the lease has expired (`job_leas
 reaper of any live worker (every `reaper_interval_s`) puts the job back in the queue, and it
 resumes from its last checkpoint. A queued job whose message was lost (its sender died, or a
 worker died or failed between taking the message and claiming the job) is sent again.
+
+A study is a grid of such jobs: its record (the cells' job ids) is stored in the same insert
+as its jobs, and everything else about it is read from them (`worker.jobs.studies`).
 """
 
 from __future__ import annotations

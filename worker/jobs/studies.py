@@ -12,6 +12,7 @@ next read builds the report again (progress of a running cell does not).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,13 +27,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from models.study.grid import Cell, cell_config
-from models.study.report import write_report
-from models.study.results import CellOutcome, study_results, study_status
 from torch import Tensor
 
 from models.config import TrainConfig
 from models.data import DataError
+from models.study.grid import Cell, cell_config
+from models.study.report import write_report
+from models.study.results import CellOutcome, study_results, study_status
 from worker.jobs.record import JobRecord, StudyCell, StudyRecord
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,9 @@ class StudyReports:
             shutil.rmtree(scratch, ignore_errors=True)
         stale = time.time() - STALE_S
         for old in target.parent.iterdir():  # earlier fingerprints, and crashed builds
-            if old != target and old.stat().st_mtime < stale:
-                shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # another process pruned it first
+                if old != target and old.stat().st_mtime < stale:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def test_images(self) -> Tensor:
         """The MNIST test images `[10000, 784]`, read once."""
