@@ -304,44 +304,44 @@ def _add_training_arguments(parser: argparse.ArgumentParser, per_cell: bool = Tr
     )
 
 
-# TrainConfig field -> its option's dest, for the options of `_add_training_arguments`.
-_TRAIN_OPTIONS = {
-    "objective": "objective",
-    "m": "m",
-    "beta": "beta",
-    "alpha": "alpha",
-    "k_schedule": "k_schedule",
-    "k_min": "k_min",
-    "ess_target": "ess_target",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "learning_rate": "lr",
-    "schedule": "schedule",
-    "init": "init",
-    "train_size": "train_size",
-    "eval_size": "eval_size",
-    "eval_k": "eval_k",
-    "seed": "seed",
-    "snr_draws": "snr_draws",
-    "device": "device",
-    "precision": "precision",
-    "missing_rate": "missing_rate",
-    "missing_pattern": "missing_pattern",
-}
+# The TrainConfig fields that `_add_training_arguments` sets; each option's dest is the
+# field's name, except --lr's.
+_TRAIN_FIELDS = (
+    "objective",
+    "m",
+    "beta",
+    "alpha",
+    "k_schedule",
+    "k_min",
+    "ess_target",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "schedule",
+    "init",
+    "train_size",
+    "eval_size",
+    "eval_k",
+    "seed",
+    "snr_draws",
+    "device",
+    "precision",
+    "missing_rate",
+    "missing_pattern",
+)
 _MODEL_OPTIONS = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
 
 
 def _training_values(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the options give (under a preset, only those given explicitly)."""
-    values = {
-        name: getattr(args, dest) for name, dest in _TRAIN_OPTIONS.items() if hasattr(args, dest)
-    }
+    dests = {name: "lr" if name == "learning_rate" else name for name in _TRAIN_FIELDS}
+    values = {name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)}
     if args.preset is not None:  # the preset's values, unless given on the command line
         given = getattr(args, "given", set())
         values = {
             name: v
             for name, v in values.items()
-            if _TRAIN_OPTIONS[name] in given or name not in PRESETS[args.preset]
+            if dests[name] in given or name not in PRESETS[args.preset]
         }
     return values
 
@@ -403,7 +403,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from models.study.grid import cell_config, expand_grid
+    from models.study.grid import Cell, cell_config, expand_grid
     from models.study.local import run_study, write_study
 
     cells = expand_grid(args.ks, args.objectives, args.seeds, max_cells=None)
@@ -417,7 +417,7 @@ def _study(args: argparse.Namespace) -> int:
     data = _load_data()
     with _ProgressBar() as bar:
 
-        def on_cell_start(index: int, cell) -> None:
+        def on_cell_start(index: int, cell: Cell) -> None:
             bar.reset()
             print(f"cell {index + 1}/{len(cells)}: {cell.name}", file=sys.stderr)
 

@@ -20,8 +20,9 @@ from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
-# Test images the gradient SNR is measured on (the batch of Rainforth et al.'s figure 4 is 1;
-# 20 keeps the median SNR of a study cell out of the noise at 100 draws).
+# Test images the gradient SNR is measured on, as one batch (Rainforth et al. measure one
+# image at a time, as `iwae snr` does; a batch keeps a study cell's SNR from 100 draws less
+# dependent on which image it saw).
 SNR_IMAGES = 20
 
 

@@ -39,7 +39,7 @@ class Progress:
     """What a callback sees. `step`/`steps` count within the phase (images during "eval"
     and "impute", gradient draws during "snr").
 
-    `k` is the K the current training epoch uses (None during "eval" and "impute").
+    `k` is the K the current training epoch uses (None in the phases after training).
     """
 
     phase: Literal["train", "eval", "impute", "snr"]

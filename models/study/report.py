@@ -310,12 +310,12 @@ def _k_axis(ax: Any, ks: Sequence[int]) -> None:
     ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("K, importance samples per image in training (log scale)")
-    if len(set(ks)) == 1:  # a log axis needs room around a single K
-        ax.set_xlim(ks[0] / 2, ks[0] * 2)
+    ax.set_xlim(min(ks) / 1.5, max(ks) * 1.5)  # room for the dodged points, even at one K
 
 
 def _log_y_axis(ax: Any) -> None:
-    """A log y axis with plain-number ticks at 1, 2, 5 x 10^n (every digit in a narrow range)."""
+    """A log y axis with plain-number ticks at 1, 2, 5 x 10^n (every digit in a narrow
+    range; in a very narrow one, three ticks evenly spaced on the log scale)."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     for digits in ((1, 2, 5), range(1, 10)):
@@ -327,6 +327,8 @@ def _log_y_axis(ax: Any) -> None:
         ]
         if len(ticks) >= 3:
             break
+    else:
+        ticks = list(np.geomspace(low, high, 5)[1:-1])
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(lambda value, _: f"{value:.3g}")
     ax.yaxis.set_minor_locator(NullLocator())
@@ -507,10 +509,13 @@ def _samples_figure(
         rows.append((samples.float(), recon.float()))
         labels.append(f"{row['objective']} K={row['k']} (seed {config.seed})")
     mosaic = _mosaic(rows)
-    # The image fills about 75% of the width: its height follows, plus room for the labels.
-    height = 9 * 0.75 * mosaic.shape[0] / mosaic.shape[1] + 0.6
-    figure = Figure(figsize=(9, height), layout="constrained")
-    ax = figure.add_subplot()
+    # Margins in inches around an image 7 inches wide: row labels left, column labels below.
+    left, right, bottom, width = 1.6, 0.15, 0.35, 7.0
+    top = 0.35 if len(rows) == 1 else 0.1  # room for the title that says why it is empty
+    height = width * mosaic.shape[0] / mosaic.shape[1]
+    size = (left + width + right, bottom + height + top)
+    figure = Figure(figsize=size)
+    ax = figure.add_axes((left / size[0], bottom / size[1], width / size[0], height / size[1]))
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks([(i + 0.5) * (_SIDE + 2) for i in range(len(rows))], labels, fontsize="small")
     ax.set_xticks(
