@@ -540,8 +540,8 @@ class StudyCellOut(BaseModel):
         examples=["3f2c9a1e0b7d4c55a1e2f3b4c5d6e7f8"],
     )
     status: CellStatus = Field(
-        description="The job's status; `missing` when its record is gone (never created, "
-        "or deleted IWAE_JOB_RETENTION_S after it ended).",
+        description="The job's status; `missing` when its record was never created (the "
+        "server stopped while creating the study).",
         examples=["running"],
     )
     progress: ProgressOut | None = None

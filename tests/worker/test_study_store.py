@@ -4,6 +4,7 @@ cancelled; and what a crash between the study and its jobs leaves."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from worker.jobs import (
     MISSING,
     FileJobStore,
     GridPoint,
+    JobNotFound,
     JobStore,
     StudyNotFound,
     TooManyJobs,
@@ -136,6 +138,32 @@ def test_cancel_study_cancels_what_has_not_finished(store: JobStore) -> None:
     assert store.study(study.study_id).status == "cancelled"
     again = ["succeeded", "cancelled", "cancelled", "failed"]
     assert store.cancel_study(study.study_id).statuses == again
+
+
+def test_a_study_and_its_cells_expire_together_after_its_last_cell_ended(
+    store: JobStore,
+) -> None:
+    """No cell of a study goes missing before the others: retention starts when the last
+    one ends (Redis expires the keys itself; the file store deletes them at reaping)."""
+    store.retention_s = 0.5  # Redis: 1 s, its shortest expiry
+    study = store.create_study({}, grid())
+    first, *others = (c.job_id for c in study.cells)
+    store.request_cancel(first)
+    time.sleep(1.2)
+    store.reap()
+    assert store.study(study.study_id).statuses == ["cancelled", "queued", "queued", "queued"]
+
+    for job_id in others:
+        store.request_cancel(job_id)
+    assert store.study(study.study_id).ended_at is not None
+    time.sleep(1.2)
+    store.reap()
+    with pytest.raises(StudyNotFound):
+        store.study(study.study_id)
+    with pytest.raises(JobNotFound):
+        store.get(first)
+    assert store.study_page(limit=10) == ([], None)
+    assert store.list() == []
 
 
 def test_a_crash_between_the_study_and_its_jobs_leaves_missing_cells(

@@ -13,7 +13,8 @@
 The clock is this machine's monotonic clock, which every process here shares and which no
 wall-clock step moves; times written before the last boot read as long past. Listing pages
 scan the folder: fine for the single machine this mode is for. Finished jobs older than
-`retention_s` are deleted by the reaper.
+`retention_s` are deleted by the reaper; the jobs of a study together with it, `retention_s`
+after its last cell ended.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -242,7 +243,24 @@ class FileJobStore(JobStore):
         if self.retention_s is not None:
             cutoff = utcnow() - timedelta(seconds=self.retention_s)
             for entry in self._entries():
-                finished = entry.record.finished_at
-                if entry.record.finished and finished is not None and finished < cutoff:
-                    self._path(entry.record.job_id).unlink(missing_ok=True)
+                record = entry.record
+                finished = record.finished_at
+                if record.study_id is None and finished is not None and finished < cutoff:
+                    self._path(record.job_id).unlink(missing_ok=True)
+            self._forget_studies(cutoff)
         return requeued
+
+    def _forget_studies(self, cutoff: datetime) -> None:
+        """Delete each study that ended before `cutoff`, with its cells' records (which
+        are kept as long as their study, so that none of its cells goes missing first)."""
+        cursor = None
+        while True:
+            studies, cursor = self.study_page(limit=100, cursor=cursor)
+            for study in studies:
+                ended = self.view(study).ended_at
+                if ended is not None and ended < cutoff:
+                    for cell in study.cells:
+                        self._path(cell.job_id).unlink(missing_ok=True)
+                    self._study_path(study.study_id).unlink(missing_ok=True)
+            if cursor is None:
+                return

@@ -2,7 +2,8 @@
 
 Keys, all under the configured prefix `p` (default "iwae:"), in the broker's database:
 
-- `p job:{id}`: the job's `Entry` as JSON. A finished one expires after `retention_s`.
+- `p job:{id}`: the job's `Entry` as JSON. A finished one expires after `retention_s`; a
+  study's cell only with its study, `retention_s` after the last cell ended.
 - `p jobs`: sorted set of job ids by creation time, for paging (expired ids are dropped
   when a page meets them).
 - `p active`: sorted set of the queued and running ids, which the reaper scans and
@@ -18,6 +19,7 @@ The clock is Redis `TIME`: one clock for the API and every worker, whatever thei
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -38,6 +40,8 @@ from worker.jobs.record import (
 from worker.jobs.store import Insert, JobStore
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class RedisJobStore(JobStore):
@@ -150,17 +154,43 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.set(key, after)
                     status = entry.record.status
+                    ended = status != before and status not in ACTIVE
                     if status != before:
                         pipe.hincrby(self._counts, before, -1)
                         pipe.hincrby(self._counts, status, 1)
-                        if status not in ACTIVE:
-                            pipe.zrem(self._active, job_id)
-                            if self.retention_s is not None:
-                                pipe.expire(key, max(1, round(self.retention_s)))
+                    if ended:
+                        pipe.zrem(self._active, job_id)
+                        if self.retention_s is not None and entry.record.study_id is None:
+                            pipe.expire(key, self._retention)
                     pipe.execute()
+                    if ended and entry.record.study_id is not None:
+                        self._expire_if_ended(entry.record.study_id)
                     return result
                 except redis.WatchError:
                     continue
+
+    @property
+    def _retention(self) -> int:
+        return max(1, round(self.retention_s or 0))
+
+    def _expire_if_ended(self, study_id: str) -> None:
+        """Once every cell of the study has ended, start the retention of the study and of
+        its cells' records together. Called after each cell ends: the last one to end sees
+        them all ended. If it fails, the study and its jobs are kept (never half of them).
+        """
+        if self.retention_s is None:
+            return
+        try:
+            view = self.study(study_id)
+            if view.ended_at is None:
+                return
+            with self.client.pipeline() as pipe:
+                pipe.expire(self._study(study_id), self._retention)
+                for cell in view.study.cells:
+                    pipe.expire(self._job(cell.job_id), self._retention)
+                pipe.execute()
+        except (redis.RedisError, StudyNotFound):
+            log.warning("study %s: its retention not started", study_id, exc_info=True)
 
     def _active_ids(self) -> list[str]:
         return list(self.client.zrange(self._active, 0, -1))

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,10 @@ log = logging.getLogger(__name__)
 
 # Reports of earlier fingerprints are deleted once this old (a reader may still hold one).
 STALE_S = 600.0
-# A cell whose job record is gone: never created (the API stopped while storing the study;
-# the file store only) or deleted IWAE_JOB_RETENTION_S after it ended.
+# A cell whose job record was never created: the API stopped while storing the study (the
+# file store only; a study's records are deleted together, `retention_s` after it ended).
 MISSING = "missing"
-MISSING_ERROR = "its job record is missing: never created, or deleted after IWAE_JOB_RETENTION_S"
+MISSING_ERROR = "its job record is missing: the server stopped while creating the study"
 
 
 class StudyNotReady(Exception):
@@ -71,6 +72,14 @@ class StudyView:
         """queued | running | succeeded | partial | failed | cancelled (a missing cell
         counts as failed)."""
         return study_status(["failed" if s == MISSING else s for s in self.statuses])
+
+    @property
+    def ended_at(self) -> datetime | None:
+        """When its last cell ended; None while one is queued or running."""
+        if any(r is not None and not r.finished for r in self.records):
+            return None
+        ends = [r.finished_at for r in self.records if r is not None and r.finished_at]
+        return max(ends, default=self.study.created_at)
 
     @cached_property
     def fingerprint(self) -> str:
