@@ -45,7 +45,6 @@ from app.schemas import (
     CURSOR_PATTERN,
     ID_PATTERN,
     MODEL_CURSOR_PATTERN,
-    ErrorOut,
     HealthOut,
     ImageFormat,
     ImputationOut,
@@ -59,6 +58,7 @@ from app.schemas import (
     ReconstructionOut,
     SamplesOut,
 )
+from app.schemas import error_responses as _errors
 from models.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ Model = Annotated[ServedModel, Depends(served_model)]
 Digit = Annotated[np.ndarray, Depends(uploaded_digit)]
 Masked = Annotated[MaskedDigit, Depends(uploaded_masked_digit)]
 Format = Annotated[ImageFormat, Query(description="`png` (an image) or `json` (the pixel values).")]
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
 
 
 _MODEL_ERRORS = _errors(404, 409, 503)  # 503: the inference gate is full or timed out

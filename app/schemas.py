@@ -432,6 +432,11 @@ class ErrorOut(BaseModel):
     detail: str = Field(examples=["no model with id 'abc'"])
 
 
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error codes, each with an `ErrorOut` body."""
+    return {code: {"model": ErrorOut} for code in codes}
+
+
 # --- studies ------------------------------------------------------------------------------
 
 # The grid's axes; every other field of a study request is a TrainRequest field.

@@ -30,10 +30,10 @@ from app.schemas import (
     CURSOR_PATTERN,
     ID_PATTERN,
     RESULTS_EXAMPLE,
-    ErrorOut,
     StudyList,
     StudyOut,
     StudySummaryOut,
+    error_responses,
 )
 from models.study.report import FIGURE_NAMES
 from worker.jobs import JobStore, StudyReports
@@ -43,19 +43,15 @@ router = APIRouter(tags=["studies"])
 StudyId = Annotated[str, Path(pattern=ID_PATTERN, description="The id POST /studies returned.")]
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
-
-
 # 409: no cell has succeeded yet; 503: the inference gate is full, or no MNIST test images.
-_REPORT_ERRORS = _errors(404, 409, 503)
+_REPORT_ERRORS = error_responses(404, 409, 503)
 
 
 @router.post(
     "/studies",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(400, 401, 413, 429, 503),
+    responses=error_responses(400, 401, 413, 429, 503),
 )
 def create_study(
     plan: Annotated[StudyPlan, Depends(study_plan)],
@@ -95,7 +91,7 @@ def list_studies(
     return StudyList(studies=summaries, next_cursor=next_cursor)
 
 
-@router.get("/studies/{study_id}", responses=_errors(404))
+@router.get("/studies/{study_id}", responses=error_responses(404))
 def get_study(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> StudyOut:
     """The study's status, each cell's job (status, progress, error), and the results of
     the cells that ended."""
@@ -107,7 +103,7 @@ def get_study(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> Stud
     "/studies/{study_id}/results.json",
     responses={
         200: {"content": {"application/json": {"example": RESULTS_EXAMPLE}}},
-        **_errors(404),
+        **error_responses(404),
     },
 )
 def study_results(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> dict[str, Any]:
@@ -161,7 +157,7 @@ def _report_folder(store: JobStore, reports: StudyReports, study_id: str) -> Fil
     "/studies/{study_id}/cancel",
     status_code=202,
     dependencies=[Depends(require_token)],
-    responses=_errors(401, 404),
+    responses=error_responses(401, 404),
 )
 def cancel_study(study_id: StudyId, store: StoreDep, registry: RegistryDep) -> StudyOut:
     """Cancel the study's unfinished cells: queued ones at once, running ones at their next
