@@ -21,17 +21,19 @@ import numpy as np
 from fastapi import Depends, File, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 
 from app.backpressure import InferenceCall
 from app.errors import NotAuthenticated, NotReady
 from app.images import MaskedDigit, binarize, masked_digit, preprocess
 from app.metrics import Metrics
 from app.registry import ModelRegistry, ServedModel
-from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, TrainRequest
+from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, StudyRequest, TrainRequest
 from app.settings import Settings
-from models.config import TrainConfig
+from models.config import VR_OBJECTIVES, TrainConfig
 from models.cost import train_cost
-from worker.jobs import JobStore, WorkerInfo
+from models.study.grid import cell_config, expand_grid
+from worker.jobs import GridPoint, JobStore, StudyReports, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ async def job_store(request: Request) -> JobStore:
 
 async def model_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
+
+
+async def study_reports(request: Request) -> StudyReports:
+    return request.app.state.reports
 
 
 async def app_metrics(request: Request) -> Metrics:
@@ -72,8 +78,17 @@ def get_job_queue(settings: SettingsDep) -> JobQueue:
     return partial(enqueue_training, settings=settings)
 
 
+def send_job(enqueue: JobQueue, job_id: str) -> None:
+    """Send a created job's message; if that fails, the workers' reaper sends it later."""
+    try:
+        enqueue(job_id)
+    except Exception:  # the job is recorded: nothing is lost
+        log.exception("could not enqueue job %s; it stays queued for the reaper", job_id)
+
+
 StoreDep = Annotated[JobStore, Depends(job_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(model_registry)]
+ReportsDep = Annotated[StudyReports, Depends(study_reports)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
 QueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 InferenceDep = Annotated[InferenceCall, Depends(inference_call)]
@@ -216,6 +231,52 @@ def train_config(body: TrainRequest, settings: SettingsDep) -> TrainConfig:
     config = TrainConfig.from_dict(body.to_config())
     check_budget(config, settings)
     return config
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """A study to create: its base config and every cell with its job's config."""
+
+    config: TrainConfig
+    cells: list[GridPoint]
+
+
+def study_plan(body: StudyRequest, settings: SettingsDep) -> StudyPlan:  # type: ignore[valid-type]
+    """The study's grid and each cell's config (422 for a grid `expand_grid` refuses, a
+    combination of options that a cell's config refuses, or a cell over the compute budget).
+    """
+    try:
+        grid = expand_grid(body.ks, body.objectives, body.seeds, settings.max_study_jobs)
+        base = _base_config(body)
+        configs = [cell_config(base, cell) for cell in grid]
+    except ValidationError as exc:  # options that the grid's objectives refuse (alpha, ...)
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from exc
+    except ValueError as exc:  # StudyGridError, or a TrainConfig refusing snr_draws
+        raise RequestValidationError(
+            [{"type": "study_grid", "loc": ("body",), "msg": str(exc), "input": None}]
+        ) from exc
+    for config in configs:
+        check_budget(config, settings)
+    cells = [
+        GridPoint(cell.objective, cell.k, cell.seed, config.to_dict())
+        for cell, config in zip(grid, configs, strict=True)
+    ]
+    return StudyPlan(base, cells)
+
+
+def _base_config(body: StudyRequest) -> TrainConfig:  # type: ignore[valid-type]
+    """The config every cell starts from: the request's POST /train fields, with the largest
+    K (so k_min is checked against it) and an objective that takes the request's alpha."""
+    fields = body.model_dump(exclude_unset=True, include=set(TrainRequest.model_fields))
+    objective = body.objectives[0]
+    if body.alpha is not None:
+        objective = next((o for o in body.objectives if o in VR_OBJECTIVES), objective)
+    request = TrainRequest(**fields, k=max(body.ks), objective=objective, seed=body.seeds[0])
+    base = TrainConfig.from_dict(request.to_config())
+    return base.with_changes(snr_draws=body.snr_draws)
 
 
 def sample_count(

@@ -13,7 +13,14 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from worker.jobs import JobAlreadyFinished, JobNotFound, TooManyJobs
+from worker.jobs import (
+    JobAlreadyFinished,
+    JobNotFound,
+    ReportUnavailable,
+    StudyNotFound,
+    StudyNotReady,
+    TooManyJobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,10 @@ class NoDigitFound(InvalidImage):
 
 class InvalidMask(InvalidImage):
     """The mask of POST /impute is missing, of another size, empty or full."""
+
+
+class FigureNotFound(LookupError):
+    """A study report has no figure of this name."""
 
 
 class QueueUnavailable(RuntimeError):
@@ -95,14 +106,18 @@ STATUS_CODES: dict[type[Exception], int] = {
     NotAuthenticated: 401,
     ModelNotFound: 404,
     JobNotFound: 404,
+    StudyNotFound: 404,
+    FigureNotFound: 404,
     NoModelTrained: 409,
     JobAlreadyFinished: 409,
+    StudyNotReady: 409,
     ImageTooLarge: 413,
     TooManyJobs: 429,
     UnreadableImage: 415,
     ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics do
     ModelUnavailable: 500,
     NotReady: 503,
+    ReportUnavailable: 503,
     QueueUnavailable: 503,
     Overloaded: 503,
 }

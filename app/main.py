@@ -23,7 +23,9 @@ from app.page import install_page
 from app.registry import ModelRegistry
 from app.routes import router
 from app.settings import Settings, get_settings
-from worker.jobs import open_job_store
+from app.study_routes import router as study_router
+from models.data import load_mnist
+from worker.jobs import StudyReports, open_job_store
 
 OPS_THREADS = 4
 
@@ -35,6 +37,8 @@ Train VAE and IWAE models of MNIST digits (Burda et al., 2015) and use them.
   or the one named by `model_id` (see `GET /models`).
 * Log-likelihoods are in nats per image, estimated with `k` importance samples.
 * `GET /jobs/{job_id}/events` streams a job's progress as server-sent events.
+* `POST /studies` queues a K study (one job per objective, K and seed); `GET /studies/{id}`
+  shows its results as cells end, `GET /studies/{id}/report` its report.
 * The web page at `/` does all of this in a browser, through these endpoints only.
 * Model calls are limited (IWAE_INFERENCE_CONCURRENCY running, IWAE_INFERENCE_QUEUE waiting);
   past that, or past IWAE_INFERENCE_TIMEOUT_S, they answer 503 with `Retry-After`.
@@ -53,6 +57,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     app.state.registry = ModelRegistry(
         settings.models_dir, settings.model_cache_size, device=settings.inference_device
+    )
+    # The report's reconstructions need test digits; the API never downloads them (the
+    # workers have, into the same folder).
+    app.state.reports = StudyReports(
+        settings.studies_dir,
+        app.state.registry.checkpoint,
+        lambda: load_mnist(settings.mnist_dir).test_images,
     )
     app.state.gate = InferenceGate(
         settings.inference_slots, settings.inference_queue, settings.inference_timeout_s
@@ -80,5 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(study_router)
     install_page(app)
     return app

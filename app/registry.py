@@ -79,6 +79,15 @@ class ModelRegistry:
             raise ModelNotFound(f"no trained model with id {model_id!r}")
         return description
 
+    def checkpoint(self, model_id: str) -> Path | None:
+        """The checkpoint of a listed model; None when the model is not listed."""
+        try:
+            self.describe(model_id)
+        except ModelNotFound:
+            return None
+        path = self._directory(model_id) / CHECKPOINT
+        return path if path.is_file() else None
+
     def resolve(self, model_id: str | None) -> str:
         """`model_id` itself, or the newest model's when None; errors when there is none."""
         if model_id is not None:

@@ -32,6 +32,7 @@ from app.deps import (
     readiness,
     require_token,
     sample_count,
+    send_job,
     served_model,
     train_config,
     uploaded_digit,
@@ -44,7 +45,6 @@ from app.schemas import (
     CURSOR_PATTERN,
     ID_PATTERN,
     MODEL_CURSOR_PATTERN,
-    ErrorOut,
     HealthOut,
     ImageFormat,
     ImputationOut,
@@ -58,6 +58,7 @@ from app.schemas import (
     ReconstructionOut,
     SamplesOut,
 )
+from app.schemas import error_responses as _errors
 from models.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ Model = Annotated[ServedModel, Depends(served_model)]
 Digit = Annotated[np.ndarray, Depends(uploaded_digit)]
 Masked = Annotated[MaskedDigit, Depends(uploaded_masked_digit)]
 Format = Annotated[ImageFormat, Query(description="`png` (an image) or `json` (the pixel values).")]
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
 
 
 _MODEL_ERRORS = _errors(404, 409, 503)  # 503: the inference gate is full or timed out
@@ -107,10 +104,7 @@ def train(
     all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
     """
     job = store.create(config.to_dict())
-    try:
-        enqueue(job.job_id)
-    except Exception:  # the job is recorded: the workers' reaper sends its message later
-        log.exception("could not enqueue job %s; it stays queued for the reaper", job.job_id)
+    send_job(enqueue, job.job_id)
     response.headers["Location"] = f"/jobs/{job.job_id}"
     return JobOut.of(job)
 
@@ -119,6 +113,9 @@ def train(
 def list_jobs(
     store: StoreDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    study_id: Annotated[
+        str | None, Query(pattern=ID_PATTERN, description="Only the cells of this study.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
     cursor: Annotated[
         str | None,
@@ -126,7 +123,7 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
-    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status)
+    jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status, study_id=study_id)
     return JobList(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 

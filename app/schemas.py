@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from models.config import (
     DEFAULT_ALPHA,
@@ -26,7 +26,8 @@ from models.config import (
     TrainConfig,
     preset_config,
 )
-from worker.jobs import JobStatus
+from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
+from worker.jobs import JobStatus, StudyView
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -311,6 +312,7 @@ class JobOut(BaseModel):
     attempts: int = Field(0, description="How many times a worker started this job.")
     worker: str | None = Field(None, description="host:pid of the last worker to run it.")
     cancel_requested: bool = False
+    study_id: str | None = Field(None, description="The study this job is a cell of.")
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -428,3 +430,200 @@ class ReadyOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str = Field(examples=["no model with id 'abc'"])
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error codes, each with an `ErrorOut` body."""
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+# --- studies ------------------------------------------------------------------------------
+
+# The grid's axes; every other field of a study request is a TrainRequest field.
+GRID_FIELDS = ("k", "objective", "seed")
+STUDY_SNR_DRAWS = 100
+StudyStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
+CellStatus = Literal[JobStatus, "missing"]
+
+
+class _StudyGrid(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"ks": [1, 5, 50], "objectives": ["vae", "iwae"], "seeds": [0, 1, 2], "epochs": 10}
+            ]
+        },
+    )
+
+    ks: list[int] = Field(
+        description=f"K of each cell: 1 to {MAX_KS} distinct values, each in 1..{MAX_K}.",
+        examples=[[1, 5, 50]],
+    )
+    objectives: list[Objective] = Field(
+        ["vae", "iwae"],
+        description="Training objectives (see POST /train), distinct.",
+        examples=[["vae", "iwae"]],
+    )
+    seeds: list[int] = Field(
+        [0], description=f"Seeds, distinct, at most {MAX_SEEDS}.", examples=[[0, 1, 2]]
+    )
+    snr_draws: int = Field(
+        STUDY_SNR_DRAWS,
+        ge=0,
+        le=10_000,
+        description="As in POST /train, but on by default: gradients drawn for each cell's "
+        f"encoder and decoder SNR at its trained parameters; 0 skips it, else at least "
+        f"{MIN_SNR_DRAWS}.",
+        examples=[STUDY_SNR_DRAWS],
+    )
+
+
+StudyRequest = create_model(
+    "StudyRequest",
+    __base__=_StudyGrid,
+    __doc__="A K study: one training job per (objective, k, seed) of the grid, every other "
+    "field as in POST /train and the same for every cell.",
+    **{
+        name: (field.annotation, field)
+        for name, field in TrainRequest.model_fields.items()
+        if name not in GRID_FIELDS and name not in _StudyGrid.model_fields
+    },
+)
+
+
+def _mean_sd(mean: float | None, n: int = 1) -> dict[str, Any]:
+    return {"mean": mean, "sd": None, "n": n}
+
+
+# From a real study (2 epochs of 2000 images; `config` and the cells' metrics shortened).
+RESULTS_EXAMPLE = {
+    "config": {"epochs": 2, "train_size": 2000, "eval_size": 200, "eval_k": 500, "snr_draws": 100},
+    "status": "succeeded",
+    "cells": [
+        {
+            "name": "iwae-k5-s0",
+            "objective": "iwae",
+            "k": 5,
+            "seed": 0,
+            "status": "succeeded",
+            "job_id": "9ba65d100800466dbcff388b31840cff",
+            "error": None,
+            "config": {"k": 5, "objective": "iwae", "seed": 0, "epochs": 2},
+            "metrics": {"test_loglik": -169.68, "active_units": [50]},
+        }
+    ],
+    "summary": [
+        {
+            "objective": "iwae",
+            "k": 5,
+            "n": 1,
+            "seeds": [0],
+            "test_loglik": _mean_sd(-169.68),
+            "test_elbo": _mean_sd(-183.67),
+            "test_gap": _mean_sd(13.99),
+            "active_units": _mean_sd(50.0),
+            "seconds_per_epoch": _mean_sd(6.85),
+            "images_per_s": _mean_sd(292.0),
+            "snr_encoder": _mean_sd(0.248),
+            "snr_decoder": _mean_sd(1.086),
+            "active_units_per_layer": [_mean_sd(50.0)],
+        }
+    ],
+    "snr_slopes": {"iwae": {"encoder": -0.173, "decoder": 0.112}},
+}
+
+
+class StudyCellOut(BaseModel):
+    """One cell of a study and where its job stands."""
+
+    objective: str = Field(examples=["iwae"])
+    k: int = Field(examples=[50])
+    seed: int = Field(examples=[0])
+    job_id: str = Field(
+        description="Its training job (GET /jobs/{job_id}).",
+        examples=["3f2c9a1e0b7d4c55a1e2f3b4c5d6e7f8"],
+    )
+    status: CellStatus = Field(
+        description="The job's status; `missing` when its record was never created (the "
+        "server stopped while creating the study).",
+        examples=["running"],
+    )
+    progress: ProgressOut | None = None
+    error: str | None = Field(None, description="Why the cell failed.")
+    model_id: str | None = Field(None, description="The trained model, once it succeeded.")
+
+
+class _StudyHead(BaseModel):
+    study_id: str = Field(examples=["9b1d4c2e7f3a4b5c8d9e0f1a2b3c4d5e"])
+    status: StudyStatus = Field(
+        description="From the cells' statuses: `queued` (none started), `running`, "
+        "`succeeded` (all), `partial` (some succeeded, some failed or were cancelled), "
+        "`failed`, `cancelled`.",
+        examples=["running"],
+    )
+    created_at: datetime
+    ks: list[int] = Field(examples=[[1, 5, 50]])
+    objectives: list[str] = Field(examples=[["vae", "iwae"]])
+    seeds: list[int] = Field(examples=[[0]])
+
+    @staticmethod
+    def _head(view: StudyView) -> dict[str, Any]:
+        cells = view.study.cells
+        return {
+            "study_id": view.study.study_id,
+            "status": view.status,
+            "created_at": view.study.created_at,
+            "ks": list(dict.fromkeys(c.k for c in cells)),
+            "objectives": list(dict.fromkeys(c.objective for c in cells)),
+            "seeds": list(dict.fromkeys(c.seed for c in cells)),
+        }
+
+
+class StudySummaryOut(_StudyHead):
+    """A study as GET /studies lists it."""
+
+    cells: dict[str, int] = Field(
+        description="Its cells by status.", examples=[{"succeeded": 3, "running": 2, "queued": 1}]
+    )
+
+    @classmethod
+    def of(cls, view: StudyView) -> StudySummaryOut:
+        counts = {s: view.statuses.count(s) for s in dict.fromkeys(view.statuses)}
+        return cls(**cls._head(view), cells=counts)
+
+
+class StudyOut(_StudyHead):
+    """A K study: its grid, each cell's job, and the results of the cells that ended."""
+
+    config: dict[str, Any] = Field(
+        description="The TrainConfig every cell shares, but for objective, k and seed."
+    )
+    cells: list[StudyCellOut] = Field(description="Objective-major, then k, then seed.")
+    results: dict[str, Any] = Field(
+        description="As GET /studies/{study_id}/results.json: every cell with its config and "
+        "numbers, and `summary`: per (objective, k), the mean and sd over succeeded seeds of "
+        "test_loglik, test_elbo, active units, seconds per epoch, images/s, and the encoder "
+        "and decoder gradient SNR; `snr_slopes`: the fitted log-log slopes of SNR against K.",
+        examples=[RESULTS_EXAMPLE],
+    )
+
+    @classmethod
+    def of(cls, view: StudyView, results: dict[str, Any]) -> StudyOut:
+        """From the study's view and its results."""
+        cells = []
+        for cell, record, status in zip(view.study.cells, view.records, view.statuses, strict=True):
+            job = (
+                {}
+                if record is None
+                else record.model_dump(include={"progress", "error", "model_id"})
+            )
+            cells.append(StudyCellOut(**cell.model_dump(), status=status, **job))
+        return cls(**cls._head(view), config=view.study.config, cells=cells, results=results)
+
+
+class StudyList(BaseModel):
+    studies: list[StudySummaryOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` for the next page; null on the last page."
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -18,7 +19,7 @@ from worker.jobs import WorkerSettings
 class Settings(WorkerSettings):
     api_token: SecretStr | None = Field(
         None,
-        description="When set, POST /train and POST /jobs/{id}/cancel require "
+        description="When set, POST /train, POST /studies and the cancel routes require "
         "`Authorization: Bearer <token>`; reads stay open. Unset: no authentication, which "
         "`iwae serve` allows only on a loopback address unless IWAE_ALLOW_ANONYMOUS is set.",
     )
@@ -42,6 +43,12 @@ class Settings(WorkerSettings):
         description="Largest epochs * images * k * m of a training job (importance samples "
         "of the whole run, which bound its time); 1e10 admits Burda et al.'s K=50 run of "
         "3280 epochs over 60,000 images. POST /train answers 422 above it.",
+    )
+    max_study_jobs: int = Field(
+        60,
+        ge=1,
+        description="Most cells (training jobs) of one study, ks x objectives x seeds; POST "
+        "/studies answers 422 above it.",
     )
     max_upload_bytes: int = Field(
         10 * 1024 * 1024,
@@ -102,6 +109,11 @@ class Settings(WorkerSettings):
         description="Deadline of one model call, its wait in the queue included; checked "
         "between chunks of importance samples, past it 503 with Retry-After.",
     )
+
+    @property
+    def studies_dir(self) -> Path:
+        """Where study reports are kept, built on read (`worker.jobs.StudyReports`)."""
+        return self.home / "studies"
 
     @property
     def inference_slots(self) -> int:

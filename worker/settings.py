@@ -90,7 +90,7 @@ class WorkerSettings(BaseSettings):
         default=7 * 24 * 3600.0,
         gt=0,
         description="Finished job records are deleted this long after they end (their "
-        "models stay).",
+        "models stay); a study and its cells' records this long after its last cell ended.",
     )
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes of a running job."

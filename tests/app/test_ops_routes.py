@@ -143,9 +143,17 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
+        ("post", "/studies"),
+        ("get", "/studies"),
+        ("get", "/studies/{study_id}"),
+        ("get", "/studies/{study_id}/results.json"),
+        ("get", "/studies/{study_id}/report"),
+        ("get", "/studies/{study_id}/figures/{name}.png"),
+        ("post", "/studies/{study_id}/cancel"),
     }
     assert {(m, p) for p, methods in paths.items() for m in methods} == expected
     assert "202" in paths["/train"]["post"]["responses"]
+    assert {"202", "422", "429"} <= set(paths["/studies"]["post"]["responses"])
     assert "multipart/form-data" in paths["/loglik"]["post"]["requestBody"]["content"]
 
 
@@ -157,6 +165,24 @@ def test_every_train_field_has_a_description_and_an_example(client: TestClient) 
         assert prop.get("description"), f"{name} has no description"
     assert schema["required"] == ["k"]
     assert schema["additionalProperties"] is False
+
+
+def test_a_study_takes_every_train_field_but_the_grid_s_each_described(
+    client: TestClient,
+) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    study = schemas["StudyRequest"]
+    grid = {"ks", "objectives", "seeds"}
+    assert (
+        set(study["properties"])
+        == set(TrainRequest.model_fields) - {"k", "objective", "seed"} | grid
+    )
+    for name, prop in study["properties"].items():
+        assert prop.get("examples"), f"{name} has no example"
+        assert prop.get("description"), f"{name} has no description"
+    assert study["required"] == ["ks"]
+    assert study["additionalProperties"] is False
+    assert study["properties"]["snr_draws"]["default"] == 100  # on for studies only
 
 
 def test_every_setting_has_a_default_and_a_description() -> None:

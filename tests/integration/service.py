@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +19,7 @@ from worker.runner import settings_env
 from worker.settings import WorkerSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 # A few seconds of training on 2 CPU cores.
 TINY_CONFIG: dict[str, Any] = {
@@ -77,14 +78,21 @@ class Service:
         what: str = "condition",
     ) -> JobRecord:
         """Poll the job store every 50 ms until `condition(record)` or the deadline."""
+        return self.poll(lambda: self.store.get(job_id), condition, timeout, what)
+
+    def poll(
+        self, read: Callable[[], T], condition: Callable[[T], bool], timeout: float, what: str
+    ) -> T:
+        """`read()` every 50 ms until `condition` holds for it; fails at the deadline, or
+        when a worker that no test stopped has exited."""
         deadline = time.monotonic() + timeout
         while True:
-            record = self.store.get(job_id)
-            if condition(record):
-                return record
+            value = read()
+            if condition(value):
+                return value
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"timed out after {timeout} s waiting for {what}: {record}\n{self.logs()}"
+                    f"timed out after {timeout} s waiting for {what}: {value}\n{self.logs()}"
                 )
             for worker in self.workers:
                 if worker.pid not in self.signalled and worker.poll() is not None:

@@ -1,4 +1,5 @@
-"""The job lifecycle: records, statuses, transitions, the two stores and the reaper.
+"""The job lifecycle: records, statuses, transitions, the two stores and the reaper; and
+studies, whose cells are jobs.
 
 `app/` and the rest of `worker/` use this package's names, never its modules' insides. It
 also exports `WorkerSettings`, the settings `open_job_store` takes (and the API's settings
@@ -21,6 +22,9 @@ from worker.jobs.record import (
     JobStatus,
     Lease,
     Outcome,
+    StudyCell,
+    StudyNotFound,
+    StudyRecord,
     TooManyJobs,
     WorkerInfo,
     lost_error,
@@ -28,15 +32,24 @@ from worker.jobs.record import (
     worker_name,
 )
 from worker.jobs.redis_store import RedisJobStore
-from worker.jobs.store import JobStore
+from worker.jobs.store import GridPoint, JobStore
+from worker.jobs.studies import (
+    MISSING,
+    ReportUnavailable,
+    StudyNotReady,
+    StudyReports,
+    StudyView,
+)
 from worker.settings import WorkerSettings
 
 __all__ = [
     "ACTIVE",
     "FINISHED",
+    "MISSING",
     "STATUSES",
     "ClaimRefused",
     "FileJobStore",
+    "GridPoint",
     "Heartbeat",
     "JobAlreadyFinished",
     "JobNotFound",
@@ -47,6 +60,13 @@ __all__ = [
     "Outcome",
     "ReaperThread",
     "RedisJobStore",
+    "ReportUnavailable",
+    "StudyCell",
+    "StudyNotFound",
+    "StudyNotReady",
+    "StudyRecord",
+    "StudyReports",
+    "StudyView",
     "TooManyJobs",
     "WorkerInfo",
     "WorkerSettings",

@@ -8,11 +8,13 @@
 - `.workers`: the workers that reported themselves (`report_worker`).
 - `.lock`: an exclusive `flock` held around every read-modify-write, so the API and the
   worker processes never overwrite each other's changes.
+- `studies/{id}.json`: a study (`StudyRecord`), written once, before its jobs.
 
 The clock is this machine's monotonic clock, which every process here shares and which no
 wall-clock step moves; times written before the last boot read as long past. Listing pages
 scan the folder: fine for the single machine this mode is for. Finished jobs older than
-`retention_s` are deleted by the reaper.
+`retention_s` are deleted by the reaper; the jobs of a study together with it, `retention_s`
+after its last cell ended.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import fcntl
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,10 +38,12 @@ from worker.jobs.record import (
     JobNotFound,
     JobRecord,
     JobStatus,
+    StudyNotFound,
+    StudyRecord,
     WorkerInfo,
     utcnow,
 )
-from worker.jobs.store import JobStore
+from worker.jobs.store import Insert, JobStore, newest_first
 
 T = TypeVar("T")
 
@@ -66,6 +70,11 @@ class FileJobStore(JobStore):
             raise JobNotFound(job_id)  # never build a path from anything but a plain id
         return self.root / f"{job_id}.json"
 
+    def _study_path(self, study_id: str) -> Path:
+        if not study_id or not study_id.isalnum():
+            raise StudyNotFound(study_id)
+        return self.root / "studies" / f"{study_id}.json"
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -90,6 +99,21 @@ class FileJobStore(JobStore):
                 if getattr(entry, name) is not None:
                     setattr(entry, name, 0.0)
         return entry
+
+    def _read_many(self, job_ids: Sequence[str]) -> list[Entry | None]:
+        entries: list[Entry | None] = []
+        for job_id in job_ids:
+            try:
+                entries.append(self._read(job_id))
+            except JobNotFound:
+                entries.append(None)
+        return entries
+
+    def _read_study(self, study_id: str) -> StudyRecord:
+        try:
+            return StudyRecord.model_validate_json(self._study_path(study_id).read_bytes())
+        except FileNotFoundError:
+            raise StudyNotFound(study_id) from None
 
     def _write(self, entry: Entry) -> None:
         data = {"boot": self._boot, "entry": entry.model_dump(mode="json")}
@@ -122,16 +146,21 @@ class FileJobStore(JobStore):
             active = set(index["active"])
             index["active"] = sorted(active | {job_id} if sign > 0 else active - {job_id})
 
-    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
+    def _insert(self, make: Callable[[Instant, int], Insert]) -> Insert:
         with self._locked():
             index = self._index()
-            entry = make(self._clock(), len(index["active"]))
-            self._count(index, entry, +1)
+            insert = make(self._clock(), len(index["active"]))
+            if insert.study is not None:
+                study = insert.study
+                write_atomic(self._study_path(study.study_id), study.model_dump_json().encode())
+            for entry in insert.entries:
+                self._count(index, entry, +1)
             # Index first: a crash in between lists an id with no entry (skipped), never a
             # queued job that no reaper would look at.
             write_atomic(self.root / ".index", json.dumps(index).encode())
-            self._write(entry)
-        return entry
+            for entry in insert.entries:
+                self._write(entry)
+        return insert
 
     def _update(self, job_id: str, change: Callable[[Entry, Instant], T]) -> T:
         with self._locked():
@@ -155,23 +184,22 @@ class FileJobStore(JobStore):
     def _active_ids(self) -> list[str]:
         return self._index()["active"] if self.root.exists() else []
 
-    def page(
-        self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
+    def _page(
+        self, *, limit: int, cursor: str | None, status: JobStatus | None
     ) -> tuple[list[JobRecord], str | None]:
-        top = float(cursor) if cursor is not None else float("inf")
-        records = sorted(
-            (
-                e.record
-                for e in self._entries()
-                if e.record.created_at.timestamp() < top
-                and (status is None or e.record.status == status)
-            ),
-            key=lambda r: r.created_at,
-            reverse=True,
-        )
-        if len(records) <= limit:
-            return records, None
-        return records[:limit], repr(records[limit - 1].created_at.timestamp())
+        records = [e.record for e in self._entries() if status in (None, e.record.status)]
+        return newest_first(records, lambda r: r.created_at, limit=limit, cursor=cursor)
+
+    def study_page(
+        self, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[StudyRecord], str | None]:
+        studies = []
+        for path in (self.root / "studies").glob("*.json"):
+            try:
+                studies.append(self._read_study(path.stem))
+            except StudyNotFound:
+                continue
+        return newest_first(studies, lambda s: s.created_at, limit=limit, cursor=cursor)
 
     def counts(self) -> dict[str, int]:
         return self._index()["counts"] if self.root.exists() else dict.fromkeys(STATUSES, 0)
@@ -215,7 +243,24 @@ class FileJobStore(JobStore):
         if self.retention_s is not None:
             cutoff = utcnow() - timedelta(seconds=self.retention_s)
             for entry in self._entries():
-                finished = entry.record.finished_at
-                if entry.record.finished and finished is not None and finished < cutoff:
-                    self._path(entry.record.job_id).unlink(missing_ok=True)
+                record = entry.record
+                finished = record.finished_at
+                if record.study_id is None and finished is not None and finished < cutoff:
+                    self._path(record.job_id).unlink(missing_ok=True)
+            self._forget_studies(cutoff)
         return requeued
+
+    def _forget_studies(self, cutoff: datetime) -> None:
+        """Delete each study that ended before `cutoff`, with its cells' records (which
+        are kept as long as their study, so that none of its cells goes missing first)."""
+        cursor = None
+        while True:
+            studies, cursor = self.study_page(limit=100, cursor=cursor)
+            for study in studies:
+                ended = self.view(study).ended_at
+                if ended is not None and ended < cutoff:
+                    for cell in study.cells:
+                        self._path(cell.job_id).unlink(missing_ok=True)
+                    self._study_path(study.study_id).unlink(missing_ok=True)
+            if cursor is None:
+                return

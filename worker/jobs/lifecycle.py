@@ -37,16 +37,23 @@ from worker.jobs.record import (
 RETRY_AFTER_S = 30
 
 
-def admit(active: int, limit: int | None) -> None:
-    """Refuse a new job while `limit` jobs are queued or running."""
-    if limit is not None and active >= limit:
-        raise TooManyJobs(limit, RETRY_AFTER_S)
+def admit(active: int, limit: int | None, new: int = 1) -> None:
+    """Refuse `new` jobs (all or none) if more than `limit` would be queued or running."""
+    if limit is not None and active + new > limit:
+        raise TooManyJobs(limit, RETRY_AFTER_S, active, new)
 
 
-def new_entry(job_id: str, config: dict[str, Any], now: Instant) -> Entry:
+def new_entry(
+    job_id: str, config: dict[str, Any], now: Instant, study_id: str | None = None
+) -> Entry:
     """A queued job whose message is not sent yet."""
     record = JobRecord(
-        job_id=job_id, status="queued", config=config, created_at=now.wall, updated_at=now.wall
+        job_id=job_id,
+        status="queued",
+        config=config,
+        study_id=study_id,
+        created_at=now.wall,
+        updated_at=now.wall,
     )
     return Entry(record=record, queued_since=now.t)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
@@ -41,14 +41,29 @@ class JobAlreadyFinished(Exception):
         self.status = status
 
 
+class StudyNotFound(KeyError):
+    """No study with this id."""
+
+    def __init__(self, study_id: str) -> None:
+        super().__init__(study_id)
+        self.study_id = study_id
+
+    def __str__(self) -> str:
+        return f"no study with id {self.study_id!r}"
+
+
 class TooManyJobs(Exception):
     """`IWAE_MAX_ACTIVE_JOBS` jobs are already queued or running."""
 
-    def __init__(self, limit: int, retry_after_s: int) -> None:
-        super().__init__(
-            f"{limit} jobs are already queued or running (IWAE_MAX_ACTIVE_JOBS); "
-            f"retry in {retry_after_s} s or cancel one"
-        )
+    def __init__(self, limit: int, retry_after_s: int, active: int = 0, new: int = 1) -> None:
+        if new == 1:
+            situation = f"{limit} jobs are already queued or running (IWAE_MAX_ACTIVE_JOBS)"
+        else:
+            situation = (
+                f"{active} jobs are queued or running, and {new} more would exceed "
+                f"IWAE_MAX_ACTIVE_JOBS = {limit}"
+            )
+        super().__init__(f"{situation}; retry in {retry_after_s} s or cancel one")
         self.limit = limit
         self.retry_after_s = retry_after_s
 
@@ -80,6 +95,7 @@ class JobRecord(BaseModel):
     attempts: int = Field(default=0, description="How many times a worker started this job.")
     worker: str | None = Field(default=None, description="host:pid of the last worker to run it.")
     cancel_requested: bool = False
+    study_id: str | None = Field(default=None, description="The study this job is a cell of.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -106,6 +122,28 @@ class Entry(BaseModel):
     ran_s: float = Field(0.0, description="Seconds its earlier attempts ran.")
 
 
+class StudyCell(BaseModel):
+    """One cell of a study: the grid point and the job that trains it."""
+
+    objective: str
+    k: int
+    seed: int
+    job_id: str
+
+
+class StudyRecord(BaseModel):
+    """What the job store keeps about a study, fixed when it is created: its base config
+    and the job id of every cell. Statuses and results are read from the cells' jobs.
+    """
+
+    study_id: str
+    config: dict[str, Any] = Field(
+        description="The base TrainConfig; cells set objective, k, seed."
+    )
+    cells: list[StudyCell]
+    created_at: datetime
+
+
 @dataclass(frozen=True)
 class Instant:
     """One reading of the store's clock: `t` for comparisons, `wall` for display, `up_s`
@@ -115,6 +153,14 @@ class Instant:
     t: float
     wall: datetime
     up_s: float = float("inf")
+
+    def plus_us(self, micros: int) -> Instant:
+        """`micros` microseconds later: the jobs of one insert get distinct creation times,
+        so that a page boundary (a creation-time cursor) never falls between equal ones.
+        """
+        return Instant(
+            self.t + micros * 1e-6, self.wall + timedelta(microseconds=micros), self.up_s
+        )
 
 
 @dataclass(frozen=True)

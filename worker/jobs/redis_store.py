@@ -2,13 +2,16 @@
 
 Keys, all under the configured prefix `p` (default "iwae:"), in the broker's database:
 
-- `p job:{id}`: the job's `Entry` as JSON. A finished one expires after `retention_s`.
+- `p job:{id}`: the job's `Entry` as JSON. A finished one expires after `retention_s`; a
+  study's cell only with its study, `retention_s` after the last cell ended.
 - `p jobs`: sorted set of job ids by creation time, for paging (expired ids are dropped
   when a page meets them).
 - `p active`: sorted set of the queued and running ids, which the reaper scans and
   `max_active_jobs` bounds.
 - `p counts`: hash of jobs by status (finished statuses count every job that ever ended so,
   records since expired included), kept by every change, so `/metrics` reads one key.
+- `p study:{id}`: a study (`StudyRecord`) as JSON, written with its jobs in one transaction;
+  `p studies`: sorted set of study ids by creation time.
 
 The clock is Redis `TIME`: one clock for the API and every worker, whatever theirs say.
 """
@@ -16,7 +19,8 @@ The clock is Redis `TIME`: one clock for the API and every worker, whatever thei
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -29,11 +33,15 @@ from worker.jobs.record import (
     JobNotFound,
     JobRecord,
     JobStatus,
+    StudyNotFound,
+    StudyRecord,
     WorkerInfo,
 )
-from worker.jobs.store import JobStore
+from worker.jobs.store import Insert, JobStore
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class RedisJobStore(JobStore):
@@ -72,6 +80,13 @@ class RedisJobStore(JobStore):
     def _workers(self) -> str:
         return f"{self.prefix}workers"
 
+    def _study(self, study_id: str) -> str:
+        return f"{self.prefix}study:{study_id}"
+
+    @property
+    def _studies(self) -> str:
+        return f"{self.prefix}studies"
+
     # --- storage ------------------------------------------------------------------------
 
     def _clock(self, client: redis.Redis | None = None) -> Instant:
@@ -81,21 +96,25 @@ class RedisJobStore(JobStore):
     def _uptime(self, client: redis.Redis | None) -> float:
         return float((client or self.client).info("server")["uptime_in_seconds"])
 
-    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
+    def _insert(self, make: Callable[[Instant, int], Insert]) -> Insert:
         with self.client.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(self._active)
                     now = self._clock(pipe)
-                    entry = make(now, pipe.zcard(self._active))
-                    job_id = entry.record.job_id
+                    insert = make(now, pipe.zcard(self._active))
                     pipe.multi()
-                    pipe.set(self._job(job_id), entry.model_dump_json())
-                    pipe.zadd(self._index, {job_id: now.t})
-                    pipe.zadd(self._active, {job_id: now.t})
-                    pipe.hincrby(self._counts, entry.record.status, 1)
+                    if (study := insert.study) is not None:
+                        pipe.set(self._study(study.study_id), study.model_dump_json())
+                        pipe.zadd(self._studies, {study.study_id: now.t})
+                    for entry in insert.entries:
+                        job_id, t = entry.record.job_id, entry.record.created_at.timestamp()
+                        pipe.set(self._job(job_id), entry.model_dump_json())
+                        pipe.zadd(self._index, {job_id: t})
+                        pipe.zadd(self._active, {job_id: t})
+                        pipe.hincrby(self._counts, entry.record.status, 1)
                     pipe.execute()
-                    return entry
+                    return insert
                 except redis.WatchError:
                     continue
 
@@ -104,6 +123,18 @@ class RedisJobStore(JobStore):
         if raw is None:
             raise JobNotFound(job_id)
         return Entry.model_validate_json(raw)
+
+    def _read_many(self, job_ids: Sequence[str]) -> list[Entry | None]:
+        if not job_ids:
+            return []
+        raws = self.client.mget([self._job(job_id) for job_id in job_ids])
+        return [None if raw is None else Entry.model_validate_json(raw) for raw in raws]
+
+    def _read_study(self, study_id: str) -> StudyRecord:
+        raw = self.client.get(self._study(study_id))
+        if raw is None:
+            raise StudyNotFound(study_id)
+        return StudyRecord.model_validate_json(raw)
 
     def _update(self, job_id: str, change: Callable[[Entry, Instant], T]) -> T:
         key = self._job(job_id)
@@ -123,45 +154,105 @@ class RedisJobStore(JobStore):
                     pipe.multi()
                     pipe.set(key, after)
                     status = entry.record.status
+                    ended = status != before and status not in ACTIVE
                     if status != before:
                         pipe.hincrby(self._counts, before, -1)
                         pipe.hincrby(self._counts, status, 1)
-                        if status not in ACTIVE:
-                            pipe.zrem(self._active, job_id)
-                            if self.retention_s is not None:
-                                pipe.expire(key, max(1, round(self.retention_s)))
+                    if ended:
+                        pipe.zrem(self._active, job_id)
+                        if self.retention_s is not None and entry.record.study_id is None:
+                            pipe.expire(key, self._retention)
                     pipe.execute()
+                    if ended and entry.record.study_id is not None:
+                        self._expire_if_ended(entry.record.study_id)
                     return result
                 except redis.WatchError:
                     continue
 
+    @property
+    def _retention(self) -> int:
+        return max(1, round(self.retention_s or 0))
+
+    def _expire_if_ended(self, study_id: str) -> None:
+        """Once every cell of the study has ended, start the retention of the study and of
+        its cells' records together. Called after each cell ends: the last one to end sees
+        them all ended. If it fails, the study and its jobs are kept (never half of them).
+        """
+        if self.retention_s is None:
+            return
+        try:
+            view = self.study(study_id)
+            if view.ended_at is None:
+                return
+            with self.client.pipeline() as pipe:
+                pipe.expire(self._study(study_id), self._retention)
+                for cell in view.study.cells:
+                    pipe.expire(self._job(cell.job_id), self._retention)
+                pipe.execute()
+        except (redis.RedisError, StudyNotFound):
+            log.warning("study %s: its retention not started", study_id, exc_info=True)
+
     def _active_ids(self) -> list[str]:
         return list(self.client.zrange(self._active, 0, -1))
 
-    def page(
-        self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
+    def _page(
+        self, *, limit: int, cursor: str | None, status: JobStatus | None
     ) -> tuple[list[JobRecord], str | None]:
+        return self._walk(
+            self._index,
+            self._job,
+            lambda raw: Entry.model_validate_json(raw).record,
+            lambda record: status in (None, record.status),
+            limit=limit,
+            cursor=cursor,
+        )
+
+    def study_page(
+        self, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[StudyRecord], str | None]:
+        return self._walk(
+            self._studies,
+            self._study,
+            StudyRecord.model_validate_json,
+            lambda _: True,
+            limit=limit,
+            cursor=cursor,
+        )
+
+    def _walk(
+        self,
+        index: str,
+        key: Callable[[str], str],
+        parse: Callable[[str], T],
+        keep: Callable[[T], bool],
+        *,
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[T], str | None]:
+        """Up to `limit` kept items of the sorted set `index` (ids by creation time, each
+        stored at `key(id)`), newest first, below the score `cursor`; and the next cursor.
+        """
         top = f"({cursor}" if cursor is not None else "+inf"
-        records: list[JobRecord] = []
-        while len(records) < limit:
+        items: list[T] = []
+        while len(items) < limit:
             rows = self.client.zrevrangebyscore(
-                self._index, top, "-inf", start=0, num=limit, withscores=True
+                index, top, "-inf", start=0, num=limit, withscores=True
             )
             if not rows:
-                return records, None
-            raws = self.client.mget([self._job(job_id) for job_id, _ in rows])
-            for (job_id, score), raw in zip(rows, raws, strict=True):
+                return items, None
+            raws = self.client.mget([key(item_id) for item_id, _ in rows])
+            for (item_id, score), raw in zip(rows, raws, strict=True):
                 top = f"({score!r}"
                 if raw is None:  # expired (retention): forget it
-                    self.client.zrem(self._index, job_id)
+                    self.client.zrem(index, item_id)
                     continue
-                record = Entry.model_validate_json(raw).record
-                if status is None or record.status == status:
-                    records.append(record)
-                    if len(records) == limit:
+                item = parse(raw)
+                if keep(item):
+                    items.append(item)
+                    if len(items) == limit:
                         break
-        more = self.client.zcount(self._index, "-inf", top) > 0
-        return records, (top[1:] if more else None)
+        more = self.client.zcount(index, "-inf", top) > 0
+        return items, (top[1:] if more else None)
 
     def counts(self) -> dict[str, int]:
         return {status: int(n) for status, n in self.client.hgetall(self._counts).items()}

@@ -13,14 +13,20 @@ while training progresses) stops renewing; once the lease has expired (`job_leas
 reaper of any live worker (every `reaper_interval_s`) puts the job back in the queue, and it
 resumes from its last checkpoint. A queued job whose message was lost (its sender died, or a
 worker died or failed between taking the message and claiming the job) is sent again.
+
+A study is a grid of such jobs: its record (the cells' job ids) is stored in the same insert
+as its jobs, and everything else about it is read from them (`worker.jobs.studies`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -30,17 +36,55 @@ from worker.jobs.record import (
     Entry,
     Heartbeat,
     Instant,
+    JobAlreadyFinished,
     JobNotFound,
     JobRecord,
     JobStatus,
     Lease,
     Outcome,
+    StudyCell,
+    StudyNotFound,
+    StudyRecord,
     WorkerInfo,
 )
+from worker.jobs.studies import StudyView
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Insert:
+    """What one atomic insert stores: new job entries, and the study they are cells of."""
+
+    entries: list[Entry]
+    study: StudyRecord | None = None
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """A cell of a study to create: its grid point and its job's config."""
+
+    objective: str
+    k: int
+    seed: int
+    config: dict[str, Any] = field(repr=False)
+
+
+def newest_first(
+    items: Sequence[T], created: Callable[[T], datetime], *, limit: int, cursor: str | None
+) -> tuple[list[T], str | None]:
+    """A page of `items` (any order): up to `limit` created before `cursor`, newest first,
+    and the next page's cursor (the last one's creation time; None on the last page).
+    """
+    top = float(cursor) if cursor is not None else float("inf")
+    older = sorted(
+        (item for item in items if created(item).timestamp() < top), key=created, reverse=True
+    )
+    if len(older) <= limit:
+        return older, None
+    return older[:limit], repr(created(older[limit - 1]).timestamp())
 
 
 class JobStore(abc.ABC):
@@ -62,14 +106,24 @@ class JobStore(abc.ABC):
     # --- storage, provided by each backend ----------------------------------------------
 
     @abc.abstractmethod
-    def _insert(self, make: Callable[[Instant, int], Entry]) -> Entry:
-        """Store the entry `make(now, active)` returns, given the store's time and the number
-        of queued and running jobs, read atomically with the insert (`make` may raise).
+    def _insert(self, make: Callable[[Instant, int], Insert]) -> Insert:
+        """Store what `make(now, active)` returns, given the store's time and the number of
+        queued and running jobs, read atomically with the insert (`make` may raise). A study
+        is stored before its jobs, so a crash in between leaves cells without a job (shown
+        as "missing"), never jobs of an unknown study.
         """
 
     @abc.abstractmethod
     def _read(self, job_id: str) -> Entry:
         """The entry; raises `JobNotFound`."""
+
+    @abc.abstractmethod
+    def _read_many(self, job_ids: Sequence[str]) -> list[Entry | None]:
+        """The entries, None for each id with none."""
+
+    @abc.abstractmethod
+    def _read_study(self, study_id: str) -> StudyRecord:
+        """The study; raises `StudyNotFound`."""
 
     @abc.abstractmethod
     def _update(self, job_id: str, change: Callable[[Entry, Instant], T]) -> T:
@@ -82,12 +136,16 @@ class JobStore(abc.ABC):
         """Ids of the queued and running jobs (a superset is fine)."""
 
     @abc.abstractmethod
-    def page(
-        self, *, limit: int, cursor: str | None = None, status: JobStatus | None = None
+    def _page(
+        self, *, limit: int, cursor: str | None, status: JobStatus | None
     ) -> tuple[list[JobRecord], str | None]:
-        """Up to `limit` jobs, newest first, older than `cursor` (from the previous page);
-        returns them and the next page's cursor (None on the last page).
-        """
+        """`page` over every job."""
+
+    @abc.abstractmethod
+    def study_page(
+        self, *, limit: int, cursor: str | None = None
+    ) -> tuple[list[StudyRecord], str | None]:
+        """Up to `limit` studies, newest first, older than `cursor`, as `page` does jobs."""
 
     @abc.abstractmethod
     def counts(self) -> dict[str, int]:
@@ -119,14 +177,77 @@ class JobStore(abc.ABC):
         """
         job_id = uuid.uuid4().hex
 
-        def make(now: Instant, active: int) -> Entry:
+        def make(now: Instant, active: int) -> Insert:
             lifecycle.admit(active, self.max_active_jobs)
-            return lifecycle.new_entry(job_id, config, now)
+            return Insert([lifecycle.new_entry(job_id, config, now)])
 
-        return self._insert(make).record
+        return self._insert(make).entries[0].record
+
+    def create_study(self, config: dict[str, Any], cells: Sequence[GridPoint]) -> StudyRecord:
+        """A new study and one queued job per cell, stored at once; `TooManyJobs` (and
+        nothing stored) when the cells would take more than `max_active_jobs` active jobs.
+        The caller then sends the jobs' messages, as after `create`.
+        """
+        study_id = uuid.uuid4().hex
+        job_ids = [uuid.uuid4().hex for _ in cells]
+
+        def make(now: Instant, active: int) -> Insert:
+            lifecycle.admit(active, self.max_active_jobs, len(cells))
+            study = StudyRecord(
+                study_id=study_id,
+                config=config,
+                cells=[
+                    StudyCell(objective=c.objective, k=c.k, seed=c.seed, job_id=job_id)
+                    for c, job_id in zip(cells, job_ids, strict=True)
+                ],
+                created_at=now.wall,
+            )
+            entries = [
+                lifecycle.new_entry(job_id, c.config, now.plus_us(i), study_id)
+                for i, (c, job_id) in enumerate(zip(cells, job_ids, strict=True))
+            ]
+            return Insert(entries, study)
+
+        study = self._insert(make).study
+        assert study is not None
+        return study
 
     def get(self, job_id: str) -> JobRecord:
         return self._read(job_id).record
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """The jobs' records in order, None for an id with none (never created, or deleted
+        after `retention_s`)."""
+        return [None if e is None else e.record for e in self._read_many(job_ids)]
+
+    def study(self, study_id: str) -> StudyView:
+        """The study and its cells' job records; `StudyNotFound` for an unknown id."""
+        return self.view(self._read_study(study_id))
+
+    def view(self, study: StudyRecord) -> StudyView:
+        """`study` with its cells' job records, read now."""
+        return StudyView(study, self.get_many([cell.job_id for cell in study.cells]))
+
+    def page(
+        self,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        study_id: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """Up to `limit` jobs, newest first, older than `cursor` (from the previous page),
+        in `status` and of the study `study_id` if given (none for an unknown study);
+        returns them and the next page's cursor (None on the last page).
+        """
+        if study_id is None:
+            return self._page(limit=limit, cursor=cursor, status=status)
+        try:
+            records = self.study(study_id).records
+        except StudyNotFound:
+            return [], None
+        found = [r for r in records if r is not None and status in (None, r.status)]
+        return newest_first(found, lambda r: r.created_at, limit=limit, cursor=cursor)
 
     def list(self) -> list[JobRecord]:
         """Every job, newest first (for tests and small stores; the API pages)."""
@@ -137,6 +258,14 @@ class JobStore(abc.ABC):
             records += page
             if cursor is None:
                 return records
+
+    def cancel_study(self, study_id: str) -> StudyView:
+        """Cancel every unfinished cell of the study (`request_cancel`); the study after."""
+        for record in self.study(study_id).records:
+            if record is not None and not record.finished:
+                with contextlib.suppress(JobAlreadyFinished):  # it ended in the meantime
+                    self.request_cancel(record.job_id)
+        return self.study(study_id)
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job now, or ask a running one to stop. Raises
