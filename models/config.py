@@ -112,6 +112,10 @@ class TrainConfig:
     `missing_pattern` `mcar` each pixel is missing with that probability; with `top-half` or
     `random-square` that fraction of the images loses its top half or a random square of half
     the side (see `models.missing`). The bound then counts observed pixels only.
+
+    `cuda_graphs` replays each full-batch training step as a CUDA graph (see
+    `models.cuda_graphs`): the same arithmetic and random draws, fewer kernel launches. It
+    needs a CUDA GPU, so `device="cpu"` refuses it.
     """
 
     k: int = 50
@@ -136,6 +140,7 @@ class TrainConfig:
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
     init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -160,6 +165,8 @@ class TrainConfig:
         side = math.isqrt(self.model.x_dim)
         if self.missing_pattern == "random-square" and side * side != self.model.x_dim:
             raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("cuda_graphs needs a CUDA GPU: use device 'cuda' or 'auto'")
         self._resolve_alpha()
         self._resolve_k_schedule()
 
