@@ -270,6 +270,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="training arithmetic; evaluation always runs in fp32",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each full-batch training step as a CUDA graph (needs a CUDA GPU)",
+    )
+    parser.add_argument(
         "--missing-rate",
         type=float,
         default=d.missing_rate,
@@ -304,6 +309,7 @@ def _config(args: argparse.Namespace, k: int) -> TrainConfig:
         "seed": args.seed,
         "device": args.device,
         "precision": args.precision,
+        "cuda_graphs": args.cuda_graphs,
         "missing_rate": args.missing_rate,
         "missing_pattern": args.missing_pattern,
     }

@@ -195,6 +195,13 @@ class TrainRequest(BaseModel):
         description="Training arithmetic; evaluation always runs in fp32.",
         examples=["fp32"],
     )
+    cuda_graphs: bool = Field(
+        _TRAIN.cuda_graphs,
+        description="Replay each full-batch training step as a CUDA graph: the same "
+        "arithmetic with fewer kernel launches. Needs a worker with a CUDA GPU; on a CPU "
+        "worker the job fails with that error.",
+        examples=[False],
+    )
     missing_rate: float = Field(
         _TRAIN.missing_rate,
         ge=0.0,

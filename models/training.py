@@ -169,20 +169,8 @@ def train(
         state.k = initial_k(config)
 
     steps_per_epoch = -(-len(images) // config.batch_size)
-    # PyTorch's CUDA-graph notes ask for autocast's weight cache off in captured code; the
-    # casts themselves are the same.
-    autocast = torch.autocast(
-        device.type,
-        dtype=torch.bfloat16,
-        enabled=config.precision == "bf16",
-        cache_enabled=not config.cuda_graphs,
-    )
     loss_sum = images.new_zeros(())  # the summed loss of the steps since the last read-back
-    step = functools.partial(
-        train_step, config, model, optimizer, generator, autocast, loss_sum
-    )  # step(batch, k)
-    if config.cuda_graphs:
-        step = StepGraph(step, optimizer, generator, (config.batch_size, images.shape[1]))
+    step = make_step(config, model, optimizer, generator, loss_sum)
     stopped = False
     model.train()
     with flush_denormals():
@@ -233,6 +221,29 @@ def _end_epoch(
     state.k = next_k(config, state.epoch, state.k, ess)
 
 
+def make_step(
+    config: TrainConfig,
+    model: IWAEModel,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    loss_sum: Tensor,
+) -> Callable[[Tensor, int], None]:
+    """`step(batch, k)`: `train_step` bound to a run, replayed as a CUDA graph when
+    `config.cuda_graphs`; each step adds its loss to `loss_sum` []."""
+    # PyTorch's CUDA-graph notes ask for autocast's weight cache off in captured code; the
+    # casts themselves are the same.
+    autocast = torch.autocast(
+        loss_sum.device.type,
+        dtype=torch.bfloat16,
+        enabled=config.precision == "bf16",
+        cache_enabled=not config.cuda_graphs,
+    )
+    step = functools.partial(train_step, config, model, optimizer, generator, autocast, loss_sum)
+    if config.cuda_graphs:
+        return StepGraph(step, optimizer, generator, (config.batch_size, config.model.x_dim))
+    return step
+
+
 def train_step(
     config: TrainConfig,
     model: IWAEModel,
@@ -276,8 +287,7 @@ def _train_epoch(
 ) -> bool:
     """One pass over a fresh permutation and binarization; returns True when stopped.
 
-    `step(batch, k)` is `train_step` bound to the run's model and optimizer (or its
-    `StepGraph`); it adds each step's loss to `loss_sum`.
+    `step` is `make_step`'s; it adds each step's loss to `loss_sum`.
     """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, state.epoch)

@@ -87,6 +87,12 @@ def test_bad_configuration_is_a_message_not_a_traceback(mnist_env, tmp_path, cap
     assert "k must be at least 1" in capsys.readouterr().err
 
 
+def test_cuda_graphs_on_the_cpu_is_a_message(mnist_env, tmp_path, capsys):
+    argv = ["train", "--k", "2", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "x")]
+    assert main([*argv, *TINY]) == 2
+    assert "cuda_graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_checkpoint_says_which(mnist_env, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "nothing.safetensors")])
     assert code == 2

@@ -13,7 +13,7 @@ a GPU machine without the service's web stack runs it with
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import ClassVar
 
 import pytest
@@ -24,7 +24,7 @@ import models.training
 from models.config import ModelConfig, TrainConfig
 from models.cuda_graphs import WARMUP_STEPS, StepGraph
 from models.networks import IWAEModel
-from models.training import Progress, init_model, train, train_step
+from models.training import Progress, init_model, make_step, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -70,15 +70,14 @@ def grey_images(n: int, device: str = "cpu") -> Tensor:
     return torch.rand(n, D, generator=torch.Generator().manual_seed(5)).to(device)
 
 
-def bound_step(config: TrainConfig) -> tuple[functools.partial, Tensor, Tensor]:
-    """`train_step` bound as `train` binds it, a batch for it, and its loss accumulator."""
+def bound_step(config: TrainConfig) -> tuple[Callable[[Tensor, int], None], Tensor, Tensor]:
+    """The step `train` runs for `config`, a batch for it, and its loss accumulator."""
     device = torch.device(config.device)
     model = init_model(config, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4, fused=True)
     generator = torch.Generator(device).manual_seed(0)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bf16")
     loss_sum = torch.zeros((), device=device)
-    step = functools.partial(train_step, config, model, optimizer, generator, autocast, loss_sum)
+    step = make_step(config, model, optimizer, generator, loss_sum)
     return step, grey_images(config.batch_size, config.device), loss_sum
 
 
