@@ -59,6 +59,7 @@ class StepGraph:
         self._warm = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._batch: Tensor | None = None  # the static input [B, D] the graph reads
+        self._side: torch.cuda.Stream | None = None
         self.captures = 0
 
     def __call__(self, batch: Tensor, k: int) -> None:
@@ -88,11 +89,12 @@ class StepGraph:
 
     def _warmup(self, batch: Tensor, k: int) -> None:
         """An eager step on a side stream, as captures require of the work they record."""
-        side = torch.cuda.Stream(device=batch.device)
-        side.wait_stream(torch.cuda.current_stream(batch.device))
-        with torch.cuda.stream(side):
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=batch.device)
+        self._side.wait_stream(torch.cuda.current_stream(batch.device))
+        with torch.cuda.stream(self._side):
             self._step(batch, k)
-        torch.cuda.current_stream(batch.device).wait_stream(side)
+        torch.cuda.current_stream(batch.device).wait_stream(self._side)
 
     def _capture(self, batch: Tensor, k: int) -> None:
         """Record `step` on a static copy of `batch` (recording runs nothing)."""
