@@ -23,6 +23,7 @@ from torch import Tensor
 from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
 from models.cuda_graphs import StepGraph
+from models.fastpath import FastPath, fast_path
 from models.files import Fence
 from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
@@ -238,7 +239,10 @@ def make_step(
         enabled=config.precision == "bf16",
         cache_enabled=not config.cuda_graphs,
     )
-    step = functools.partial(train_step, config, model, optimizer, generator, autocast, loss_sum)
+    fast = fast_path(model, config)  # None: the autograd reference path
+    step = functools.partial(
+        train_step, config, model, fast, optimizer, generator, autocast, loss_sum
+    )
     if config.cuda_graphs:
         return StepGraph(step, optimizer, generator, (config.batch_size, config.model.x_dim))
     return step
@@ -247,6 +251,7 @@ def make_step(
 def train_step(
     config: TrainConfig,
     model: IWAEModel,
+    fast: FastPath | None,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     autocast: torch.autocast,
@@ -254,7 +259,8 @@ def train_step(
     batch: Tensor,
     k: int,
 ) -> None:
-    """One optimisation step at K=`k` on grey levels `batch` [B, D], binarized afresh.
+    """One optimisation step at K=`k` on grey levels `batch` [B, D], binarized afresh, by
+    `fast` (see `models.fastpath`) or, when None, by autograd on `surrogates`.
 
     Adds the batch's loss (minus its mean bound) to `loss_sum` [] in place. Reads nothing
     back to the host, so on a GPU it only enqueues kernels, and `models.cuda_graphs` can
@@ -266,12 +272,16 @@ def train_step(
         observed = draw_observed(
             config.missing_pattern, config.missing_rate, *x.shape, generator, x.dtype
         )  # [B, D]
-    with autocast:
-        s = surrogates(model, x, config, generator, k=k, observed=observed)
-    optimizer.zero_grad(set_to_none=True)
-    backward(model, s)
+    if fast is not None:
+        bound = fast.set_gradients(x, config, generator, k=k, observed=observed)
+    else:
+        with autocast:
+            s = surrogates(model, x, config, generator, k=k, observed=observed)
+        optimizer.zero_grad(set_to_none=True)
+        backward(model, s)
+        bound = s.bound
     optimizer.step()
-    loss_sum.sub_(s.bound.mean())
+    loss_sum.sub_(bound.mean())
 
 
 def _train_epoch(

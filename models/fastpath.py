@@ -1,0 +1,255 @@
+"""The fast path: Burda's one-layer model's forward and backward pass written by hand.
+
+`IWAEModel.log_weights` under autograd is the reference. This module computes the same
+log-weights with explicit matrix products into buffers allocated once per shape, and no
+autograd graph for the networks: the objective's gradient with respect to log w [K, B] comes
+from autograd on that small tensor (`models.objectives.surrogates_of`, so every objective
+stays written once), and is then carried back through the networks by hand. Two upstream
+gradients flow back, one for the encoder's parameters and one for the decoder's, which covers
+the objectives whose encoder and decoder follow different estimators (DReG, PIWAE); STL and
+DReG's stop-gradient on q's parameters is one more term of the encoder's path.
+
+Covered: the one-layer model (x -[h, h]-> z -[h, h]-> x), every objective, with or without
+a missing-pixel mask, in the parameters' dtype. `fast_path` returns None, and the caller
+uses the reference, for two stochastic layers and under autocast (bf16).
+
+Notation: rows r = (k, b) of the R = K*B samples, D pixels, H hidden units, d latent units.
+Encoder (B rows): h1 = tanh(x W1^T + b1), h2 = tanh(h1 W2^T + b2), [mu, logvar] = h2 W3^T + b3;
+z = mu + exp(logvar / 2) eps. Decoder (R rows): g1 = tanh(z V1^T + c1),
+g2 = tanh(g1 V2^T + c2), logits l = g2 V3^T + c3. Then
+
+    log w = sum_d o_d (x_d l_d - softplus(l_d)) - |z|^2 / 2 + sum_j (logvar_j + eps_j^2) / 2
+
+(the log 2 pi of p(z) and q(z|x) cancel; o is the mask, all ones without one), where
+sum_d o_d x_d l_d = g2 . (V3^T (o x)) + c3 . (o x) needs no pass over the [R, D] logits.
+Backward, for an upstream u_r = dL / d log w_r: with e = o x - o sigmoid(l) [R, D]
+(= d log p(x|z) / dl, written in the forward over the logits' buffer) and the row sensitivities
+a2 = (e V3) (1 - g2^2), a1 = (a2 V2) (1 - g1^2), a0 = a1 V1, every gradient is a row scaling
+of them (row scalings commute with products on the right):
+dV3 = e^T (u g2), dc3 = e^T u, dV2 = a2^T (u g1), dc2 = a2^T u, dV1 = a1^T (u z), dc1 = a1^T u,
+dL/dz = u (a0 - z) (+ u eps exp(-logvar/2) with q's parameters stopped, the STL/DReG path).
+So the decoder's backward costs its four big matrix products however many upstreams there are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.config import TrainConfig
+from models.distributions import inverse_std
+from models.networks import IWAEModel
+from models.objectives import sampling_plan, surrogates_of
+
+
+def fast_path(model: IWAEModel, config: TrainConfig | None = None) -> FastPath | None:
+    """The fast path for `model` (trained with `config`), or None where the reference
+    (autograd) path must run: two stochastic layers, bf16 training, or autocast enabled."""
+    if model.config.layers != 1 or torch.is_autocast_enabled():
+        return None
+    if config is not None and config.precision != "fp32":
+        return None
+    return FastPath(model)
+
+
+@dataclass
+class _Buffers:
+    """What one shape (n samples of B images) needs, allocated once and reused."""
+
+    eps: Tensor  # [n, B, d]
+    z: Tensor  # [n, B, d]
+    g1: Tensor  # [R, H]
+    g2: Tensor  # [R, H]
+    logits: Tensor  # [R, D]; holds e after a training forward
+    scratch: Tensor  # [R, D]: the softplus in training; the logits' buffer in inference
+    hidden: Tensor  # [R, H]
+
+
+@dataclass
+class _Forward:
+    """What the backward needs of one training forward (besides the buffers)."""
+
+    x_in: Tensor  # [B, D], the encoder's input (missing pixels zero)
+    h1: Tensor  # [B, H]
+    h2: Tensor  # [B, H]
+    mu: Tensor  # [B, d]
+    logvar: Tensor  # [B, d]
+    std: Tensor  # [B, d], exp(logvar / 2)
+    buffers: _Buffers
+
+
+class FastPath:
+    """Hand-written passes of a one-layer `IWAEModel`; reads its parameters at every call.
+
+    `set_gradients` replaces `surrogates` + `backward` in a training step; `log_weights`
+    replaces `IWAEModel.log_weights` in the log-likelihood estimate. Both draw the same noise
+    from the generator as the reference does, so they return the same values up to rounding.
+    """
+
+    def __init__(self, model: IWAEModel) -> None:
+        if model.config.layers != 1:
+            raise ValueError("the fast path covers the one-layer model only")
+        self.model = model
+        self._encoder = _linears(model.encoders[0].net)
+        self._decoder = _linears(model.decoders[0])
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._grads: dict[nn.Parameter, Tensor] = {}
+
+    @torch.no_grad()
+    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """log w for K draws per image: x [B, D] -> [K, B], as `IWAEModel.log_weights`."""
+        return self._forward(x, k, generator, None, training=False)[0]
+
+    @torch.no_grad()
+    def set_gradients(
+        self,
+        x: Tensor,
+        config: TrainConfig,
+        generator: torch.Generator | None = None,
+        *,
+        k: int | None = None,
+        observed: Tensor | None = None,
+    ) -> Tensor:
+        """One training step's gradients: sets every parameter's .grad to the gradient that
+        `surrogates(model, x, config, generator, k=k, observed=observed)` followed by
+        `backward` would accumulate from zero, and returns the detached bound [B]."""
+        draws, stop_q = sampling_plan(config, k)
+        log_w, forward = self._forward(x, draws, generator, observed, training=True)
+        with torch.enable_grad():
+            leaf = log_w.requires_grad_()  # [n, B], no history: the networks are not in it
+            s = surrogates_of(leaf, config)
+            if s.encoder is s.decoder:
+                (u_enc,) = torch.autograd.grad(-s.encoder.mean(), leaf)
+                u_dec = u_enc
+            else:
+                (u_enc,) = torch.autograd.grad(-s.encoder.mean(), leaf, retain_graph=True)
+                (u_dec,) = torch.autograd.grad(-s.decoder.mean(), leaf)
+        dz = self._decoder_backward(forward.buffers, u_dec.reshape(-1, 1), u_enc)
+        self._encoder_backward(forward, dz, u_enc, stop_q)
+        return s.bound
+
+    def _forward(
+        self,
+        x: Tensor,
+        n: int,
+        generator: torch.Generator | None,
+        observed: Tensor | None,
+        *,
+        training: bool,
+    ) -> tuple[Tensor, _Forward]:
+        """log w [n, B] and what the backward needs; x [B, D]."""
+        (w1, b1), (w2, b2), (w3, b3) = self._encoder
+        (v1, c1), (v2, c2), (v3, c3) = self._decoder
+        x_in = x if observed is None else x * observed  # [B, D], missing pixels zero
+        h1 = torch.addmm(b1, x_in, w1.t()).tanh_()  # [B, H]
+        h2 = torch.addmm(b2, h1, w2.t()).tanh_()
+        mu, logvar = torch.addmm(b3, h2, w3.t()).chunk(2, dim=-1)  # [B, d] each
+        std = torch.exp(0.5 * logvar)
+        buf = self._buffers_for(n, x, training)
+        torch.randn(buf.eps.shape, generator=generator, out=buf.eps)  # [n, B, d]
+        torch.addcmul(mu, std, buf.eps, out=buf.z)  # [n, B, d]
+        rows = buf.g1.shape[0]
+        torch.addmm(c1, buf.z.view(rows, -1), v1.t(), out=buf.g1).tanh_()  # [R, H]
+        torch.addmm(c2, buf.g1, v2.t(), out=buf.g2).tanh_()  # [R, H]
+        logits = torch.addmm(c3, buf.g2, v3.t(), out=buf.logits)  # [R, D]
+        batch = x.shape[0]
+        # sum_d o_d x_d l_d = g2 . (V3^T (o x)) + c3 . (o x): [n, B]
+        g2 = buf.g2.view(n, batch, -1)  # [n, B, H]
+        xv = torch.mul(g2, x_in @ v3, out=buf.hidden.view(n, batch, -1)).sum(-1)
+        x_dot_l = xv + x_in @ c3  # [n, B]
+        softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=buf.scratch)  # [R, D]
+        softplus = softplus.view(n, batch, -1)  # [n, B, D]
+        if observed is not None:
+            softplus.mul_(observed)
+        log_px = x_dot_l - softplus.sum(-1)  # [n, B]
+        log_w = (
+            log_px
+            - 0.5 * buf.z.square().sum(-1)
+            + 0.5 * (logvar.sum(-1) + buf.eps.square().sum(-1))
+        )  # [n, B]
+        if training:  # e = o x - o sigmoid(l) over the logits, which are not needed again
+            e = torch.sigmoid(logits, out=logits).view(n, batch, -1)  # [n, B, D]
+            if observed is not None:
+                e.mul_(observed)
+            torch.sub(x_in, e, out=e)
+        return log_w, _Forward(x_in, h1, h2, mu, logvar, std, buf)
+
+    def _decoder_backward(self, buf: _Buffers, u: Tensor, u_enc: Tensor) -> Tensor:
+        """Sets the decoder's gradients for upstream u [R, 1] and returns dL/dz [n, B, d] for
+        the encoder's upstream u_enc [n, B] (without the prior's and q's terms)."""
+        (v1, c1), (v2, c2), (v3, c3) = self._decoder
+        e, g1, g2, hidden = buf.logits, buf.g1, buf.g2, buf.hidden  # e [R, D], others [R, H]
+        u_flat = u.view(-1)  # [R]
+        torch.mm(e.t(), torch.mul(g2, u, out=hidden), out=self._grad(v3))  # [D, H]
+        torch.mv(e.t(), u_flat, out=self._grad(c3))  # [D]
+        a2 = torch.ops.aten.tanh_backward.grad_input(
+            torch.mm(e, v3, out=hidden), g2, grad_input=hidden
+        )  # [R, H]
+        torch.mm(a2.t(), torch.mul(g1, u, out=g2), out=self._grad(v2))  # [H, H]
+        torch.mv(a2.t(), u_flat, out=self._grad(c2))
+        a1 = torch.ops.aten.tanh_backward.grad_input(
+            torch.mm(a2, v2, out=g2), g1, grad_input=g2
+        )  # [R, H]
+        z = buf.z.view(a1.shape[0], -1)  # [R, d]
+        torch.mm(a1.t(), z * u, out=self._grad(v1))  # [H, d]
+        torch.mv(a1.t(), u_flat, out=self._grad(c1))
+        a0 = (a1 @ v1).view(buf.z.shape)  # [n, B, d]
+        return u_enc.unsqueeze(-1) * (a0 - buf.z)
+
+    def _encoder_backward(self, f: _Forward, dz: Tensor, u_enc: Tensor, stop_q: bool) -> None:
+        """Sets the encoder's gradients from dL/dz [n, B, d] (decoder and prior terms)."""
+        (w1, b1), (w2, b2), (w3, b3) = self._encoder
+        eps = f.buffers.eps  # [n, B, d]
+        if stop_q:  # d log q(z; stopped mu, logvar) / dz = -eps exp(-logvar/2): enters -log q
+            dz = dz + u_enc.unsqueeze(-1) * eps * inverse_std(f.logvar)
+        d_mu = dz.sum(0)  # [B, d]
+        d_logvar = 0.5 * f.std * (dz * eps).sum(0)  # dz/dlogvar = exp(logvar / 2) eps / 2
+        if not stop_q:  # -log q = (logvar + eps^2) / 2 + const
+            d_logvar += 0.5 * u_enc.sum(0).unsqueeze(-1)
+        d_out = torch.cat([d_mu, d_logvar], dim=-1)  # [B, 2d]
+        for (w, b), h_in, h_out in (
+            ((w3, b3), f.h2, None),
+            ((w2, b2), f.h1, f.h2),
+            ((w1, b1), f.x_in, f.h1),
+        ):
+            if h_out is not None:  # through tanh: (1 - h^2)
+                d_out = torch.ops.aten.tanh_backward(d_out, h_out)
+            torch.mm(d_out.t(), h_in, out=self._grad(w))
+            torch.sum(d_out, 0, out=self._grad(b))
+            if h_in is not f.x_in:
+                d_out = d_out @ w  # [B, H]
+
+    def _grad(self, p: nn.Parameter) -> Tensor:
+        """p's gradient buffer, set as p.grad (the same tensor every step)."""
+        grad = self._grads.get(p)
+        if grad is None:
+            grad = self._grads[p] = torch.empty_like(p)
+        p.grad = grad
+        return grad
+
+    def _buffers_for(self, n: int, x: Tensor, training: bool) -> _Buffers:
+        key = (n, x.shape[0])
+        buf = self._buffers.get(key)
+        if buf is None:
+            rows = n * x.shape[0]
+            hidden = self.model.config.hidden_dims[0]
+            latent = self.model.config.latent_dims[0]
+            new = {"dtype": x.dtype, "device": x.device}
+            logits = torch.empty(rows, x.shape[1], **new)
+            buf = self._buffers[key] = _Buffers(
+                eps=torch.empty(n, x.shape[0], latent, **new),
+                z=torch.empty(n, x.shape[0], latent, **new),
+                g1=torch.empty(rows, hidden, **new),
+                g2=torch.empty(rows, hidden, **new),
+                logits=logits,
+                scratch=torch.empty_like(logits) if training else logits,
+                hidden=torch.empty(rows, hidden, **new),
+            )
+        return buf
+
+
+def _linears(mlp: nn.Sequential) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(weight, bias) of each linear layer of a Linear-Tanh-Linear-Tanh-Linear MLP."""
+    return [(m.weight, m.bias) for m in mlp if isinstance(m, nn.Linear)]
