@@ -144,6 +144,11 @@ def summary(out: Path) -> list[str]:
     for k in ks:
         bounds = [table.get((k, run), {}).get("test_bound", math.nan) for run in runs]
         lines.append(f"{k:>4} " + " ".join(f"{bound:>17.2f}" for bound in bounds))
+    for eager, graph in (("ours", "ours-graph"), ("ours-bf16", "ours-bf16-graph")):
+        pairs = [(table.get((k, eager)), table.get((k, graph))) for k in ks]
+        gaps = [abs(a["test_bound"] - b["test_bound"]) for a, b in pairs if a and b]
+        if gaps:
+            lines.append(f"{graph:>17}: |test bound - {eager}'s| <= {max(gaps):.2g}")
     for run in runs:
         first, last = table.get((min(ks), run)), table.get((max(ks), run))
         at50 = table.get((50, run))
