@@ -51,6 +51,7 @@ class Part:
     timeout_s: int
     needs_gpu: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    tail: int = 12  # lines of the log shown on the console
 
 
 def parts(args: argparse.Namespace, out: Path) -> list[Part]:
@@ -71,7 +72,7 @@ def parts(args: argparse.Namespace, out: Path) -> list[Part]:
         Part("tests", [*pytest, "--confcutdir=tests/models", CUDA_TESTS], 180, env=DETERMINISTIC),
         Part("eager", throughput("eager", "ref", "ours", "ours-bf16"), 180),
         Part("graphs", throughput("graphs", "ours-graph", "ours-bf16-graph"), 120, True),
-        Part("profile", [*profile, "--steps", "20" if args.small else "200"], 90),
+        Part("profile", [*profile, "--steps", "20" if args.small else "200"], 90, tail=26),
     ]
     if (ROOT / "bench/roofline.py").exists():
         found.append(Part("roofline", [PYTHON, "bench/roofline.py", "--device", args.device], 120))
@@ -107,7 +108,7 @@ def run(part: Part, out: Path, deadline: float) -> str:
     seconds = time.monotonic() - start
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     print(f"\n=== {part.name}: {status}, {seconds:.0f} s, log {log}")
-    print("\n".join(lines[-12:]), flush=True)
+    print("\n".join(lines[-part.tail :]), flush=True)
     return status
 
 
