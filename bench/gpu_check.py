@@ -84,10 +84,10 @@ def run(part: Part, out: Path, deadline: float) -> str:
     left = deadline - time.monotonic()
     if left < 10:
         return "skipped (no time left)"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, **part.env}
+    if "IWAE_DATA_DIR" in env:  # the parts run in the repository root
+        env["IWAE_DATA_DIR"] = str(Path(env["IWAE_DATA_DIR"]).resolve())
     log = out / f"{part.name}.log"
     start = time.monotonic()
     try:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 import models.training
-from models.config import ModelConfig, TrainConfig
+from models.config import OBJECTIVES, ModelConfig, TrainConfig
 from models.cuda_graphs import WARMUP_STEPS, StepGraph
 from models.networks import IWAEModel
 from models.training import Progress, init_model, make_step, train
@@ -46,6 +46,15 @@ STEP_CASES = {
         "missing_rate": 0.5,
         "missing_pattern": "top-half",
         "precision": "bf16",
+    },
+}
+# Every objective: those above and each remaining one on the one-layer model.
+ALL_OBJECTIVES = {
+    **STEP_CASES,
+    **{
+        name: {"objective": name}
+        for name in OBJECTIVES
+        if all(case.get("objective") != name for case in STEP_CASES.values())
     },
 }
 # Ops that copy a value from the device to the host: .item(), float(), bool(), nonzero().
@@ -114,9 +123,9 @@ def test_host_reads_sees_a_read_back() -> None:
     assert host_reads(lambda: x.sum() + 1) == set()
 
 
-@pytest.mark.parametrize("case", STEP_CASES)
+@pytest.mark.parametrize("case", ALL_OBJECTIVES)
 def test_the_training_step_reads_nothing_back(case: str) -> None:
-    step, batch, loss_sum = bound_step(small_config("cpu", **STEP_CASES[case]))
+    step, batch, loss_sum = bound_step(small_config("cpu", **ALL_OBJECTIVES[case]))
     step(batch, 5)  # Adam creates its state on the first step
     assert host_reads(lambda: step(batch, 5)) == set()
     assert torch.isfinite(loss_sum)
@@ -206,9 +215,9 @@ def test_configs_from_before_cuda_graphs_read_as_eager() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("case", STEP_CASES)
+@pytest.mark.parametrize("case", ALL_OBJECTIVES)
 def test_the_cuda_step_never_synchronizes(case: str) -> None:
-    step, batch, loss_sum = bound_step(small_config("cuda", **STEP_CASES[case]))
+    step, batch, loss_sum = bound_step(small_config("cuda", **ALL_OBJECTIVES[case]))
     step(batch, 5)  # first-step allocations (Adam's state, cuBLAS) out of the way
     torch.cuda.set_sync_debug_mode("error")
     try:
