@@ -4,7 +4,8 @@ The CPU tests check what can be checked without a GPU: when `StepGraph` warms up
 replays or falls back to an eager step; that the training step asks the device for no value
 (no op that copies a scalar to the host); that a CPU run refuses `cuda_graphs`. The tests
 marked `cuda` run on a GPU only: every objective's step under
-`torch.cuda.set_sync_debug_mode("error")`, and whole graphed runs against eager ones.
+`torch.cuda.set_sync_debug_mode("error")`, an epoch that waits for the device only to read
+the loss, and whole graphed runs against eager ones.
 
 This module imports only `models` and its fixtures only from `tests/models/conftest.py`, so
 a GPU machine without the service's web stack runs it with
@@ -13,7 +14,9 @@ a GPU machine without the service's web stack runs it with
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
@@ -21,10 +24,11 @@ import torch
 from torch import Tensor
 
 import models.training
+from models.checkpoint import TrainState
 from models.config import OBJECTIVES, ModelConfig, TrainConfig
 from models.cuda_graphs import WARMUP_STEPS, StepGraph
 from models.networks import IWAEModel
-from models.training import Progress, init_model, make_step, train
+from models.training import Progress, _train_epoch, init_model, make_step, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,15 +83,25 @@ def grey_images(n: int, device: str = "cpu") -> Tensor:
     return torch.rand(n, D, generator=torch.Generator().manual_seed(5)).to(device)
 
 
-def bound_step(config: TrainConfig) -> tuple[Callable[[Tensor, int], None], Tensor, Tensor]:
-    """The step `train` runs for `config`, a batch for it, and its loss accumulator."""
+@dataclass
+class Bound:
+    """The step `train` runs for a config, what it updates, and a batch for it."""
+
+    step: Callable[[Tensor, int], None]
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    loss_sum: Tensor
+    batch: Tensor
+
+
+def bound_step(config: TrainConfig) -> Bound:
     device = torch.device(config.device)
     model = init_model(config, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4, fused=True)
     generator = torch.Generator(device).manual_seed(0)
     loss_sum = torch.zeros((), device=device)
     step = make_step(config, model, optimizer, generator, loss_sum)
-    return step, grey_images(config.batch_size, config.device), loss_sum
+    return Bound(step, optimizer, generator, loss_sum, grey_images(config.batch_size, device))
 
 
 # --- CPU: the step reads nothing back ---
@@ -125,10 +139,10 @@ def test_host_reads_sees_a_read_back() -> None:
 
 @pytest.mark.parametrize("case", ALL_OBJECTIVES)
 def test_the_training_step_reads_nothing_back(case: str) -> None:
-    step, batch, loss_sum = bound_step(small_config("cpu", **ALL_OBJECTIVES[case]))
-    step(batch, 5)  # Adam creates its state on the first step
-    assert host_reads(lambda: step(batch, 5)) == set()
-    assert torch.isfinite(loss_sum)
+    run = bound_step(small_config("cpu", **ALL_OBJECTIVES[case]))
+    run.step(run.batch, 5)  # Adam creates its state on the first step
+    assert host_reads(lambda: run.step(run.batch, 5)) == set()
+    assert torch.isfinite(run.loss_sum)
 
 
 # --- CPU: when the graph is captured, replayed or bypassed ---
@@ -217,15 +231,41 @@ def test_configs_from_before_cuda_graphs_read_as_eager() -> None:
 @cuda
 @pytest.mark.parametrize("case", ALL_OBJECTIVES)
 def test_the_cuda_step_never_synchronizes(case: str) -> None:
-    step, batch, loss_sum = bound_step(small_config("cuda", **ALL_OBJECTIVES[case]))
-    step(batch, 5)  # first-step allocations (Adam's state, cuBLAS) out of the way
+    run = bound_step(small_config("cuda", **ALL_OBJECTIVES[case]))
+    run.step(run.batch, 5)  # first-step allocations (Adam's state, cuBLAS) out of the way
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            step(batch, 5)
+            run.step(run.batch, 5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss_sum.cpu())
+    assert torch.isfinite(run.loss_sum.cpu())
+
+
+def synchronizations(fn: Callable[[], object]) -> int:
+    """How many times `fn()` makes the host wait for the device."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@cuda
+def test_a_cuda_epoch_synchronizes_only_to_read_the_loss() -> None:
+    """120 steps: the loss is read after steps 50, 100 and 120, and nothing else waits."""
+    config = small_config("cuda")
+    run = bound_step(config)
+    images = grey_images(120 * config.batch_size, "cuda")
+    run.step(run.batch, 5)
+    per_read = synchronizations(lambda: float(run.loss_sum.zero_()))
+    epoch = (config, run.optimizer, run.generator, images, TrainState(k=5), 120, run.step)
+    assert per_read >= 1
+    assert synchronizations(lambda: _train_epoch(*epoch, run.loss_sum, ())) == 3 * per_read
 
 
 class CountingGraph(StepGraph):
