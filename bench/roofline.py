@@ -2,6 +2,7 @@
 
 Usage: python bench/roofline.py [--ks 1 5 50] [--train-size 60000] [--eval-images 100]
                                 [--eval-k 5000] [--repeats 2] [--device cpu] [--skip-reference]
+       python bench/roofline.py --profile [--ks 50]
 
 The floor of a training step is the time of exactly its matrix products: the forward,
 weight-gradient and input-gradient products of Burda's one-layer model (784-200-200-50, the
@@ -19,6 +20,12 @@ of each chunk of samples the estimator draws (the decoder on chunk*B rows; the e
 per batch). Also printed: the machine's fp32 GEMM rate (2048^3, best of 10), and the
 subnormal (flush-to-zero) setting and thread count that each side ran with. Ratios within
 one run are what count: other processes sharing the machine slow every figure.
+
+`--profile` shows where a fast-path training step (each K of --ks) and an evaluation chunk
+spend their time: every operation's time per call against its own floor, a matrix product's
+time alone at that shape, or for the others the bytes they read and write at the machine's
+copy bandwidth (measured in the same run); exp, log1p and sigmoid are compute-bound, so their
+bandwidth floor understates them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from models import estimators
 from models.config import ModelConfig, TrainConfig
 from models.data import binarized_test_images, load_mnist
 from models.estimators import log_likelihood
+from models.fastpath import FastPath
 from models.networks import IWAEModel
 from models.training import flush_denormals, resolve_device, train
 
@@ -147,6 +155,86 @@ def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> float
     return time.perf_counter() - start
 
 
+def copy_bandwidth(device: torch.device, numel: int = 1 << 24) -> float:
+    """Bytes per second of a large copy (read and write), best of 10."""
+    a, b = torch.empty(numel, device=device), torch.randn(numel, device=device)
+    return 8 * numel / best_seconds(lambda: a.copy_(b), device)
+
+
+def op_floor(name: str, shapes: list[list[int]], bandwidth: float, device: torch.device) -> float:
+    """Seconds one call of `name` needs at least: a product alone at its shape, or its
+    bytes (inputs, and the output of in-place ops) at the copy bandwidth."""
+    if name in ("aten::mm", "aten::addmm"):
+        first = 0 if name == "aten::mm" else 1  # addmm's first argument is the bias
+        (m, k), (_, n) = shapes[first], shapes[first + 1]
+        return gemm_seconds(m, n, k, device, "data")
+    elements = sum(math.prod(s) for s in shapes if s)
+    if elements <= len(shapes):  # only scalars and lists of tensors seen: no floor
+        raise ValueError(name)
+    if name.endswith("_"):  # in place: the first argument is written back too
+        elements += math.prod(shapes[0])
+    return 4 * elements / bandwidth
+
+
+def profile(fn: Callable[[], object], calls: int, device: torch.device, title: str) -> None:
+    """Per-operation time of `calls` calls of fn, against each operation's floor."""
+    fn()
+    bandwidth = copy_bandwidth(device)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    events = sorted(
+        prof.key_averages(group_by_input_shape=True),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
+    print(f"{title}: {total:.2f} ms per call; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"  {'operation':<28} {'shapes':<44} {'ms/call':>8} {'floor ms':>9} {'x floor':>8}")
+    for e in events[:20]:
+        ms = e.self_cpu_time_total / 1e3 / calls
+        shapes = [list(s) if isinstance(s, list | tuple) else [] for s in e.input_shapes]
+        try:
+            floor = op_floor(e.key, shapes, bandwidth, device) * 1e3 * e.count / calls
+            ratio = f"{ms / floor:>7.1f}x" if floor > 0 else ""
+            floor_text = f"{floor:>9.3f}"
+        except (ValueError, IndexError, TypeError):
+            floor_text, ratio = f"{'':>9}", ""
+        shape_text = str([s for s in shapes if s])[:44]
+        print(f"  {e.key:<28} {shape_text:<44} {ms:>8.3f} {floor_text} {ratio}")
+
+
+def profile_fast_path(ks: list[int], device: torch.device) -> None:
+    """`profile` of a fast-path training step at each K, and of one evaluation chunk."""
+    torch.manual_seed(0)
+    model = IWAEModel(ModelConfig(layers=1, latent_dim=Z, hidden_dim=H)).to(device)
+    x = torch.bernoulli(torch.full((BATCH, D), 0.13, device=device))  # MNIST's mean grey
+    generator = torch.Generator(device).manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), eps=1e-4, fused=True)
+    fast = FastPath(model)
+    with flush_denormals():
+        for k in ks:
+            config = TrainConfig(k=k, model=model.config)
+
+            def step(config: TrainConfig = config) -> None:
+                fast.set_gradients(x, config, generator)
+                optimizer.step()
+
+            profile(step, 10, device, f"training step, K={k}, flush-to-zero on")
+    chunk = estimators._CHUNK_ELEMENTS // (BATCH * D)
+    with torch.inference_mode():
+        evaluation = FastPath(model)
+        profile(
+            lambda: evaluation.log_weights(x, chunk, generator),
+            10,
+            device,
+            f"evaluation chunk, {chunk} samples x {BATCH} images, flush-to-zero off",
+        )
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.1f}" if len(values) == 1 else f"{min(values):.1f}-{max(values):.1f}"
 
@@ -169,8 +257,12 @@ def main() -> None:
             )
         ),
     )
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.profile:
+        profile_fast_path(args.ks, device)
+        return
     data = load_mnist(args.data_dir)
     images = data.train_images[: args.train_size].to(device)
     steps = -(-len(images) // BATCH)

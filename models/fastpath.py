@@ -33,7 +33,9 @@ So the decoder's backward costs its four big matrix products however many upstre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,11 @@ from models.config import TrainConfig
 from models.distributions import inverse_std
 from models.networks import IWAEModel
 from models.objectives import sampling_plan, surrogates_of
+
+T = TypeVar("T")
+# Rows of one decoder block in inference: its logits, 4096 x 784 fp32 = 12.8 MB, stay in a
+# 32 MB L3 cache between the product that writes them and the softplus that reads them.
+_BLOCK_ROWS = 4096
 
 
 def fast_path(model: IWAEModel, config: TrainConfig | None = None) -> FastPath | None:
@@ -63,15 +70,15 @@ class _Buffers:
     adds the bias, and the weight-gradient product also yields the bias's gradient.
     """
 
-    eps: Tensor  # [n, B, d]
     z: Tensor  # [R, d + 1]
+    z_view: Tensor  # [n, B, d], z without its ones column
     g1: Tensor  # [R, H + 1]
     g2: Tensor  # [R, H + 1]
     logits: Tensor  # [R, D]; holds e after a training forward
     scratch: Tensor  # [R, D]: the softplus in training; the logits' buffer in inference
     scaled: Tensor  # [R, H + 1]: rows of g times the upstream
-    back1: Tensor  # [R, H]
-    back2: Tensor  # [R, H]
+    product: Tensor  # [R, H]: a product before its tanh; in the backward, e V3 and a2
+    back: Tensor  # [R, H] in training (a1), else empty
 
 
 @dataclass
@@ -83,6 +90,7 @@ class _Forward:
     h2: Tensor  # [B, H]
     std: Tensor  # [B, d], exp(logvar / 2)
     logvar: Tensor  # [B, d]
+    eps: Tensor  # [n, B, d]
     buffers: _Buffers
 
 
@@ -100,7 +108,7 @@ class FastPath:
         self.model = model
         self._encoder = _linears(model.encoders[0].net)
         self._decoder = _linears(model.decoders[0])
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._buffers: dict[tuple, Any] = {}
         self._grads: dict[nn.Parameter, Tensor] = {}
         # [V | c] of each decoder layer, twice that before a tanh (see `_tanh_of_half`).
         self._weights = [torch.empty(w.shape[0], w.shape[1] + 1).to(w) for w, _ in self._decoder]
@@ -148,42 +156,68 @@ class FastPath:
         *,
         training: bool,
     ) -> tuple[Tensor, _Forward]:
-        """log w [n, B] and what the backward needs; x [B, D]."""
+        """log w [n, B] and what the backward needs; x [B, D].
+
+        In inference the decoder runs on blocks of about `_BLOCK_ROWS` rows, so that each
+        block's logits stay in the cache between the product that writes them and the
+        softplus that reads them; training keeps every row for the backward.
+        """
         (w1, b1), (w2, b2), (w3, b3) = self._encoder
         x_in = x if observed is None else x * observed  # [B, D], missing pixels zero
-        h1 = _tanh_of_half(torch.addmm(b1, x_in, w1.t(), beta=2, alpha=2))  # [B, H]
-        h2 = _tanh_of_half(torch.addmm(b2, h1, w2.t(), beta=2, alpha=2))
+        h1 = torch.addmm(b1, x_in, w1.t(), beta=2, alpha=2)  # [B, H]
+        h1 = _tanh_of_half(h1, out=h1)
+        h2 = torch.addmm(b2, h1, w2.t(), beta=2, alpha=2)
+        h2 = _tanh_of_half(h2, out=h2)
         mu, logvar = torch.addmm(b3, h2, w3.t()).chunk(2, dim=-1)  # [B, d] each
         std = torch.exp(0.5 * logvar)
-        batch, latent = mu.shape
-        buf = self._buffers_for(n, x, training)
-        v1, v2, v3 = self._augmented_weights()
-        torch.randn(buf.eps.shape, generator=generator, out=buf.eps)  # [n, B, d]
-        z = buf.z[:, :latent].view(n, batch, latent)  # [n, B, d], a strided view
-        torch.addcmul(mu, std, buf.eps, out=z)
+        eps = self._buffer(("eps", n, *mu.shape), lambda: torch.empty(n, *mu.shape).to(mu))
+        torch.randn(eps.shape, generator=generator, out=eps)  # [n, B, d], drawn at once
+        weights = self._augmented_weights()
+        x_v3 = x_in @ weights[2]  # [B, H + 1]
+        # log q's terms: -log q(z|x) = sum_j (logvar_j + eps_j^2) / 2 + const
+        neg_log_q = 0.5 * (logvar.sum(-1) + eps.square().sum(-1))  # [n, B]
+        block = n if training else max(1, _BLOCK_ROWS // len(x))
+        parts = []
+        for start in range(0, n, block):
+            buf = self._buffers_for(min(block, n - start), x, training)
+            z = torch.addcmul(mu, std, eps[start : start + block], out=buf.z_view)  # [m, B, d]
+            parts.append(self._decode(buf, z, x_in, x_v3, weights, observed, training))
+        log_w = (parts[0] if len(parts) == 1 else torch.cat(parts)) + neg_log_q  # [n, B]
+        return log_w, _Forward(x_in, h1, h2, std, logvar, eps, buf)
+
+    @staticmethod
+    def _decode(
+        buf: _Buffers,
+        z: Tensor,
+        x_in: Tensor,
+        x_v3: Tensor,
+        weights: list[Tensor],
+        observed: Tensor | None,
+        training: bool,
+    ) -> Tensor:
+        """log p(x_obs | z) + log p(z) (without log 2 pi) for z [m, B, d] in buf.z: [m, B]."""
+        v1, v2, v3 = weights
+        m, batch, _ = z.shape
         hidden = buf.g1.shape[1] - 1
-        _tanh_of_half(torch.mm(buf.z, v1.t(), out=buf.g1[:, :hidden]))  # [R, H]
-        _tanh_of_half(torch.mm(buf.g1, v2.t(), out=buf.g2[:, :hidden]))
+        # A product into a strided view would go through a copy: into `product` first.
+        product = torch.mm(buf.z, v1.t(), out=buf.product)  # [R, H]
+        _tanh_of_half(product, out=buf.g1[:, :hidden])
+        _tanh_of_half(torch.mm(buf.g1, v2.t(), out=product), out=buf.g2[:, :hidden])
         logits = torch.mm(buf.g2, v3.t(), out=buf.logits)  # [R, D]
-        # sum_d o_d x_d l_d = [g2 1] . ([V3 | c3]^T (o x)): [n, B]
-        g2 = buf.g2.view(n, batch, -1)  # [n, B, H + 1]
-        x_dot_l = torch.mul(g2, x_in @ v3, out=buf.scaled.view(n, batch, -1)).sum(-1)
+        # sum_d o_d x_d l_d = [g2 1] . ([V3 | c3]^T (o x)): [m, B]
+        g2 = buf.g2.view(m, batch, -1)  # [m, B, H + 1]
+        x_dot_l = torch.mul(g2, x_v3, out=buf.scaled.view(m, batch, -1)).sum(-1)
         softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=buf.scratch)  # [R, D]
-        softplus = softplus.view(n, batch, -1)  # [n, B, D]
+        softplus = softplus.view(m, batch, -1)  # [m, B, D]
         if observed is not None:
             softplus.mul_(observed)
-        log_w = (
-            x_dot_l
-            - softplus.sum(-1)
-            - 0.5 * z.square().sum(-1)
-            + 0.5 * (logvar.sum(-1) + buf.eps.square().sum(-1))
-        )  # [n, B]
+        log_p = x_dot_l - softplus.sum(-1) - 0.5 * z.square().sum(-1)  # [m, B]
         if training:  # e = o x - o sigmoid(l) over the logits, which are not needed again
-            e = torch.sigmoid(logits, out=logits).view(n, batch, -1)  # [n, B, D]
+            e = torch.sigmoid(logits, out=logits).view(m, batch, -1)  # [m, B, D]
             if observed is not None:
                 e.mul_(observed)
             torch.sub(x_in, e, out=e)
-        return log_w, _Forward(x_in, h1, h2, std, logvar, buf)
+        return log_p
 
     def _decoder_backward(self, buf: _Buffers, u: Tensor, u_enc: Tensor) -> Tensor:
         """Sets the decoder's gradients for upstream u [R, 1] and returns dL/dz [n, B, d] for
@@ -195,25 +229,24 @@ class FastPath:
         g1, g2 = buf.g1[:, :hidden], buf.g2[:, :hidden]  # [R, H], strided views
         torch.mm(e.t(), torch.mul(buf.g2, u, out=scaled), out=grad3)  # [D, H + 1]
         a2 = torch.ops.aten.tanh_backward.grad_input(
-            torch.mm(e, v3, out=buf.back1), g2, grad_input=buf.back1
+            torch.mm(e, v3, out=buf.product), g2, grad_input=buf.product
         )  # [R, H]
         torch.mm(a2.t(), torch.mul(buf.g1, u, out=scaled), out=grad2)  # [H, H + 1]
         a1 = torch.ops.aten.tanh_backward.grad_input(
-            torch.mm(a2, v2, out=buf.back2), g1, grad_input=buf.back2
+            torch.mm(a2, v2, out=buf.back), g1, grad_input=buf.back
         )  # [R, H]
         latent = v1.shape[1]
         torch.mm(a1.t(), torch.mul(buf.z, u, out=scaled[:, : latent + 1]), out=grad1)
         for (w, b), grad in zip(self._decoder, self._weight_grads, strict=True):
             self._grad(w).copy_(grad[:, :-1])
             self._grad(b).copy_(grad[:, -1])
-        a0 = (a1 @ v1).view(buf.eps.shape)  # [n, B, d]
-        z = buf.z[:, :latent].view(buf.eps.shape)
-        return u_enc.unsqueeze(-1) * (a0 - z)
+        a0 = (a1 @ v1).view(buf.z_view.shape)  # [n, B, d]
+        return u_enc.unsqueeze(-1) * (a0 - buf.z_view)
 
     def _encoder_backward(self, f: _Forward, dz: Tensor, u_enc: Tensor, stop_q: bool) -> None:
         """Sets the encoder's gradients from dL/dz [n, B, d] (decoder and prior terms)."""
         (w1, b1), (w2, b2), (w3, b3) = self._encoder
-        eps = f.buffers.eps  # [n, B, d]
+        eps = f.eps  # [n, B, d]
         if stop_q:  # d log q(z; stopped mu, logvar) / dz = -eps exp(-logvar/2): enters -log q
             dz = dz + u_enc.unsqueeze(-1) * eps * inverse_std(f.logvar)
         d_mu = dz.sum(0)  # [B, d]
@@ -248,32 +281,41 @@ class FastPath:
         return grad
 
     def _buffers_for(self, n: int, x: Tensor, training: bool) -> _Buffers:
-        key = (n, x.shape[0])
-        buf = self._buffers.get(key)
-        if buf is None:
-            rows = n * x.shape[0]
+        """The decoder's buffers for n samples of x [B, D]."""
+
+        def make() -> _Buffers:
+            rows, batch = n * x.shape[0], x.shape[0]
             hidden = self.model.config.hidden_dims[0]
             latent = self.model.config.latent_dims[0]
             new = {"dtype": x.dtype, "device": x.device}
+            z = _with_ones_column(rows, latent, **new)
             logits = torch.empty(rows, x.shape[1], **new)
-            buf = self._buffers[key] = _Buffers(
-                eps=torch.empty(n, x.shape[0], latent, **new),
-                z=_with_ones_column(rows, latent, **new),
+            return _Buffers(
+                z=z,
+                z_view=z[:, :latent].view(n, batch, latent),
                 g1=_with_ones_column(rows, hidden, **new),
                 g2=_with_ones_column(rows, hidden, **new),
                 logits=logits,
                 scratch=torch.empty_like(logits) if training else logits,
                 scaled=torch.empty(rows, hidden + 1, **new),
-                back1=torch.empty(rows, hidden, **new),
-                back2=torch.empty(rows, hidden, **new),
+                product=torch.empty(rows, hidden, **new),
+                back=torch.empty(rows if training else 0, hidden, **new),
             )
-        return buf
+
+        return self._buffer(("decoder", n, x.shape[0], training), make)
+
+    def _buffer(self, key: tuple, make: Callable[[], T]) -> T:
+        """The buffer of `key`, made once."""
+        if key not in self._buffers:
+            self._buffers[key] = make()
+        return self._buffers[key]
 
 
-def _tanh_of_half(t: Tensor) -> Tensor:
-    """tanh(t / 2) = 2 sigmoid(t) - 1 in place; PyTorch's CPU sigmoid is ~4x faster than its
-    tanh, and the two forms differ by ~1e-7 (absolute, |tanh| <= 1) in fp32."""
-    return t.sigmoid_().mul_(2.0).sub_(1.0)
+def _tanh_of_half(t: Tensor, *, out: Tensor) -> Tensor:
+    """tanh(t / 2) = 2 sigmoid(t) - 1 into `out` (t itself allowed); PyTorch's CPU sigmoid is
+    ~4x faster than its tanh, and the two forms differ by ~1e-7 (absolute, |tanh| <= 1) in
+    fp32."""
+    return torch.sigmoid(t, out=out).mul_(2.0).sub_(1.0)
 
 
 def _with_ones_column(rows: int, width: int, **new: object) -> Tensor:

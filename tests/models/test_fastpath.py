@@ -115,9 +115,15 @@ def test_gradients_are_set_not_accumulated_into_the_same_buffers(
         torch.testing.assert_close(p.grad, value, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("block_rows", [4096, 8], ids=["one-block", "blocks-of-2-samples"])
 def test_log_weights_equal_the_reference(
-    make_tiny_model: TinyModelFactory, x_binary: Tensor
+    make_tiny_model: TinyModelFactory,
+    x_binary: Tensor,
+    block_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """In one decoder block, and in blocks of 2 samples (4 images) with a shorter last."""
+    monkeypatch.setattr("models.fastpath._BLOCK_ROWS", block_rows)
     model = make_tiny_model(layers=1)
 
     want = model.log_weights(x_binary, 7, torch.Generator().manual_seed(8))
