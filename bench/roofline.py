@@ -1,0 +1,318 @@
+"""Training and evaluation time against this machine's matrix-multiply floor.
+
+Usage: python bench/roofline.py [--ks 1 5 50] [--train-size 60000] [--eval-images 100]
+                                [--eval-k 5000] [--repeats 2] [--device cpu] [--skip-reference]
+       python bench/roofline.py --profile [--ks 50]
+
+The floor of a training step is the time of exactly its matrix products: the forward,
+weight-gradient and input-gradient products of Burda's one-layer model (784-200-200-50, the
+decoder on K*B rows, batch B=100, no input gradient for the encoder's first layer), each timed
+alone with the same shapes, layouts, dtype (fp32), float settings and threads, best of several
+runs, and summed. The epoch floor is that times the steps of a 60k-image epoch; the fraction
+reached is floor / measured epoch. `ours` is `models.training.train` (the fast path where it
+applies, see models/fastpath.py), `reference` the same trainer on its autograd path (the
+fast path switched off), both timed over whole epochs, `--repeats` times each, alternating.
+
+The evaluation is Burda's protocol, log p(x) of the 10,000 test images at k=5000, through
+`models.estimators.log_likelihood` in its batches of 100 images; it times `--eval-images`
+of them and scales the time to 10,000 (said in the output). Its floor is the forward products
+of each chunk of samples the estimator draws (the decoder on chunk*B rows; the encoder once
+per batch). Also printed: the machine's fp32 GEMM rate (2048^3, best of 10), and the
+subnormal (flush-to-zero) setting and thread count that each side ran with. Ratios within
+one run are what count: other processes sharing the machine slow every figure.
+
+`--profile` shows where a fast-path training step (each K of --ks) and an evaluation chunk
+spend their time: every operation's time per call against its own floor, a matrix product's
+time alone at that shape, or for the others the bytes they read and write at the machine's
+copy bandwidth (measured in the same run); exp, log1p and sigmoid are compute-bound, so their
+bandwidth floor understates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from models import estimators
+from models.config import ModelConfig, TrainConfig
+from models.data import binarized_test_images, load_mnist
+from models.estimators import log_likelihood
+from models.fastpath import FastPath
+from models.networks import IWAEModel
+from models.training import flush_denormals, resolve_device, train
+
+BATCH = 100
+D, H, Z = 784, 200, 50
+TEST_IMAGES = 10_000
+# (in, out) of each linear layer; the encoder outputs mean and log-variance.
+ENCODER = ((D, H), (H, H), (H, 2 * Z))
+DECODER = ((Z, H), (H, H), (H, D))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> float:
+    """Best time of one fp32 product [m, k] @ [k, n] in the layout nn.Linear uses:
+    `forward` x @ W^T, `data` g @ W, `weight` g^T @ x."""
+    if layout == "forward":  # x [m, k], W [n, k]
+        a, b = torch.randn(m, k, device=device), torch.randn(n, k, device=device).t()
+    elif layout == "data":  # g [m, k], W [k, n]
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    else:  # g^T: g [k, m]; x [k, n]
+        a, b = torch.randn(k, m, device=device).t(), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    return best_seconds(lambda: torch.mm(a, b, out=out), device)
+
+
+def step_floor(rows: int, device: torch.device) -> float:
+    """Seconds of the matrix products of one training step, decoder on `rows` = K*B rows."""
+    total = 0.0
+    for layers, m in ((ENCODER, BATCH), (DECODER, rows)):
+        for i, (n_in, n_out) in enumerate(layers):
+            total += gemm_seconds(m, n_out, n_in, device, "forward")
+            total += gemm_seconds(n_out, n_in, m, device, "weight")
+            if not (layers is ENCODER and i == 0):  # x needs no gradient
+                total += gemm_seconds(m, n_in, n_out, device, "data")
+    return total
+
+
+def eval_floor(k: int, device: torch.device) -> float:
+    """Seconds of the forward products of one batch of B images at `k` samples, in the
+    estimator's chunks."""
+    chunk = estimators._CHUNK_ELEMENTS // (BATCH * D)
+    sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
+    total = sum(gemm_seconds(BATCH, n_out, n_in, device, "forward") for n_in, n_out in ENCODER)
+    for size in set(sizes):
+        per_chunk = sum(
+            gemm_seconds(size * BATCH, n_out, n_in, device, "forward") for n_in, n_out in DECODER
+        )
+        total += sizes.count(size) * per_chunk
+    return total
+
+
+def gemm_rate(device: torch.device, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
+
+
+def epoch_seconds(images: torch.Tensor, k: int, device: str, fast: bool) -> float:
+    config = TrainConfig(
+        k=k,
+        epochs=1,
+        batch_size=BATCH,
+        device=device,
+        eval_size=0,
+        model=ModelConfig(layers=1, latent_dim=Z, hidden_dim=H),
+    )
+    off = mock.patch("models.training.fast_path", return_value=None)
+    with contextlib.nullcontext() if fast else off:
+        start = time.perf_counter()
+        train(config, images)
+        synchronize(images.device)
+    return time.perf_counter() - start
+
+
+class _Reference:
+    """Hides the model's type from the estimator, which then runs its autograd-free
+    reference `IWAEModel.log_weights` instead of the fast path."""
+
+    def __init__(self, model: IWAEModel) -> None:
+        self.log_weights = model.log_weights
+
+
+def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> float:
+    """Seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
+    scored = model if fast else _Reference(model)
+    generator = torch.Generator(x.device).manual_seed(0)
+    start = time.perf_counter()
+    for i in range(0, len(x), BATCH):
+        log_likelihood(scored, x[i : i + BATCH], k, generator=generator)
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device, numel: int = 1 << 24) -> float:
+    """Bytes per second of a large copy (read and write), best of 10."""
+    a, b = torch.empty(numel, device=device), torch.randn(numel, device=device)
+    return 8 * numel / best_seconds(lambda: a.copy_(b), device)
+
+
+def op_floor(name: str, shapes: list[list[int]], bandwidth: float, device: torch.device) -> float:
+    """Seconds one call of `name` needs at least: a product alone at its shape, or its
+    bytes (inputs, and the output of in-place ops) at the copy bandwidth."""
+    if name in ("aten::mm", "aten::addmm"):
+        first = 0 if name == "aten::mm" else 1  # addmm's first argument is the bias
+        (m, k), (_, n) = shapes[first], shapes[first + 1]
+        return gemm_seconds(m, n, k, device, "data")
+    elements = sum(math.prod(s) for s in shapes if s)
+    if elements <= len(shapes):  # only scalars and lists of tensors seen: no floor
+        raise ValueError(name)
+    if name.endswith("_"):  # in place: the first argument is written back too
+        elements += math.prod(shapes[0])
+    return 4 * elements / bandwidth
+
+
+def profile(fn: Callable[[], object], calls: int, device: torch.device, title: str) -> None:
+    """Per-operation time of `calls` calls of fn, against each operation's floor."""
+    fn()
+    bandwidth = copy_bandwidth(device)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    events = sorted(
+        prof.key_averages(group_by_input_shape=True),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
+    print(f"{title}: {total:.2f} ms per call; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"  {'operation':<28} {'shapes':<44} {'ms/call':>8} {'floor ms':>9} {'x floor':>8}")
+    for e in events[:20]:
+        ms = e.self_cpu_time_total / 1e3 / calls
+        shapes = [list(s) if isinstance(s, list | tuple) else [] for s in e.input_shapes]
+        try:
+            floor = op_floor(e.key, shapes, bandwidth, device) * 1e3 * e.count / calls
+            ratio = f"{ms / floor:>7.1f}x" if floor > 0 else ""
+            floor_text = f"{floor:>9.3f}"
+        except (ValueError, IndexError, TypeError):
+            floor_text, ratio = f"{'':>9}", ""
+        shape_text = str([s for s in shapes if s])[:44]
+        print(f"  {e.key:<28} {shape_text:<44} {ms:>8.3f} {floor_text} {ratio}")
+
+
+def profile_fast_path(ks: list[int], device: torch.device) -> None:
+    """`profile` of a fast-path training step at each K, and of one evaluation chunk."""
+    torch.manual_seed(0)
+    model = IWAEModel(ModelConfig(layers=1, latent_dim=Z, hidden_dim=H)).to(device)
+    x = torch.bernoulli(torch.full((BATCH, D), 0.13, device=device))  # MNIST's mean grey
+    generator = torch.Generator(device).manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), eps=1e-4, fused=True)
+    fast = FastPath(model)
+    with flush_denormals():
+        for k in ks:
+            config = TrainConfig(k=k, model=model.config)
+
+            def step(config: TrainConfig = config) -> None:
+                fast.set_gradients(x, config, generator)
+                optimizer.step()
+
+            profile(step, 10, device, f"training step, K={k}, flush-to-zero on")
+    chunk = estimators._CHUNK_ELEMENTS // (BATCH * D)
+    with torch.inference_mode():
+        evaluation = FastPath(model)
+        profile(
+            lambda: evaluation.log_weights(x, chunk, generator),
+            10,
+            device,
+            f"evaluation chunk, {chunk} samples x {BATCH} images, flush-to-zero off",
+        )
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.1f}" if len(values) == 1 else f"{min(values):.1f}-{max(values):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
+    parser.add_argument("--train-size", type=int, default=60_000)
+    parser.add_argument("--eval-images", type=int, default=100)
+    parser.add_argument("--eval-k", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(
+            os.environ.get(
+                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
+            )
+        ),
+    )
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.profile:
+        profile_fast_path(args.ks, device)
+        return
+    data = load_mnist(args.data_dir)
+    images = data.train_images[: args.train_size].to(device)
+    steps = -(-len(images) // BATCH)
+    sides = ["ours"] if args.skip_reference else ["ours", "reference"]
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(
+        f"device={device} ({name or platform.machine()}) torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} dtype=fp32"
+    )
+    with flush_denormals():  # as training runs
+        rate = gemm_rate(device)
+        floors = {k: step_floor(k * BATCH, device) for k in args.ks}
+    print(f"fp32 GEMM rate (2048^3, best of 10): {rate:.0f} GFLOP/s")
+    print(
+        f"training: {len(images)} images/epoch, batch {BATCH}, {steps} steps; floor and "
+        f"epochs with flush-to-zero on (train() sets it), {torch.get_num_threads()} threads; "
+        f"{args.repeats} epochs per side, alternating; seconds min-max"
+    )
+    print(f"{'K':>3} {'side':<9} {'epoch s':>11} {'floor s':>8} {'floor/epoch':>12}")
+    for k in args.ks:
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        for _ in range(args.repeats):
+            for side in sides:
+                times[side].append(epoch_seconds(images, k, args.device, side == "ours"))
+        floor = floors[k] * steps
+        for side in sides:
+            best = min(times[side])
+            print(f"{k:>3} {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+
+    torch.manual_seed(0)
+    model = IWAEModel(ModelConfig(layers=1, latent_dim=Z, hidden_dim=H)).to(device).eval()
+    test_x = binarized_test_images(data.test_images[: args.eval_images]).to(device)
+    scale = TEST_IMAGES / len(test_x)
+    torch.set_flush_denormal(False)  # as `evaluate` runs
+    floor = eval_floor(args.eval_k, device) * TEST_IMAGES / BATCH
+    print(
+        f"evaluation: {TEST_IMAGES} test images at k={args.eval_k}, timed on {len(test_x)} "
+        f"and scaled x{scale:g}; flush-to-zero off (as evaluate runs), "
+        f"{torch.get_num_threads()} threads"
+    )
+    times = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            seconds = eval_seconds(model, test_x, args.eval_k, side == "ours")
+            times[side].append(seconds * scale)
+    for side in sides:
+        best = min(times[side])
+        print(f"    {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+
+
+if __name__ == "__main__":
+    main()
