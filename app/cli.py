@@ -28,6 +28,7 @@ from models.config import (
     K_SCHEDULES,
     MISSING_PATTERNS,
     OBJECTIVES,
+    PRECISIONS,
     PRESETS,
     ModelConfig,
     TrainConfig,
@@ -265,9 +266,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     add(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=PRECISIONS,
         default=d.precision,
-        help="training arithmetic; evaluation always runs in fp32",
+        help="training arithmetic (tf32: fp32 with TF32 matrix products, needs a CUDA GPU); "
+        "evaluation always runs in fp32",
     )
     parser.add_argument(
         "--cuda-graphs",

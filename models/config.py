@@ -15,7 +15,7 @@ Objective = Literal[
 ]
 Schedule = Literal["constant", "burda"]
 KSchedule = Literal["fixed", "linear", "ess"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["burda", "torch"]
 Preset = Literal["burda"]
@@ -23,6 +23,7 @@ MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Objectives of the VR-IWAE family, the only ones that take `alpha`, and its default.
 VR_OBJECTIVES = ("vr-iwae", "vr-iwae-dreg")
 DEFAULT_ALPHA = 0.5
@@ -115,7 +116,9 @@ class TrainConfig:
 
     `cuda_graphs` replays each full-batch training step as a CUDA graph (see
     `models.cuda_graphs`): the same arithmetic and random draws, fewer kernel launches. It
-    needs a CUDA GPU, so `device="cpu"` refuses it.
+    needs a CUDA GPU, so `device="cpu"` refuses it. So does `precision="tf32"`: fp32 tensors
+    whose matrix products on the GPU round their inputs to TF32 (10-bit mantissa), at the
+    tensor cores' rate (see `models.training.tf32_matmuls`); `bf16` is autocast.
     """
 
     k: int = 50
@@ -167,6 +170,8 @@ class TrainConfig:
             raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
         if self.cuda_graphs and self.device == "cpu":
             raise ValueError("cuda_graphs needs a CUDA GPU: use device 'cuda' or 'auto'")
+        if self.precision == "tf32" and self.device == "cpu":
+            raise ValueError("precision 'tf32' needs a CUDA GPU: use device 'cuda' or 'auto'")
         self._resolve_alpha()
         self._resolve_k_schedule()
 

@@ -10,8 +10,9 @@ the objectives whose encoder and decoder follow different estimators (DReG, PIWA
 DReG's stop-gradient on q's parameters is one more term of the encoder's path.
 
 Covered: the one-layer model (x -[h, h]-> z -[h, h]-> x), every objective, with or without
-a missing-pixel mask, in the parameters' dtype. `fast_path` returns None, and the caller
-uses the reference, for two stochastic layers and under autocast (bf16).
+a missing-pixel mask, in the parameters' dtype (TF32 products too: a setting of cuBLAS, not
+of this code). `fast_path` returns None, and the caller uses the reference, for two
+stochastic layers and under autocast (bf16).
 
 Notation: rows r = (k, b) of the R = K*B samples, D pixels, H hidden units, d latent units.
 Encoder (B rows): h1 = tanh(x W1^T + b1), h2 = tanh(h1 W2^T + b2), [mu, logvar] = h2 W3^T + b3;
@@ -57,7 +58,7 @@ def fast_path(model: IWAEModel, config: TrainConfig | None = None) -> FastPath |
     device = next(model.parameters()).device
     if model.config.layers != 1 or torch.is_autocast_enabled(device.type):
         return None
-    if config is not None and config.precision != "fp32":
+    if config is not None and config.precision == "bf16":
         return None
     return FastPath(model)
 

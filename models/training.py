@@ -129,6 +129,26 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA's fp32 matrix products with inputs rounded to TF32 when `enabled`, in full fp32
+    otherwise (whatever the process had set), so a run's `precision` says what it did.
+
+    TF32 keeps fp32's range with a 10-bit mantissa, so the products run on tensor cores
+    (~10x the fp32 rate of an H100/H200); sums still accumulate in fp32. The switch is
+    process-global: this sets it for the training loop only and restores it after (the
+    final evaluation runs as the process had it), but other threads of the same process that
+    use CUDA meanwhile see it too; the worker runs one job per process.
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def train(
     config: TrainConfig,
     train_images: Tensor,
@@ -146,6 +166,8 @@ def train(
     device = resolve_device(config.device)
     if config.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA GPU; this run would train on {device}")
+    if config.precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision 'tf32' needs a CUDA GPU; this run would train on {device}")
     images = train_images[: config.train_size].to(device)  # [N, D]
     if config.train_size is not None and len(images) < config.train_size:
         raise ValueError(f"train_size={config.train_size} exceeds the {len(images)} images")
@@ -174,7 +196,7 @@ def train(
     step = make_step(config, model, optimizer, generator, loss_sum)
     stopped = False
     model.train()
-    with flush_denormals():
+    with flush_denormals(), tf32_matmuls(config.precision == "tf32"):
         while state.epoch < config.epochs and not stopped:
             stopped = _train_epoch(
                 config,

@@ -87,10 +87,14 @@ def test_bad_configuration_is_a_message_not_a_traceback(mnist_env, tmp_path, cap
     assert "k must be at least 1" in capsys.readouterr().err
 
 
-def test_cuda_graphs_on_the_cpu_is_a_message(mnist_env, tmp_path, capsys):
-    argv = ["train", "--k", "2", "--device", "cpu", "--cuda-graphs", "--out", str(tmp_path / "x")]
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [(["--cuda-graphs"], "cuda_graphs"), (["--precision", "tf32"], "precision 'tf32'")],
+)
+def test_gpu_only_settings_on_the_cpu_are_a_message(mnist_env, tmp_path, capsys, flags, name):
+    argv = ["train", "--k", "2", "--device", "cpu", *flags, "--out", str(tmp_path / "x")]
     assert main([*argv, *TINY]) == 2
-    assert "cuda_graphs needs a CUDA GPU" in capsys.readouterr().err
+    assert f"{name} needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_eval_of_a_missing_checkpoint_says_which(mnist_env, tmp_path, capsys):

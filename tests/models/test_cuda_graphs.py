@@ -2,7 +2,8 @@
 
 The CPU tests check what can be checked without a GPU: when `StepGraph` warms up, captures,
 replays or falls back to an eager step; that the training step asks the device for no value
-(no op that copies a scalar to the host); that a CPU run refuses `cuda_graphs`. The tests
+(no op that copies a scalar to the host); that a CPU run refuses `cuda_graphs` and TF32,
+and that the TF32 switch holds for the training loop only. The tests
 marked `cuda` run on a GPU only: every objective's step under
 `torch.cuda.set_sync_debug_mode("error")`, an epoch that waits for the device only to read
 the loss, and whole graphed runs against eager ones.
@@ -15,7 +16,7 @@ a GPU machine without the service's web stack runs it with
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,7 +29,7 @@ from models.checkpoint import TrainState
 from models.config import OBJECTIVES, ModelConfig, TrainConfig
 from models.cuda_graphs import WARMUP_STEPS, StepGraph
 from models.networks import IWAEModel
-from models.training import Progress, _train_epoch, init_model, make_step, train
+from models.training import Progress, _train_epoch, init_model, make_step, tf32_matmuls, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -207,16 +208,57 @@ def test_a_new_k_or_learning_rate_recaptures() -> None:
 # --- CPU: the setting is refused where it cannot work ---
 
 
-def test_a_cpu_config_refuses_cuda_graphs() -> None:
-    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA GPU"):
-        small_config("cpu", cuda_graphs=True)
-    assert small_config("auto", cuda_graphs=True).cuda_graphs
+# The settings that need a CUDA GPU, and the start of the message that refuses each.
+GPU_ONLY = {
+    "cuda_graphs": ({"cuda_graphs": True}, "cuda_graphs"),
+    "tf32": ({"precision": "tf32"}, "precision 'tf32'"),
+}
 
 
-def test_training_without_a_gpu_refuses_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("setting", GPU_ONLY)
+def test_a_cpu_config_refuses_gpu_only_settings(setting: str) -> None:
+    changes, name = GPU_ONLY[setting]
+    with pytest.raises(ValueError, match=f"{name} needs a CUDA GPU"):
+        small_config("cpu", **changes)
+    small_config("auto", **changes)  # the device is not known yet
+
+
+@pytest.mark.parametrize("setting", GPU_ONLY)
+def test_training_without_a_gpu_refuses_gpu_only_settings(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    changes, name = GPU_ONLY[setting]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA GPU"):
-        train(small_config("auto", cuda_graphs=True), grey_images(40))
+    with pytest.raises(ValueError, match=f"{name} needs a CUDA GPU"):
+        train(small_config("auto", **changes), grey_images(40))
+
+
+def tf32_during(config: TrainConfig, images: Tensor) -> set[bool]:
+    """The TF32 switch as the training loop's callbacks saw it."""
+    seen: set[bool] = set()
+    train(config, images, callbacks=[lambda _: seen.add(torch.backends.cuda.matmul.allow_tf32)])
+    return seen
+
+
+@pytest.fixture
+def tf32_switch() -> Iterator[None]:
+    saved = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("tf32_switch")
+@pytest.mark.parametrize("process_has", [False, True])
+def test_tf32_switch_is_set_for_training_only(process_has: bool) -> None:
+    """fp32 training forbids TF32 whatever the process set, and leaves the switch as it was;
+    also when the loop raises."""
+    torch.backends.cuda.matmul.allow_tf32 = process_has
+    assert tf32_during(small_config("cpu"), grey_images(40)) == {False}
+    assert torch.backends.cuda.matmul.allow_tf32 is process_has
+    with pytest.raises(RuntimeError, match="stop"), tf32_matmuls(enabled=not process_has):
+        assert torch.backends.cuda.matmul.allow_tf32 is not process_has
+        raise RuntimeError("stop")
+    assert torch.backends.cuda.matmul.allow_tf32 is process_has
 
 
 def test_configs_from_before_cuda_graphs_read_as_eager() -> None:
@@ -297,7 +339,17 @@ GRAPH_CASES = {
     **STEP_CASES,
     "linear-k": {"objective": "iwae", "k_schedule": "linear", "k_min": 1, "epochs": 3},
     "burda-lr": {"objective": "iwae-stl", "schedule": "burda", "epochs": 2},
+    "iwae-tf32": {"objective": "iwae", "precision": "tf32"},
 }
+
+
+@cuda
+@pytest.mark.usefixtures("tf32_switch")
+def test_tf32_training_uses_tf32_products() -> None:
+    images = grey_images(60, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert tf32_during(small_config("cuda", precision="tf32"), images) == {True}
+    assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
 @cuda

@@ -165,6 +165,7 @@ def test_two_layers_and_bf16_fall_back_to_the_reference(
 
     assert isinstance(fast_path(one, config("iwae")), FastPath)
     assert fast_path(two) is None
+    assert fast_path(one, config("iwae").with_changes(precision="tf32")) is not None
     assert fast_path(one, config("iwae").with_changes(precision="bf16")) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast_path(one) is None
