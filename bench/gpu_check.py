@@ -13,9 +13,11 @@ parts failed and one summary table.
 
 Parts: the machine (nvidia-smi, torch); the CUDA tests (tests/models/test_cuda_graphs.py,
 conftest files above tests/models left out); `train_throughput.py` for K in {1, 5, 50, 100},
-eager (the reference, fp32, bf16) and then replayed as CUDA graphs in another process (a
-failed capture cannot spoil the eager figures); `step_profile.py` (host launch time against
-device time, the costliest kernels); `roofline.py --device cuda` when the branch has it.
+eager (the reference, fp32, bf16) and then replayed as CUDA graphs in another process (fp32,
+TF32 products, bf16; a failed capture cannot spoil the eager figures); `roofline.py --device
+cuda` (each epoch against the time of its matrix products alone, fp32 with the evaluation,
+then TF32); `step_profile.py` (host launch time against device time, the costliest kernels).
+About three minutes on an H200.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # Seconds for the whole check: the device is lent for minutes, start-up included.
-BUDGET_S = 420
+BUDGET_S = 300
 CUDA_TESTS = "tests/models/test_cuda_graphs.py"
 DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 TORCH_INFO = (
@@ -57,6 +59,21 @@ class Part:
 def parts(args: argparse.Namespace, out: Path) -> list[Part]:
     ks = ["1", "5"] if args.small else ["1", "5", "50", "100"]
     small = ["--train-size", "2000", "--eval-size", "50", "--eval-k", "50"] if args.small else []
+    small_roofline = [
+        "--train-size",
+        "2000",
+        "--eval-images",
+        "10",
+        "--eval-k",
+        "50",
+        "--repeats",
+        "1",
+    ]
+
+    def roofline(name: str, *options: str) -> list[str]:
+        script = [PYTHON, "bench/roofline.py", "--device", args.device, "--ks", *ks]
+        sizes = small_roofline if args.small else []
+        return [*script, *sizes, *options, "--json", f"{out}/{name}.json"]
 
     def throughput(name: str, *runs: str) -> list[str]:
         script = [PYTHON, "bench/train_throughput.py", "--device", args.device, "--ks", *ks]
@@ -64,19 +81,30 @@ def parts(args: argparse.Namespace, out: Path) -> list[Part]:
 
     pytest = [PYTHON, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider"]
     profile = [PYTHON, "bench/step_profile.py", "--device", args.device, "--ks", *ks]
-    found = [
+    return [
         Part("nvidia-smi", ["nvidia-smi", "-L"], 20, needs_gpu=True),
         Part("torch", [PYTHON, "-c", TORCH_INFO], 60),
         # cuBLAS picks the same kernels on every stream with a fixed workspace (eager steps and
         # captures run on different streams), as torch.use_deterministic_algorithms asks.
         Part("tests", [*pytest, "--confcutdir=tests/models", CUDA_TESTS], 180, env=DETERMINISTIC),
         Part("eager", throughput("eager", "ref", "ours", "ours-bf16"), 180),
-        Part("graphs", throughput("graphs", "ours-graph", "ours-bf16-graph"), 120, True),
+        Part(
+            "graphs",
+            throughput("graphs", "ours-graph", "ours-tf32-graph", "ours-bf16-graph"),
+            120,
+            needs_gpu=True,
+        ),
+        Part("roofline", roofline("roofline"), 120),
+        Part(
+            "roofline-tf32",
+            roofline(
+                "roofline-tf32", "--precision", "tf32", "--skip-reference", "--eval-images", "0"
+            ),
+            60,
+            needs_gpu=True,
+        ),
         Part("profile", [*profile, "--steps", "20" if args.small else "200"], 90, tail=26),
     ]
-    if (ROOT / "bench/roofline.py").exists():
-        found.append(Part("roofline", [PYTHON, "bench/roofline.py", "--device", args.device], 120))
-    return found
 
 
 def run(part: Part, out: Path, deadline: float) -> str:
@@ -113,7 +141,12 @@ def run(part: Part, out: Path, deadline: float) -> str:
 
 
 def summary(out: Path) -> list[str]:
-    """Images/s per K and run, then the issue's two GPU goals, from the benchmarks' JSON."""
+    """Images/s per K and run, then the issue's two GPU goals, from the benchmarks' JSON;
+    then the roofline's fractions."""
+    return [*throughput_summary(out), *roofline_summary(out)]
+
+
+def throughput_summary(out: Path) -> list[str]:
     rows, peaks, images = [], {}, 0
     for name in ("eager", "graphs"):
         path = out / f"{name}.json"
@@ -127,8 +160,9 @@ def summary(out: Path) -> list[str]:
     ks = sorted({row["k"] for row in rows})
     table = {(row["k"], row["run"]): row for row in rows}
     lines = [
-        f"images/s per epoch of {images} images (fraction of the measured GEMM rate: fp32 "
-        f"{peaks.get('fp32', math.nan):.0f}, bf16 {peaks.get('bf16', math.nan):.0f} GFLOP/s)",
+        f"images/s per epoch of {images} images (fraction of the measured GEMM rate: "
+        + ", ".join(f"{name} {rate:.0f}" for name, rate in peaks.items())
+        + " GFLOP/s)",
         f"{'K':>4} " + " ".join(f"{run:>17}" for run in runs),
     ]
     for k in ks:
@@ -145,7 +179,8 @@ def summary(out: Path) -> list[str]:
     for k in ks:
         bounds = [table.get((k, run), {}).get("test_bound", math.nan) for run in runs]
         lines.append(f"{k:>4} " + " ".join(f"{bound:>17.2f}" for bound in bounds))
-    for eager, graph in (("ours", "ours-graph"), ("ours-bf16", "ours-bf16-graph")):
+    pairs = (("ours", "ours-graph"), ("ours-graph", "ours-tf32-graph"))
+    for eager, graph in (*pairs, ("ours-bf16", "ours-bf16-graph")):
         pairs = [(table.get((k, eager)), table.get((k, graph))) for k in ks]
         gaps = [abs(a["test_bound"] - b["test_bound"]) for a, b in pairs if a and b]
         if gaps:
@@ -161,6 +196,41 @@ def summary(out: Path) -> list[str]:
         if at50:
             goal += f"; K=50 epoch {at50['seconds']:.2f} s"
         lines.append(f"{run:>17}: {goal}")
+    return lines
+
+
+def roofline_summary(out: Path) -> list[str]:
+    """Floor / epoch per K for each side and precision of the roofline parts' JSON."""
+    columns, evaluation = {}, []
+    for name in ("roofline", "roofline-tf32"):
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        for row in data["train"]:
+            column = f"{row['side']} {data['precision']}"
+            columns.setdefault(column, {})[row["k"]] = row["floor_s"] / row["seconds"]
+        evaluation += [
+            f"{row['side']} {100 * row['floor_s'] / row['seconds']:.0f}% at k={row['k']} "
+            f"({row['seconds']:.1f} s, floor {row['floor_s']:.2f} s)"
+            for row in data["eval"]
+        ]
+    if not columns:
+        return ["no roofline figures (see its log above)"]
+    ks = sorted({k for fractions in columns.values() for k in fractions})
+    lines = [
+        "roofline: the epoch's matrix products alone at this machine's rate / the epoch "
+        "(with CUDA graphs on a GPU; see roofline.log)",
+        f"{'K':>4} " + " ".join(f"{column:>17}" for column in columns),
+    ]
+    for k in ks:
+        cells = [fractions.get(k) for fractions in columns.values()]
+        lines.append(
+            f"{k:>4} "
+            + " ".join(f"{'-':>17}" if c is None else f"{100 * c:>16.0f}%" for c in cells)
+        )
+    if evaluation:
+        lines.append("evaluation of 10,000 test images, fp32: " + "; ".join(evaluation))
     return lines
 
 
@@ -180,7 +250,7 @@ def main() -> int:
             continue
         statuses[part.name] = run(part, out, deadline)
     lines = ["", "=== summary", *summary(out), ""]
-    lines += [f"{name:>10}: {status}" for name, status in statuses.items()]
+    lines += [f"{name:>13}: {status}" for name, status in statuses.items()]
     failed = [name for name, status in statuses.items() if status.startswith("failed")]
     lines.append(f"failed parts: {', '.join(failed) or 'none'}; logs and JSON in {out}")
     print("\n".join(lines))

@@ -1,8 +1,9 @@
 """Training and evaluation time against this machine's matrix-multiply floor.
 
 Usage: python bench/roofline.py [--ks 1 5 50] [--train-size 60000] [--eval-images 100]
-                                [--eval-k 5000] [--repeats 2] [--device cpu] [--skip-reference]
-       python bench/roofline.py --profile [--ks 50]
+                                [--eval-k 5000] [--repeats 2] [--device cpu|cuda]
+                                [--precision fp32|tf32] [--skip-reference] [--json FILE]
+       python bench/roofline.py --profile [--ks 50]          (CPU only)
 
 The floor of a training step is the time of exactly its matrix products: the forward,
 weight-gradient and input-gradient products of Burda's one-layer model (784-200-200-50, the
@@ -13,13 +14,21 @@ reached is floor / measured epoch. `ours` is `models.training.train` (the fast p
 applies, see models/fastpath.py), `reference` the same trainer on its autograd path (the
 fast path switched off), both timed over whole epochs, `--repeats` times each, alternating.
 
+On a GPU (`--device cuda`) both sides train as a GPU worker would, with `cuda_graphs`, after
+an untimed short epoch (kernel loading, cuBLAS's first calls); each product of the floor is
+timed as 20 back-to-back calls recorded in a CUDA graph, so the floor is the device's time,
+not the host's time to launch a small kernel. `--precision tf32` (GPU only) trains with
+TF32 matrix products and times the floor under the same setting; the evaluation always runs
+in fp32 (`--eval-images 0` skips it).
+
 The evaluation is Burda's protocol, log p(x) of the 10,000 test images at k=5000, through
 `models.estimators.log_likelihood` in its batches of 100 images; it times `--eval-images`
 of them and scales the time to 10,000 (said in the output). Its floor is the forward products
 of each chunk of samples the estimator draws (the decoder on chunk*B rows; the encoder once
-per batch). Also printed: the machine's fp32 GEMM rate (2048^3, best of 10), and the
-subnormal (flush-to-zero) setting and thread count that each side ran with. Ratios within
-one run are what count: other processes sharing the machine slow every figure.
+per batch). Also printed: the machine's GEMM rate at that precision (2048^3 on a CPU,
+8192^3 on a GPU, best of 10), and the subnormal (flush-to-zero) setting and thread count
+that each side ran with. Ratios within one run are what count: other processes sharing the
+machine slow every figure.
 
 `--profile` shows where a fast-path training step (each K of --ks) and an evaluation chunk
 spend their time: every operation's time per call against its own floor, a matrix product's
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
@@ -44,15 +54,17 @@ import torch
 
 from models import estimators
 from models.config import ModelConfig, TrainConfig
-from models.data import binarized_test_images, load_mnist
+from models.data import Mnist, binarized_test_images, load_mnist
 from models.estimators import log_likelihood
 from models.fastpath import FastPath
 from models.networks import IWAEModel
-from models.training import flush_denormals, resolve_device, train
+from models.training import flush_denormals, resolve_device, tf32_matmuls, train
 
 BATCH = 100
 D, H, Z = 784, 200, 50
 TEST_IMAGES = 10_000
+# Calls of one product recorded in a CUDA graph and timed together (see `best_seconds`).
+GRAPH_CALLS = 20
 # (in, out) of each linear layer; the encoder outputs mean and log-variance.
 ENCODER = ((D, H), (H, H), (H, 2 * Z))
 DECODER = ((Z, H), (H, H), (H, D))
@@ -63,8 +75,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
-    fn()  # warm-up
+def best_seconds(
+    fn: Callable[[], object], device: torch.device, repeats: int = 10, graph: bool = True
+) -> float:
+    """Best time of one call of fn. On a GPU (with `graph`), of `GRAPH_CALLS` calls
+    replayed from a CUDA graph and divided by them: a small kernel runs in less time than
+    the host takes to launch it, and a floor is the device's time."""
+    calls = 1
+    fn()  # warm-up, before any capture: cuBLAS's handle and workspace
+    if device.type == "cuda" and graph:
+        fn, calls = _graphed(fn, GRAPH_CALLS), GRAPH_CALLS
     best = math.inf
     for _ in range(repeats):
         synchronize(device)
@@ -72,7 +92,21 @@ def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 
         fn()
         synchronize(device)
         best = min(best, time.perf_counter() - start)
-    return best
+    return best / calls
+
+
+def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """A function that replays `calls` calls of fn recorded as one CUDA graph."""
+    side = torch.cuda.Stream()  # a warm-up on a side stream first, as PyTorch's notes ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
 
 
 def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> float:
@@ -114,22 +148,30 @@ def eval_floor(k: int, device: torch.device) -> float:
     return total
 
 
-def gemm_rate(device: torch.device, n: int = 2048) -> float:
+def gemm_rate(device: torch.device) -> float:
+    """GFLOP/s of a square product: 2048 on a CPU, 8192 on a GPU (which smaller ones leave
+    partly idle); long enough on either that launching it costs nothing."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
+    return 2 * n**3 / best_seconds(lambda: a @ b, device, graph=False) / 1e9
 
 
-def epoch_seconds(images: torch.Tensor, k: int, device: str, fast: bool) -> float:
+def epoch_seconds(images: torch.Tensor, k: int, precision: str, fast: bool) -> float:
+    """One epoch of `train` on images [N, D]; on a GPU as a GPU worker trains (CUDA graphs)."""
+    gpu = images.device.type == "cuda"
     config = TrainConfig(
         k=k,
         epochs=1,
         batch_size=BATCH,
-        device=device,
+        device=images.device.type,
+        precision=precision,
+        cuda_graphs=gpu,
         eval_size=0,
         model=ModelConfig(layers=1, latent_dim=Z, hidden_dim=H),
     )
     off = mock.patch("models.training.fast_path", return_value=None)
     with contextlib.nullcontext() if fast else off:
+        synchronize(images.device)
         start = time.perf_counter()
         train(config, images)
         synchronize(images.device)
@@ -243,10 +285,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
     parser.add_argument("--train-size", type=int, default=60_000)
-    parser.add_argument("--eval-images", type=int, default=100)
+    parser.add_argument("--eval-images", type=int, default=100, help="0 skips the evaluation")
     parser.add_argument("--eval-k", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument(
         "--data-dir",
@@ -258,8 +301,14 @@ def main() -> None:
         ),
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    if args.profile and gpu:
+        parser.error("--profile times the host's side of each op: on a GPU, use step_profile.py")
+    if args.precision == "tf32" and not gpu:
+        parser.error("--precision tf32 needs --device cuda")
     if args.profile:
         profile_fast_path(args.ks, device)
         return
@@ -268,31 +317,48 @@ def main() -> None:
     steps = -(-len(images) // BATCH)
     sides = ["ours"] if args.skip_reference else ["ours", "reference"]
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
     print(
-        f"device={device} ({name or platform.machine()}) torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} dtype=fp32"
+        f"device={device} ({name}) torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} dtype=fp32 precision={args.precision}"
     )
-    with flush_denormals():  # as training runs
+    # As training runs: subnormals flushed (a CPU setting), TF32 products when asked.
+    with flush_denormals(), tf32_matmuls(args.precision == "tf32"):
         rate = gemm_rate(device)
         floors = {k: step_floor(k * BATCH, device) for k in args.ks}
-    print(f"fp32 GEMM rate (2048^3, best of 10): {rate:.0f} GFLOP/s")
+    print(f"{args.precision} GEMM rate (best of 10): {rate:.0f} GFLOP/s")
     print(
         f"training: {len(images)} images/epoch, batch {BATCH}, {steps} steps; floor and "
-        f"epochs with flush-to-zero on (train() sets it), {torch.get_num_threads()} threads; "
-        f"{args.repeats} epochs per side, alternating; seconds min-max"
+        f"epochs with flush-to-zero on (train() sets it), {torch.get_num_threads()} threads"
+        + (", CUDA graphs, after an untimed short epoch" if gpu else "")
+        + f"; {args.repeats} epochs per side, alternating; seconds min-max"
     )
     print(f"{'K':>3} {'side':<9} {'epoch s':>11} {'floor s':>8} {'floor/epoch':>12}")
+    report = {"device": str(device), "name": name, "torch": torch.__version__}
+    report |= {"precision": args.precision, "gemm_gflops": rate, "train": [], "eval": []}
     for k in args.ks:
         times: dict[str, list[float]] = {side: [] for side in sides}
+        if gpu:  # untimed: kernel loading, cuBLAS's first calls, the graph's pool
+            for side in sides:
+                epoch_seconds(images[: 10 * BATCH], k, args.precision, side == "ours")
         for _ in range(args.repeats):
             for side in sides:
-                times[side].append(epoch_seconds(images, k, args.device, side == "ours"))
+                times[side].append(epoch_seconds(images, k, args.precision, side == "ours"))
         floor = floors[k] * steps
         for side in sides:
             best = min(times[side])
-            print(f"{k:>3} {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+            print(f"{k:>3} {side:<9} {spread(times[side]):>11} {floor:>8.2f} {floor / best:>11.0%}")
+            report["train"].append({"k": k, "side": side, "seconds": best, "floor_s": floor})
+    if args.eval_images > 0:
+        report["eval"] = evaluation(data, args, device, sides)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
 
+
+def evaluation(
+    data: Mnist, args: argparse.Namespace, device: torch.device, sides: list[str]
+) -> list[dict]:
+    """Times Burda's evaluation (scaled to the test set) against its floor; the rows."""
     torch.manual_seed(0)
     model = IWAEModel(ModelConfig(layers=1, latent_dim=Z, hidden_dim=H)).to(device).eval()
     test_x = binarized_test_images(data.test_images[: args.eval_images]).to(device)
@@ -301,7 +367,7 @@ def main() -> None:
     floor = eval_floor(args.eval_k, device) * TEST_IMAGES / BATCH
     print(
         f"evaluation: {TEST_IMAGES} test images at k={args.eval_k}, timed on {len(test_x)} "
-        f"and scaled x{scale:g}; flush-to-zero off (as evaluate runs), "
+        f"and scaled x{scale:g}; fp32, flush-to-zero off (as evaluate runs), "
         f"{torch.get_num_threads()} threads"
     )
     times = {side: [] for side in sides}
@@ -309,9 +375,12 @@ def main() -> None:
         for side in sides:
             seconds = eval_seconds(model, test_x, args.eval_k, side == "ours")
             times[side].append(seconds * scale)
+    rows = []
     for side in sides:
         best = min(times[side])
-        print(f"    {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+        print(f"    {side:<9} {spread(times[side]):>11} {floor:>8.2f} {floor / best:>11.0%}")
+        rows.append({"k": args.eval_k, "side": side, "seconds": best, "floor_s": floor})
+    return rows
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ For each K it times one full epoch (batch 100) of:
               K-times expanded batch, logsumexp, Adam; default float settings
   ref-ftz     the same reference with torch.set_flush_denormal(True) (CPU only: flushing
               subnormals is a CPU setting)
-and, on a GPU, `ours-graph` and `ours-bf16-graph`: the same runs with cuda_graphs=True. It
-prints images/s, the ratio to `ref` (when it runs), and the fraction of the machine's matmul
-rate (measured in this run: fp32 for fp32 rows, bf16 for bf16 rows on a GPU) that each
-reaches. Whole epochs matter: at large K, subnormals accumulate in the backward pass after a
-few hundred steps, so the first hundred steps mislead. On a GPU every configuration first
-runs a short untimed epoch, so that kernel loading and cuBLAS's first calls are not timed.
+and, on a GPU, `ours-graph` and `ours-bf16-graph`: the same runs with cuda_graphs=True, and
+`ours-tf32-graph`, fp32 with TF32 matrix products (--precision tf32), graphed. It prints
+images/s, the ratio to `ref` (when it runs), and the fraction of the machine's matmul rate
+(measured in this run: fp32 for fp32 rows, TF32 and bf16 for theirs on a GPU) that each
+reaches; every test bound is computed in fp32. Whole epochs matter: at large K, subnormals
+accumulate in the backward pass after a few hundred steps, so the first hundred steps
+mislead. On a GPU every configuration first runs a short untimed epoch, so that kernel
+loading and cuBLAS's first calls are not timed.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from torch import nn
 from models.config import ModelConfig, TrainConfig
 from models.data import binarized_test_images, load_mnist
 from models.estimators import log_likelihood
-from models.training import resolve_device, train
+from models.training import resolve_device, tf32_matmuls, train
 
 BATCH = 100
 D, H, Z = 784, 200, 50
 # Rows: the reference (with subnormals flushed: CPU only), ours, ours in bf16, and ours
-# replayed as CUDA graphs (GPU only).
-RUNS = ("ref", "ref-ftz", "ours", "ours-graph", "ours-bf16", "ours-bf16-graph")
+# replayed as CUDA graphs (GPU only), also with TF32 products.
+RUNS = ("ref", "ref-ftz", "ours", "ours-graph", "ours-tf32-graph", "ours-bf16", "ours-bf16-graph")
 
 
 class ReferenceIWAE(nn.Module):
@@ -179,12 +181,20 @@ def main() -> None:
     peaks = {"fp32": matmul_peak_gflops(device)}
     # A CPU without bf16 units emulates it; its rows are measured against the fp32 rate.
     peaks["bf16"] = matmul_peak_gflops(device, torch.bfloat16) if gpu else peaks["fp32"]
+    if gpu:
+        with tf32_matmuls(True):
+            peaks["tf32"] = matmul_peak_gflops(device)
     name = torch.cuda.get_device_name(device) if gpu else f"{torch.get_num_threads()} threads"
     print(
         f"device={device} ({name}) torch={torch.__version__} images/epoch={len(images)} "
         f"batch={BATCH} matmul rate: fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s"
-        + (f", fp32 matmul precision {torch.get_float32_matmul_precision()!r}" if gpu else "")
+        + (
+            f", tf32 {peaks['tf32']:.0f} GFLOP/s; fp32 matmul precision outside tf32 rows "
+            f"{torch.get_float32_matmul_precision()!r}"
+            if gpu
+            else ""
+        )
     )
     print(f"test bound: {args.eval_size} test images, k={args.eval_k}, fp32, nats per image")
     print(
@@ -196,7 +206,7 @@ def main() -> None:
     for k in args.ks:
         rows = []
         for run in runs:
-            precision = "bf16" if "bf16" in run else "fp32"
+            precision = next((p for p in ("bf16", "tf32") if p in run), "fp32")
             if run.startswith("ref"):
                 torch.set_flush_denormal(run == "ref-ftz")
                 seconds, model = reference_epoch(images, k, seed=0)
