@@ -11,13 +11,13 @@ failing part does not stop the others. Every part's output goes to $OUT/<part>.l
 benchmarks' rows also to $OUT/<part>.json); the console gets the tail of each log, then which
 parts failed and one summary table.
 
-Parts: the machine (nvidia-smi, torch); the CUDA tests (tests/models/test_cuda_graphs.py,
-conftest files above tests/models left out); `train_throughput.py` for K in {1, 5, 50, 100},
-eager (the reference, fp32, bf16) and then replayed as CUDA graphs in another process (fp32,
-TF32 products, bf16; a failed capture cannot spoil the eager figures); `roofline.py --device
-cuda` (each epoch against the time of its matrix products alone, fp32 with the evaluation,
-then TF32); `step_profile.py` (host launch time against device time, the costliest kernels).
-About three minutes on an H200.
+Parts: the machine (nvidia-smi, torch); the CUDA tests (tests/models/test_cuda_graphs.py and
+test_fastpath.py, conftest files above tests/models left out); `train_throughput.py` for K
+in {1, 5, 50, 100}, eager (the reference, fp32, bf16) and then replayed as CUDA graphs in
+another process (fp32, TF32 products, bf16; a failed capture cannot spoil the eager figures);
+`roofline.py --device cuda` (each epoch against the time of its matrix products alone, fp32
+with the evaluation, then TF32); `step_profile.py` (host launch time against device time,
+the costliest kernels). About three minutes on an H200.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 # Seconds for the whole check: the device is lent for minutes, start-up included.
 BUDGET_S = 300
-CUDA_TESTS = "tests/models/test_cuda_graphs.py"
+# The CUDA tests, and the fast path against the reference (its last test runs on the GPU).
+CUDA_TESTS = ["tests/models/test_cuda_graphs.py", "tests/models/test_fastpath.py"]
 DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 TORCH_INFO = (
     "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, "
@@ -86,7 +87,7 @@ def parts(args: argparse.Namespace, out: Path) -> list[Part]:
         Part("torch", [PYTHON, "-c", TORCH_INFO], 60),
         # cuBLAS picks the same kernels on every stream with a fixed workspace (eager steps and
         # captures run on different streams), as torch.use_deterministic_algorithms asks.
-        Part("tests", [*pytest, "--confcutdir=tests/models", CUDA_TESTS], 180, env=DETERMINISTIC),
+        Part("tests", [*pytest, "--confcutdir=tests/models", *CUDA_TESTS], 180, env=DETERMINISTIC),
         Part("eager", throughput("eager", "ref", "ours", "ours-bf16"), 180),
         Part(
             "graphs",
