@@ -2,6 +2,7 @@
 
 Usage: python bench/roofline.py [--ks 1 5 50] [--train-size 60000] [--eval-images 100]
                                 [--eval-k 5000] [--repeats 2] [--device cpu] [--skip-reference]
+                                [--threads N]
        python bench/roofline.py --profile [--ks 50]
 
 The floor of a training step is the time of exactly its matrix products: the forward,
@@ -35,6 +36,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,19 +65,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def best_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 10) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of fn."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_seconds(
+    fn: Callable[[], object], device: torch.device, repeats: int = 10, clock: int = 0
+) -> float:
+    """Best of `repeats` calls in wall time (`clock` 0) or process CPU time (1)."""
     fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(fn, device)[clock] for _ in range(repeats))
 
 
-def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> float:
+def gemm_seconds(
+    m: int, n: int, k: int, device: torch.device, layout: str, clock: int = 0
+) -> float:
     """Best time of one fp32 product [m, k] @ [k, n] in the layout nn.Linear uses:
     `forward` x @ W^T, `data` g @ W, `weight` g^T @ x."""
     if layout == "forward":  # x [m, k], W [n, k]
@@ -85,30 +94,33 @@ def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> f
     else:  # g^T: g [k, m]; x [k, n]
         a, b = torch.randn(k, m, device=device).t(), torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
-    return best_seconds(lambda: torch.mm(a, b, out=out), device)
+    return best_seconds(lambda: torch.mm(a, b, out=out), device, clock=clock)
 
 
-def step_floor(rows: int, device: torch.device) -> float:
+def step_floor(rows: int, device: torch.device, clock: int = 0) -> float:
     """Seconds of the matrix products of one training step, decoder on `rows` = K*B rows."""
     total = 0.0
     for layers, m in ((ENCODER, BATCH), (DECODER, rows)):
         for i, (n_in, n_out) in enumerate(layers):
-            total += gemm_seconds(m, n_out, n_in, device, "forward")
-            total += gemm_seconds(n_out, n_in, m, device, "weight")
+            total += gemm_seconds(m, n_out, n_in, device, "forward", clock)
+            total += gemm_seconds(n_out, n_in, m, device, "weight", clock)
             if not (layers is ENCODER and i == 0):  # x needs no gradient
-                total += gemm_seconds(m, n_in, n_out, device, "data")
+                total += gemm_seconds(m, n_in, n_out, device, "data", clock)
     return total
 
 
-def eval_floor(k: int, device: torch.device) -> float:
+def eval_floor(k: int, device: torch.device, clock: int = 0) -> float:
     """Seconds of the forward products of one batch of B images at `k` samples, in the
     estimator's chunks."""
     chunk = estimators._CHUNK_ELEMENTS // (BATCH * D)
     sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
-    total = sum(gemm_seconds(BATCH, n_out, n_in, device, "forward") for n_in, n_out in ENCODER)
+    total = sum(
+        gemm_seconds(BATCH, n_out, n_in, device, "forward", clock) for n_in, n_out in ENCODER
+    )
     for size in set(sizes):
         per_chunk = sum(
-            gemm_seconds(size * BATCH, n_out, n_in, device, "forward") for n_in, n_out in DECODER
+            gemm_seconds(size * BATCH, n_out, n_in, device, "forward", clock)
+            for n_in, n_out in DECODER
         )
         total += sizes.count(size) * per_chunk
     return total
@@ -119,7 +131,8 @@ def gemm_rate(device: torch.device, n: int = 2048) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
 
 
-def epoch_seconds(images: torch.Tensor, k: int, device: str, fast: bool) -> float:
+def epoch_seconds(images: torch.Tensor, k: int, device: str, fast: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch of `train`, on the fast path or the reference."""
     config = TrainConfig(
         k=k,
         epochs=1,
@@ -130,10 +143,7 @@ def epoch_seconds(images: torch.Tensor, k: int, device: str, fast: bool) -> floa
     )
     off = mock.patch("models.training.fast_path", return_value=None)
     with contextlib.nullcontext() if fast else off:
-        start = time.perf_counter()
-        train(config, images)
-        synchronize(images.device)
-    return time.perf_counter() - start
+        return timed(lambda: train(config, images), images.device)
 
 
 class _Reference:
@@ -144,15 +154,31 @@ class _Reference:
         self.log_weights = model.log_weights
 
 
-def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> float:
-    """Seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
+def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
     scored = model if fast else _Reference(model)
     generator = torch.Generator(x.device).manual_seed(0)
-    start = time.perf_counter()
-    for i in range(0, len(x), BATCH):
-        log_likelihood(scored, x[i : i + BATCH], k, generator=generator)
-    synchronize(x.device)
-    return time.perf_counter() - start
+
+    def score() -> None:
+        for i in range(0, len(x), BATCH):
+            log_likelihood(scored, x[i : i + BATCH], k, generator=generator)
+
+    return timed(score, x.device)
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, cores and vector extensions (from /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE).group(1).split())
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    name = model.group(1) if model else platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {' '.join(vector)}"
 
 
 def copy_bandwidth(device: torch.device, numel: int = 1 << 24) -> float:
@@ -258,7 +284,10 @@ def main() -> None:
         ),
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.profile:
         profile_fast_path(args.ks, device)
@@ -268,50 +297,69 @@ def main() -> None:
     steps = -(-len(images) // BATCH)
     sides = ["ours"] if args.skip_reference else ["ours", "reference"]
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
-        f"device={device} ({name or platform.machine()}) torch={torch.__version__} "
+        f"device={device} ({machine_name(device)}) torch={torch.__version__} "
         f"threads={torch.get_num_threads()} dtype=fp32"
     )
     with flush_denormals():  # as training runs
         rate = gemm_rate(device)
-        floors = {k: step_floor(k * BATCH, device) for k in args.ks}
+        floors = {k: [step_floor(k * BATCH, device, clock) for clock in (0, 1)] for k in args.ks}
     print(f"fp32 GEMM rate (2048^3, best of 10): {rate:.0f} GFLOP/s")
     print(
         f"training: {len(images)} images/epoch, batch {BATCH}, {steps} steps; floor and "
         f"epochs with flush-to-zero on (train() sets it), {torch.get_num_threads()} threads; "
-        f"{args.repeats} epochs per side, alternating; seconds min-max"
+        f"{args.repeats} epochs per side, alternating; seconds min-max, in wall time and in "
+        f"process CPU time (robust to other processes at 1 thread)"
     )
-    print(f"{'K':>3} {'side':<9} {'epoch s':>11} {'floor s':>8} {'floor/epoch':>12}")
+    print(ROW_HEADER)
     for k in args.ks:
-        times: dict[str, list[float]] = {side: [] for side in sides}
+        runs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+        for side in sides:  # warm-up: first calls, allocations
+            epoch_seconds(images[: 2 * BATCH], k, args.device, side == "ours")
         for _ in range(args.repeats):
             for side in sides:
-                times[side].append(epoch_seconds(images, k, args.device, side == "ours"))
-        floor = floors[k] * steps
+                runs[side].append(epoch_seconds(images, k, args.device, side == "ours"))
         for side in sides:
-            best = min(times[side])
-            print(f"{k:>3} {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+            print(row(f"{k:>3} {side:<9}", runs[side], [f * steps for f in floors[k]]))
 
     torch.manual_seed(0)
     model = IWAEModel(ModelConfig(layers=1, latent_dim=Z, hidden_dim=H)).to(device).eval()
     test_x = binarized_test_images(data.test_images[: args.eval_images]).to(device)
     scale = TEST_IMAGES / len(test_x)
     torch.set_flush_denormal(False)  # as `evaluate` runs
-    floor = eval_floor(args.eval_k, device) * TEST_IMAGES / BATCH
+    floor = [eval_floor(args.eval_k, device, clock) * TEST_IMAGES / BATCH for clock in (0, 1)]
     print(
         f"evaluation: {TEST_IMAGES} test images at k={args.eval_k}, timed on {len(test_x)} "
         f"and scaled x{scale:g}; flush-to-zero off (as evaluate runs), "
         f"{torch.get_num_threads()} threads"
     )
-    times = {side: [] for side in sides}
+    print(ROW_HEADER)
+    runs = {side: [] for side in sides}
+    for side in sides:  # warm-up
+        eval_seconds(model, test_x[:1], args.eval_k, side == "ours")
     for _ in range(args.repeats):
         for side in sides:
-            seconds = eval_seconds(model, test_x, args.eval_k, side == "ours")
-            times[side].append(seconds * scale)
+            wall, cpu = eval_seconds(model, test_x, args.eval_k, side == "ours")
+            runs[side].append((wall * scale, cpu * scale))
     for side in sides:
-        best = min(times[side])
-        print(f"    {side:<9} {spread(times[side]):>11} {floor:>8.1f} {floor / best:>11.0%}")
+        print(row(f"eval {side:<9}", runs[side], floor))
+
+
+ROW_HEADER = (
+    f"{'':<13} {'wall s':>11} {'floor s':>8} {'floor/wall':>10} "
+    f"{'cpu s':>11} {'floor s':>8} {'floor/cpu':>9}"
+)
+
+
+def row(label: str, runs: list[tuple[float, float]], floor: list[float]) -> str:
+    """One side's runs and floors, each as (wall, CPU) seconds; fractions of the best run."""
+    cells = []
+    for clock, width in ((0, 10), (1, 9)):
+        values = [r[clock] for r in runs]
+        cells.append(
+            f"{spread(values):>11} {floor[clock]:>8.1f} {floor[clock] / min(values):>{width}.0%}"
+        )
+    return f"{label:<13} {' '.join(cells)}"
 
 
 if __name__ == "__main__":
