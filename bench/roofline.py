@@ -2,7 +2,8 @@
 
 Usage: python bench/roofline.py [--ks 1 5 50] [--train-size 60000] [--eval-images 100]
                                 [--eval-k 5000] [--repeats 2] [--device cpu|cuda]
-                                [--precision fp32|tf32] [--skip-reference] [--json FILE]
+                                [--precision fp32|tf32] [--skip-reference] [--threads N]
+                                [--json FILE]
        python bench/roofline.py --profile [--ks 50]          (CPU only)
 
 The floor of a training step is the time of exactly its matrix products: the forward,
@@ -15,11 +16,12 @@ applies, see models/fastpath.py), `reference` the same trainer on its autograd p
 fast path switched off), both timed over whole epochs, `--repeats` times each, alternating.
 
 On a GPU (`--device cuda`) both sides train as a GPU worker would, with `cuda_graphs`, after
-an untimed short epoch (kernel loading, cuBLAS's first calls); each product of the floor is
-timed as 20 back-to-back calls recorded in a CUDA graph, so the floor is the device's time,
-not the host's time to launch a small kernel. `--precision tf32` (GPU only) trains with
-TF32 matrix products and times the floor under the same setting; the evaluation always runs
-in fp32 (`--eval-images 0` skips it).
+an untimed short epoch (kernel loading, cuBLAS's first calls, the graph's capture); each
+product of the floor is timed as 20 back-to-back calls recorded in a CUDA graph, so the floor
+is the device's time, not the host's time to launch a small kernel; only wall time is shown
+(the host's CPU time says nothing of the device's). `--precision tf32` (GPU only) trains
+with TF32 matrix products and times the floor under the same setting; the evaluation always
+runs in fp32 (`--eval-images 0` skips it).
 
 The evaluation is Burda's protocol, log p(x) of the 10,000 test images at k=5000, through
 `models.estimators.log_likelihood` in its batches of 100 images; it times `--eval-images`
@@ -45,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,24 +78,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of fn."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def best_seconds(
-    fn: Callable[[], object], device: torch.device, repeats: int = 10, graph: bool = True
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int = 10,
+    clock: int = 0,
+    graph: bool = True,
 ) -> float:
-    """Best time of one call of fn. On a GPU (with `graph`), of `GRAPH_CALLS` calls
-    replayed from a CUDA graph and divided by them: a small kernel runs in less time than
-    the host takes to launch it, and a floor is the device's time."""
-    calls = 1
+    """Best of `repeats` calls in wall time (`clock` 0) or process CPU time (1). On a GPU
+    (with `graph`), wall time of `GRAPH_CALLS` calls replayed from a CUDA graph, divided by
+    them: a small kernel runs in less time than the host takes to launch it, and a floor is
+    the device's time."""
     fn()  # warm-up, before any capture: cuBLAS's handle and workspace
+    calls = 1
     if device.type == "cuda" and graph:
         fn, calls = _graphed(fn, GRAPH_CALLS), GRAPH_CALLS
-    best = math.inf
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best / calls
+    return min(timed(fn, device)[clock] for _ in range(repeats)) / calls
 
 
 def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], None]:
@@ -109,7 +119,9 @@ def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], None]:
     return graph.replay
 
 
-def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> float:
+def gemm_seconds(
+    m: int, n: int, k: int, device: torch.device, layout: str, clock: int = 0
+) -> float:
     """Best time of one fp32 product [m, k] @ [k, n] in the layout nn.Linear uses:
     `forward` x @ W^T, `data` g @ W, `weight` g^T @ x."""
     if layout == "forward":  # x [m, k], W [n, k]
@@ -119,30 +131,33 @@ def gemm_seconds(m: int, n: int, k: int, device: torch.device, layout: str) -> f
     else:  # g^T: g [k, m]; x [k, n]
         a, b = torch.randn(k, m, device=device).t(), torch.randn(k, n, device=device)
     out = torch.empty(m, n, device=device)
-    return best_seconds(lambda: torch.mm(a, b, out=out), device)
+    return best_seconds(lambda: torch.mm(a, b, out=out), device, clock=clock)
 
 
-def step_floor(rows: int, device: torch.device) -> float:
+def step_floor(rows: int, device: torch.device, clock: int = 0) -> float:
     """Seconds of the matrix products of one training step, decoder on `rows` = K*B rows."""
     total = 0.0
     for layers, m in ((ENCODER, BATCH), (DECODER, rows)):
         for i, (n_in, n_out) in enumerate(layers):
-            total += gemm_seconds(m, n_out, n_in, device, "forward")
-            total += gemm_seconds(n_out, n_in, m, device, "weight")
+            total += gemm_seconds(m, n_out, n_in, device, "forward", clock)
+            total += gemm_seconds(n_out, n_in, m, device, "weight", clock)
             if not (layers is ENCODER and i == 0):  # x needs no gradient
-                total += gemm_seconds(m, n_in, n_out, device, "data")
+                total += gemm_seconds(m, n_in, n_out, device, "data", clock)
     return total
 
 
-def eval_floor(k: int, device: torch.device) -> float:
+def eval_floor(k: int, device: torch.device, clock: int = 0) -> float:
     """Seconds of the forward products of one batch of B images at `k` samples, in the
     estimator's chunks."""
     chunk = estimators._CHUNK_ELEMENTS // (BATCH * D)
     sizes = [min(chunk, k - start) for start in range(0, k, chunk)]
-    total = sum(gemm_seconds(BATCH, n_out, n_in, device, "forward") for n_in, n_out in ENCODER)
+    total = sum(
+        gemm_seconds(BATCH, n_out, n_in, device, "forward", clock) for n_in, n_out in ENCODER
+    )
     for size in set(sizes):
         per_chunk = sum(
-            gemm_seconds(size * BATCH, n_out, n_in, device, "forward") for n_in, n_out in DECODER
+            gemm_seconds(size * BATCH, n_out, n_in, device, "forward", clock)
+            for n_in, n_out in DECODER
         )
         total += sizes.count(size) * per_chunk
     return total
@@ -156,26 +171,22 @@ def gemm_rate(device: torch.device) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ b, device, graph=False) / 1e9
 
 
-def epoch_seconds(images: torch.Tensor, k: int, precision: str, fast: bool) -> float:
-    """One epoch of `train` on images [N, D]; on a GPU as a GPU worker trains (CUDA graphs)."""
-    gpu = images.device.type == "cuda"
+def epoch_seconds(images: torch.Tensor, k: int, precision: str, fast: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch of `train`, on the fast path or the reference; on a
+    GPU as a GPU worker trains (CUDA graphs)."""
     config = TrainConfig(
         k=k,
         epochs=1,
         batch_size=BATCH,
         device=images.device.type,
         precision=precision,
-        cuda_graphs=gpu,
+        cuda_graphs=images.device.type == "cuda",
         eval_size=0,
         model=ModelConfig(layers=1, latent_dim=Z, hidden_dim=H),
     )
     off = mock.patch("models.training.fast_path", return_value=None)
     with contextlib.nullcontext() if fast else off:
-        synchronize(images.device)
-        start = time.perf_counter()
-        train(config, images)
-        synchronize(images.device)
-    return time.perf_counter() - start
+        return timed(lambda: train(config, images), images.device)
 
 
 class _Reference:
@@ -186,15 +197,31 @@ class _Reference:
         self.log_weights = model.log_weights
 
 
-def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> float:
-    """Seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
+def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
     scored = model if fast else _Reference(model)
     generator = torch.Generator(x.device).manual_seed(0)
-    start = time.perf_counter()
-    for i in range(0, len(x), BATCH):
-        log_likelihood(scored, x[i : i + BATCH], k, generator=generator)
-    synchronize(x.device)
-    return time.perf_counter() - start
+
+    def score() -> None:
+        for i in range(0, len(x), BATCH):
+            log_likelihood(scored, x[i : i + BATCH], k, generator=generator)
+
+    return timed(score, x.device)
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, cores and vector extensions (from /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE).group(1).split())
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    name = model.group(1) if model else platform.machine()
+    return f"{name}, {os.cpu_count()} cores, {' '.join(vector)}"
 
 
 def copy_bandwidth(device: torch.device, numel: int = 1 << 24) -> float:
@@ -301,8 +328,11 @@ def main() -> None:
         ),
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if args.profile and gpu:
@@ -316,8 +346,9 @@ def main() -> None:
     images = data.train_images[: args.train_size].to(device)
     steps = -(-len(images) // BATCH)
     sides = ["ours"] if args.skip_reference else ["ours", "reference"]
+    clocks = (0,) if gpu else (0, 1)  # wall; and process CPU time, on a CPU only
 
-    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
+    name = machine_name(device)
     print(
         f"device={device} ({name}) torch={torch.__version__} "
         f"threads={torch.get_num_threads()} dtype=fp32 precision={args.precision}"
@@ -325,38 +356,48 @@ def main() -> None:
     # As training runs: subnormals flushed (a CPU setting), TF32 products when asked.
     with flush_denormals(), tf32_matmuls(args.precision == "tf32"):
         rate = gemm_rate(device)
-        floors = {k: step_floor(k * BATCH, device) for k in args.ks}
+        floors = {k: [step_floor(k * BATCH, device, clock) for clock in clocks] for k in args.ks}
     print(f"{args.precision} GEMM rate (best of 10): {rate:.0f} GFLOP/s")
     print(
         f"training: {len(images)} images/epoch, batch {BATCH}, {steps} steps; floor and "
         f"epochs with flush-to-zero on (train() sets it), {torch.get_num_threads()} threads"
-        + (", CUDA graphs, after an untimed short epoch" if gpu else "")
-        + f"; {args.repeats} epochs per side, alternating; seconds min-max"
+        + (", CUDA graphs" if gpu else "")
+        + f"; {args.repeats} epochs per side, alternating, after an untimed short one; "
+        + (
+            "seconds min-max, in wall time"
+            if gpu
+            else "seconds min-max, in wall time and in process CPU time (robust to other "
+            "processes at 1 thread)"
+        )
     )
-    print(f"{'K':>3} {'side':<9} {'epoch s':>11} {'floor s':>8} {'floor/epoch':>12}")
+    print(row_header(clocks))
     report = {"device": str(device), "name": name, "torch": torch.__version__}
     report |= {"precision": args.precision, "gemm_gflops": rate, "train": [], "eval": []}
+    warm_up = 10 if gpu else 2  # batches: on a GPU, enough for the graph's capture
     for k in args.ks:
-        times: dict[str, list[float]] = {side: [] for side in sides}
-        if gpu:  # untimed: kernel loading, cuBLAS's first calls, the graph's pool
-            for side in sides:
-                epoch_seconds(images[: 10 * BATCH], k, args.precision, side == "ours")
+        runs: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+        for side in sides:  # warm-up: first calls, allocations
+            epoch_seconds(images[: warm_up * BATCH], k, args.precision, side == "ours")
         for _ in range(args.repeats):
             for side in sides:
-                times[side].append(epoch_seconds(images, k, args.precision, side == "ours"))
-        floor = floors[k] * steps
+                runs[side].append(epoch_seconds(images, k, args.precision, side == "ours"))
+        floor = [f * steps for f in floors[k]]
         for side in sides:
-            best = min(times[side])
-            print(f"{k:>3} {side:<9} {spread(times[side]):>11} {floor:>8.2f} {floor / best:>11.0%}")
-            report["train"].append({"k": k, "side": side, "seconds": best, "floor_s": floor})
+            print(row(f"{k:>3} {side:<9}", runs[side], floor))
+            best = min(wall for wall, _ in runs[side])
+            report["train"].append({"k": k, "side": side, "seconds": best, "floor_s": floor[0]})
     if args.eval_images > 0:
-        report["eval"] = evaluation(data, args, device, sides)
+        report["eval"] = evaluation(data, args, device, sides, clocks)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
 
 
 def evaluation(
-    data: Mnist, args: argparse.Namespace, device: torch.device, sides: list[str]
+    data: Mnist,
+    args: argparse.Namespace,
+    device: torch.device,
+    sides: list[str],
+    clocks: tuple[int, ...],
 ) -> list[dict]:
     """Times Burda's evaluation (scaled to the test set) against its floor; the rows."""
     torch.manual_seed(0)
@@ -364,23 +405,49 @@ def evaluation(
     test_x = binarized_test_images(data.test_images[: args.eval_images]).to(device)
     scale = TEST_IMAGES / len(test_x)
     torch.set_flush_denormal(False)  # as `evaluate` runs
-    floor = eval_floor(args.eval_k, device) * TEST_IMAGES / BATCH
+    floor = [eval_floor(args.eval_k, device, clock) * TEST_IMAGES / BATCH for clock in clocks]
     print(
         f"evaluation: {TEST_IMAGES} test images at k={args.eval_k}, timed on {len(test_x)} "
         f"and scaled x{scale:g}; fp32, flush-to-zero off (as evaluate runs), "
         f"{torch.get_num_threads()} threads"
     )
-    times = {side: [] for side in sides}
+    print(row_header(clocks))
+    runs = {side: [] for side in sides}
+    for side in sides:  # warm-up
+        eval_seconds(model, test_x[:1], args.eval_k, side == "ours")
     for _ in range(args.repeats):
         for side in sides:
-            seconds = eval_seconds(model, test_x, args.eval_k, side == "ours")
-            times[side].append(seconds * scale)
+            wall, cpu = eval_seconds(model, test_x, args.eval_k, side == "ours")
+            runs[side].append((wall * scale, cpu * scale))
     rows = []
     for side in sides:
-        best = min(times[side])
-        print(f"    {side:<9} {spread(times[side]):>11} {floor:>8.2f} {floor / best:>11.0%}")
-        rows.append({"k": args.eval_k, "side": side, "seconds": best, "floor_s": floor})
+        print(row(f"eval {side:<9}", runs[side], floor))
+        best = min(wall for wall, _ in runs[side])
+        rows.append({"k": args.eval_k, "side": side, "seconds": best, "floor_s": floor[0]})
     return rows
+
+
+# Column titles and widths of each clock: wall time, process CPU time.
+_CLOCKS = (("wall", 10), ("cpu", 9))
+
+
+def row_header(clocks: tuple[int, ...]) -> str:
+    cells = [
+        f"{_CLOCKS[c][0] + ' s':>11} {'floor s':>8} {'floor/' + _CLOCKS[c][0]:>{_CLOCKS[c][1]}}"
+        for c in clocks
+    ]
+    return f"{'':<13} {' '.join(cells)}"
+
+
+def row(label: str, runs: list[tuple[float, float]], floor: list[float]) -> str:
+    """One side's runs, each (wall, CPU) seconds, against the floor of each clock shown;
+    fractions of the best run."""
+    cells = []
+    for clock, floor_s in enumerate(floor):
+        values = [r[clock] for r in runs]
+        width = _CLOCKS[clock][1]
+        cells.append(f"{spread(values):>11} {floor_s:>8.2f} {floor_s / min(values):>{width}.0%}")
+    return f"{label:<13} {' '.join(cells)}"
 
 
 if __name__ == "__main__":

@@ -47,9 +47,12 @@ from models.networks import IWAEModel
 from models.objectives import sampling_plan, surrogates_of
 
 T = TypeVar("T")
-# Rows of one decoder block in inference: its logits, 4096 x 784 fp32 = 12.8 MB, stay in a
-# 32 MB L3 cache between the product that writes them and the softplus that reads them.
-_BLOCK_ROWS = 4096
+# Rows of one decoder block in inference: its logits and the softplus's scratch, 2 x 2048 x
+# 784 fp32 = 12.8 MB, stay in a 32 MB L3 cache between the product that writes the logits
+# and the passes that read them (4096 rows measured no faster, whole chunks ~15% slower).
+_BLOCK_ROWS = 2048
+# Factors sigmoid(|l|) >= 1/2 multiplied before one log (see `_softplus_sums`).
+_FACTORS = 112
 
 
 def fast_path(model: IWAEModel, config: TrainConfig | None = None) -> FastPath | None:
@@ -76,7 +79,7 @@ class _Buffers:
     g1: Tensor  # [R, H + 1]
     g2: Tensor  # [R, H + 1]
     logits: Tensor  # [R, D]; holds e after a training forward
-    scratch: Tensor  # [R, D]: the softplus in training; the logits' buffer in inference
+    scratch: Tensor  # [R, D], for the softplus
     scaled: Tensor  # [R, H + 1]: rows of g times the upstream
     product: Tensor  # [R, H]: a product before its tanh; in the backward, e V3 and a2
     back: Tensor  # [R, H] in training (a1), else empty
@@ -208,11 +211,8 @@ class FastPath:
         # sum_d o_d x_d l_d = [g2 1] . ([V3 | c3]^T (o x)): [m, B]
         g2 = buf.g2.view(m, batch, -1)  # [m, B, H + 1]
         x_dot_l = torch.mul(g2, x_v3, out=buf.scaled.view(m, batch, -1)).sum(-1)
-        softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=buf.scratch)  # [R, D]
-        softplus = softplus.view(m, batch, -1)  # [m, B, D]
-        if observed is not None:
-            softplus.mul_(observed)
-        log_p = x_dot_l - softplus.sum(-1) - 0.5 * z.square().sum(-1)  # [m, B]
+        softplus = _softplus_sums(logits, buf.scratch, observed).view(m, batch)  # [m, B]
+        log_p = x_dot_l - softplus - 0.5 * z.square().sum(-1)  # [m, B]
         if training:  # e = o x - o sigmoid(l) over the logits, which are not needed again
             e = torch.sigmoid(logits, out=logits).view(m, batch, -1)  # [m, B, D]
             if observed is not None:
@@ -297,7 +297,7 @@ class FastPath:
                 g1=_with_ones_column(rows, hidden, **new),
                 g2=_with_ones_column(rows, hidden, **new),
                 logits=logits,
-                scratch=torch.empty_like(logits) if training else logits,
+                scratch=torch.empty_like(logits),
                 scaled=torch.empty(rows, hidden + 1, **new),
                 product=torch.empty(rows, hidden, **new),
                 back=torch.empty(rows if training else 0, hidden, **new),
@@ -310,6 +310,27 @@ class FastPath:
         if key not in self._buffers:
             self._buffers[key] = make()
         return self._buffers[key]
+
+
+def _softplus_sums(logits: Tensor, scratch: Tensor, observed: Tensor | None) -> Tensor:
+    """sum_d o_d softplus(l_d) of each row of logits [R, D] -> [R]; scratch [R, D].
+
+    Without a mask, softplus(l) = relu(l) - log sigmoid(|l|), and the logs are taken of
+    products of `_FACTORS` factors sigmoid(|l|) in [1/2, 1] (at least 2^-112, above fp32's
+    smallest normal 2^-126): one log per 112 pixels instead of an exp and a log1p per pixel,
+    ~1.5x faster than PyTorch's softplus on the CPU, as accurate in fp32 (the rounding of the
+    112-factor products is below that of the 784-term sum).
+    """
+    if observed is not None:
+        softplus = torch.ops.aten.softplus.out(logits, 1, 20, out=scratch)  # [R, D]
+        rows = softplus.view(-1, *observed.shape)  # [m, B, D]
+        return rows.mul_(observed).sum(-1).view(-1)
+    relu_sum = torch.clamp_min(logits, 0.0, out=scratch).sum(-1)  # [R]
+    sigmoids = torch.abs(logits, out=scratch).sigmoid_()  # [R, D], in [1/2, 1]
+    width = logits.shape[1]
+    factors = max(f for f in range(1, min(width, _FACTORS) + 1) if width % f == 0)
+    products = sigmoids.view(len(logits), width // factors, factors).prod(-1)  # [R, D/f]
+    return relu_sum - products.log_().sum(-1)
 
 
 def _tanh_of_half(t: Tensor, *, out: Tensor) -> Tensor:

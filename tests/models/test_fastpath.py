@@ -17,7 +17,7 @@ from torch import Tensor
 from models.config import OBJECTIVES, ModelConfig, TrainConfig
 from models.data import Mnist
 from models.estimators import log_likelihood
-from models.fastpath import FastPath, fast_path
+from models.fastpath import FastPath, _softplus_sums, fast_path
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
 from models.training import train
@@ -197,3 +197,19 @@ def test_training_on_the_fast_path_follows_the_reference_path(
         reference.state_dict().items(), fast.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("width", [784, 13], ids=["mnist", "prime-width"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_sums_match_softplus_for_extreme_logits(width: int, dtype: torch.dtype) -> None:
+    """Logits from -200 to 200 (sigmoid(|l|) rounds to 1 beyond ~17 in fp32) and near 0."""
+    generator = torch.Generator().manual_seed(6)
+    logits = (torch.rand(64, width, generator=generator, dtype=torch.float64) - 0.5) * 400
+    logits[::4] *= 1e-3
+    logits[1::4] -= 150
+    exact = torch.nn.functional.softplus(logits).sum(-1)  # float64
+
+    got = _softplus_sums(logits.to(dtype), torch.empty(64, width, dtype=dtype), None)
+
+    rtol = 1e-6 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=1e-9)
