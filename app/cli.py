@@ -29,6 +29,7 @@ from models.config import (
     K_SCHEDULES,
     MISSING_PATTERNS,
     OBJECTIVES,
+    PRECISIONS,
     PRESETS,
     VR_OBJECTIVES,
     ModelConfig,
@@ -285,9 +286,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser, per_cell: bool = Tr
     add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     add(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=PRECISIONS,
         default=d.precision,
-        help="training arithmetic; evaluation always runs in fp32",
+        help="training arithmetic (tf32: fp32 with TF32 matrix products, needs a CUDA GPU); "
+        "evaluation always runs in fp32",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each full-batch training step as a CUDA graph (needs a CUDA GPU)",
     )
     parser.add_argument(
         "--missing-rate",
@@ -326,6 +333,7 @@ _TRAIN_FIELDS = (
     "snr_draws",
     "device",
     "precision",
+    "cuda_graphs",
     "missing_rate",
     "missing_pattern",
 )

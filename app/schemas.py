@@ -203,8 +203,17 @@ class TrainRequest(BaseModel):
     )
     precision: Precision = Field(
         _TRAIN.precision,
-        description="Training arithmetic; evaluation always runs in fp32.",
+        description="Training arithmetic: fp32; tf32, fp32 whose matrix products on the GPU "
+        "round their inputs to TF32 (needs a worker with a CUDA GPU; on a CPU worker the job "
+        "fails with that error); bf16 autocast. Evaluation always runs in fp32.",
         examples=["fp32"],
+    )
+    cuda_graphs: bool = Field(
+        _TRAIN.cuda_graphs,
+        description="Replay each full-batch training step as a CUDA graph: the same "
+        "arithmetic with fewer kernel launches. Needs a worker with a CUDA GPU; on a CPU "
+        "worker the job fails with that error.",
+        examples=[False],
     )
     missing_rate: float = Field(
         _TRAIN.missing_rate,

@@ -15,7 +15,7 @@ Objective = Literal[
 ]
 Schedule = Literal["constant", "burda"]
 KSchedule = Literal["fixed", "linear", "ess"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 Init = Literal["burda", "torch"]
 Preset = Literal["burda"]
@@ -23,6 +23,7 @@ MissingPattern = Literal["mcar", "top-half", "random-square"]
 
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Objectives of the VR-IWAE family, the only ones that take `alpha`, and its default.
 VR_OBJECTIVES = ("vr-iwae", "vr-iwae-dreg")
 DEFAULT_ALPHA = 0.5
@@ -120,6 +121,12 @@ class TrainConfig:
     `snr_draws` > 0 also measures, after the evaluation, the encoder's and the decoder's
     gradient SNR at the trained parameters from that many gradient draws (see
     `models.run.train_and_evaluate`); 0 skips it.
+
+    `cuda_graphs` replays each full-batch training step as a CUDA graph (see
+    `models.cuda_graphs`): the same arithmetic and random draws, fewer kernel launches. It
+    needs a CUDA GPU, so `device="cpu"` refuses it. So does `precision="tf32"`: fp32 tensors
+    whose matrix products on the GPU round their inputs to TF32 (10-bit mantissa), at the
+    tensor cores' rate (see `models.training.tf32_matmuls`); `bf16` is autocast.
     """
 
     k: int = 50
@@ -145,6 +152,7 @@ class TrainConfig:
     missing_pattern: MissingPattern = "mcar"
     init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
     snr_draws: int = 0
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -171,6 +179,10 @@ class TrainConfig:
         side = math.isqrt(self.model.x_dim)
         if self.missing_pattern == "random-square" and side * side != self.model.x_dim:
             raise ValueError("missing_pattern 'random-square' needs square images (x_dim = n^2)")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("cuda_graphs needs a CUDA GPU: use device 'cuda' or 'auto'")
+        if self.precision == "tf32" and self.device == "cpu":
+            raise ValueError("precision 'tf32' needs a CUDA GPU: use device 'cuda' or 'auto'")
         self._resolve_alpha()
         self._resolve_k_schedule()
 

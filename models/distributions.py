@@ -13,7 +13,7 @@ from torch import Tensor
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _inverse_std(logvar: Tensor) -> Tensor:
+def inverse_std(logvar: Tensor) -> Tensor:
     """exp(-logvar / 2), capped at the dtype's largest finite value.
 
     Uncapped it is inf below logvar = -177 in fp32 and 0 * inf = NaN where z == mu; capped,
@@ -28,7 +28,7 @@ def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     The residual is standardised before squaring, ((z - mu) / sigma)^2, so that
     (z - mu)^2 * exp(-logvar) never multiplies 0 by an overflowed inf.
     """
-    residual = (z - mu) * _inverse_std(logvar)  # [..., d]
+    residual = (z - mu) * inverse_std(logvar)  # [..., d]
     return -0.5 * (_LOG_2PI + logvar + residual.square()).sum(-1)
 
 
@@ -57,7 +57,7 @@ def gaussian_log_prob_at_noise(z: Tensor, mu: Tensor, logvar: Tensor, eps: Tenso
     change = (z - z.detach()) - (mu - mu.detach())  # 0 in value, d(z - mu) in gradient
     r = (
         eps
-        + change * _inverse_std(logvar.detach())
+        + change * inverse_std(logvar.detach())
         - 0.5 * eps * (logvar - logvar.detach())  # d/dlogvar of (z - mu) e^(-logvar/2)
     )
     return -0.5 * (_LOG_2PI + logvar + r.square()).sum(-1)

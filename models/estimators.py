@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from models.config import MIN_SNR_DRAWS, TrainConfig
+from models.fastpath import fast_path
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
 
@@ -72,8 +73,12 @@ def log_likelihood(
     A streaming logsumexp of the weights and of their squares, and a running top-M of the
     log-weights for the Pareto fit, keep memory at one chunk however large K is.
     `on_chunk(samples_done)` runs after every chunk but the last; an exception it raises
-    stops the estimate there (a caller's deadline or cancellation).
+    stops the estimate there (a caller's deadline or cancellation). An `IWAEModel` that the
+    fast path covers (`models.fastpath`) draws its log-weights there: the same draws and
+    values, up to rounding.
     """
+    if isinstance(model, IWAEModel):
+        model = fast_path(model) or model
     batch, dim = x.shape
     chunk_size = chunk_size or max(1, _CHUNK_ELEMENTS // (batch * dim))
     tail = psis_tail_length(k)

@@ -97,10 +97,29 @@ def surrogates(
     `observed` ([B, D], 1 = observed) every bound counts observed pixels only; with the
     `iwae` objective that is Mattei & Frellsen's (2019) MIWAE bound for missing data.
     """
-    name, k = config.objective, k or config.k
+    draws, stop_q = sampling_plan(config, k)
+    log_w = model.log_weights(x, draws, generator, stop_q_params=stop_q, observed=observed)
+    return surrogates_of(log_w, config)
+
+
+def sampling_plan(config: TrainConfig, k: int | None = None) -> tuple[int, bool]:
+    """(samples per image, whether log q stops q's parameters) of `config.objective`.
+
+    `miwae` and `piwae` draw M groups of K; STL and the DReG estimators evaluate log q with
+    the inference network's parameters stopped (`IWAEModel.log_weights(stop_q_params=True)`).
+    """
+    k = k or config.k
+    if config.objective in ("miwae", "piwae"):
+        return config.m * k, False
+    return k, config.objective in ("iwae-stl", "iwae-dreg", "vr-iwae-dreg")
+
+
+def surrogates_of(log_w: Tensor, config: TrainConfig) -> Surrogates:
+    """The surrogates of `config.objective` from log-weights drawn by `sampling_plan`:
+    [K, B] (M*K for `miwae` and `piwae`) -> `Surrogates` of [B] each."""
+    name = config.objective
     if name in ("miwae", "piwae"):
-        log_w = model.log_weights(x, config.m * k, generator, observed=observed)  # [M*K, B]
-        grouped = miwae_bound(log_w, config.m)
+        grouped = miwae_bound(log_w, config.m)  # log_w: [M*K, B]
         if name == "miwae":
             return _shared(grouped)
         # PIWAE: encoder on MIWAE(M, K), decoder on IWAE with all M*K samples.
@@ -108,15 +127,13 @@ def surrogates(
         return Surrogates(encoder=grouped, decoder=bound, bound=bound.detach())
     # IWAE is VR-IWAE at alpha = 0: one path serves both families.
     alpha = config.alpha if name in VR_OBJECTIVES else 0.0
-    if name in ("iwae-stl", "iwae-dreg", "vr-iwae-dreg"):
-        log_w = model.log_weights(x, k, generator, stop_q_params=True, observed=observed)
+    if name in ("iwae-stl", "iwae-dreg", "vr-iwae-dreg"):  # log_w with q's parameters stopped
         bound = vr_iwae_bound(log_w, alpha)  # alpha = 0: iwae_bound, bit for bit
         if name == "iwae-stl":
             return _shared(bound)
         return Surrogates(
             encoder=dreg_encoder_surrogate(log_w, alpha), decoder=bound, bound=bound.detach()
         )
-    log_w = model.log_weights(x, k, generator, observed=observed)  # [K, B]
     if name == "vae":
         return _shared(elbo(log_w))
     if name == "ciwae":

@@ -10,6 +10,7 @@ importance sample.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from torch import Tensor
 
 from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
+from models.cuda_graphs import StepGraph
+from models.fastpath import FastPath, fast_path
 from models.files import Fence
 from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
@@ -128,6 +131,26 @@ def flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """CUDA's fp32 matrix products with inputs rounded to TF32 when `enabled`, in full fp32
+    otherwise (whatever the process had set), so a run's `precision` says what it did.
+
+    TF32 keeps fp32's range with a 10-bit mantissa, so the products run on tensor cores
+    (~10x the fp32 rate of an H100/H200); sums still accumulate in fp32. The switch is
+    process-global: this sets it for the training loop only and restores it after (the
+    final evaluation runs as the process had it), but other threads of the same process that
+    use CUDA meanwhile see it too; the worker runs one job per process.
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def train(
     config: TrainConfig,
     train_images: Tensor,
@@ -143,6 +166,10 @@ def train(
     `batch_size` images are held out to measure ESS/K.
     """
     device = resolve_device(config.device)
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA GPU; this run would train on {device}")
+    if config.precision == "tf32" and device.type != "cuda":
+        raise ValueError(f"precision 'tf32' needs a CUDA GPU; this run would train on {device}")
     images = train_images[: config.train_size].to(device)  # [N, D]
     if config.train_size is not None and len(images) < config.train_size:
         raise ValueError(f"train_size={config.train_size} exceeds the {len(images)} images")
@@ -167,19 +194,21 @@ def train(
         state.k = initial_k(config)
 
     steps_per_epoch = -(-len(images) // config.batch_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    loss_sum = images.new_zeros(())  # the summed loss of the steps since the last read-back
+    step = make_step(config, model, optimizer, generator, loss_sum)
     stopped = False
-    with flush_denormals():
+    model.train()
+    with flush_denormals(), tf32_matmuls(config.precision == "tf32"):
         while state.epoch < config.epochs and not stopped:
             stopped = _train_epoch(
                 config,
-                model,
                 optimizer,
                 generator,
                 images,
                 state,
                 steps_per_epoch,
-                autocast,
+                step,
+                loss_sum,
                 callbacks,
             )
             if not stopped:
@@ -218,46 +247,99 @@ def _end_epoch(
     state.k = next_k(config, state.epoch, state.k, ess)
 
 
-def _train_epoch(
+def make_step(
     config: TrainConfig,
     model: IWAEModel,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    loss_sum: Tensor,
+) -> Callable[[Tensor, int], None]:
+    """`step(batch, k)`: `train_step` bound to a run, replayed as a CUDA graph when
+    `config.cuda_graphs`; each step adds its loss to `loss_sum` []."""
+    # PyTorch's CUDA-graph notes ask for autocast's weight cache off in captured code; the
+    # casts themselves are the same.
+    autocast = torch.autocast(
+        loss_sum.device.type,
+        dtype=torch.bfloat16,
+        enabled=config.precision == "bf16",
+        cache_enabled=not config.cuda_graphs,
+    )
+    fast = fast_path(model, config)  # None: the autograd reference path
+    step = functools.partial(
+        train_step, config, model, fast, optimizer, generator, autocast, loss_sum
+    )
+    if config.cuda_graphs:
+        return StepGraph(step, optimizer, generator, (config.batch_size, config.model.x_dim))
+    return step
+
+
+def train_step(
+    config: TrainConfig,
+    model: IWAEModel,
+    fast: FastPath | None,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    autocast: torch.autocast,
+    loss_sum: Tensor,
+    batch: Tensor,
+    k: int,
+) -> None:
+    """One optimisation step at K=`k` on grey levels `batch` [B, D], binarized afresh, by
+    `fast` (see `models.fastpath`) or, when None, by autograd on `surrogates`.
+
+    Adds the batch's loss (minus its mean bound) to `loss_sum` [] in place. Reads nothing
+    back to the host, so on a GPU it only enqueues kernels, and `models.cuda_graphs` can
+    record it as it is.
+    """
+    x = torch.bernoulli(batch, generator=generator)  # dynamic binarization, [B, D]
+    observed = None
+    if config.missing_rate > 0:  # a fresh mask per batch, from the job's generator
+        observed = draw_observed(
+            config.missing_pattern, config.missing_rate, *x.shape, generator, x.dtype
+        )  # [B, D]
+    if fast is not None:
+        bound = fast.set_gradients(x, config, generator, k=k, observed=observed)
+    else:
+        with autocast:
+            s = surrogates(model, x, config, generator, k=k, observed=observed)
+        optimizer.zero_grad(set_to_none=True)
+        backward(model, s)
+        bound = s.bound
+    optimizer.step()
+    loss_sum.sub_(bound.mean())
+
+
+def _train_epoch(
+    config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     images: Tensor,
     state: TrainState,
     steps_per_epoch: int,
-    autocast: torch.autocast,
+    step: Callable[[Tensor, int], None],
+    loss_sum: Tensor,
     callbacks: Sequence[TrainCallback],
 ) -> bool:
-    """One pass over a fresh permutation and binarization; returns True when stopped."""
-    model.train()
+    """One pass over a fresh permutation and binarization; returns True when stopped.
+
+    `step` is `make_step`'s; it adds each step's loss to `loss_sum`.
+    """
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, state.epoch)
     order = torch.randperm(len(images), generator=generator, device=images.device)
-    loss_sum, window = images.new_zeros(()), 0
+    window = 0
     loss: float | None = None
     start = time.perf_counter()
     seconds_before = state.train_seconds
-    for step in range(steps_per_epoch):
-        batch = images[order[step * config.batch_size : (step + 1) * config.batch_size]]
-        x = torch.bernoulli(batch, generator=generator)  # dynamic binarization, [B, D]
-        observed = None
-        if config.missing_rate > 0:  # a fresh mask per batch, from the job's generator
-            observed = draw_observed(
-                config.missing_pattern, config.missing_rate, *x.shape, generator, x.dtype
-            )  # [B, D]
-        with autocast:
-            s = surrogates(model, x, config, generator, k=state.k, observed=observed)
-        optimizer.zero_grad(set_to_none=True)
-        backward(model, s)
-        optimizer.step()
-        loss_sum += -s.bound.mean()
+    for i in range(steps_per_epoch):
+        step(images[order[i * config.batch_size : (i + 1) * config.batch_size]], state.k)
         state.step += 1
         window += 1
-        done = step + 1
+        done = i + 1
         if window == _LOSS_SYNC_STEPS or done == steps_per_epoch:
             loss = float(loss_sum) / window
-            loss_sum, window = images.new_zeros(()), 0
+            loss_sum.zero_()
+            window = 0
         elapsed = time.perf_counter() - start
         state.train_seconds = seconds_before + elapsed
         rate = done / elapsed if elapsed > 0 else 0.0

@@ -87,6 +87,16 @@ def test_bad_configuration_is_a_message_not_a_traceback(mnist_env, tmp_path, cap
     assert "k must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [(["--cuda-graphs"], "cuda_graphs"), (["--precision", "tf32"], "precision 'tf32'")],
+)
+def test_gpu_only_settings_on_the_cpu_are_a_message(mnist_env, tmp_path, capsys, flags, name):
+    argv = ["train", "--k", "2", "--device", "cpu", *flags, "--out", str(tmp_path / "x")]
+    assert main([*argv, *TINY]) == 2
+    assert f"{name} needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_eval_of_a_missing_checkpoint_says_which(mnist_env, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "nothing.safetensors")])
     assert code == 2

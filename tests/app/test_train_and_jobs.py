@@ -76,6 +76,7 @@ def test_train_records_the_full_config(client: TestClient) -> None:
         "eval_k": 100,
         "seed": 7,
         "precision": "bf16",
+        "cuda_graphs": True,
     }
     config = train(client, body).json()["config"]
     assert config["model"] == {
@@ -182,6 +183,7 @@ def test_the_budgets_are_settings_and_inclusive(make_client: Callable[..., TestC
         {"k": 5, "snr_draws": 10_001},
         {"k": 5, "seed": -1},
         {"k": 5, "precision": "fp16"},
+        {"k": 5, "cuda_graphs": "sometimes"},
         {"k": 5, "device": "cuda"},  # not an API field: the worker decides
         {"k": 5, "learning_rte": 0.01},  # a typo is refused, not ignored
         {"k": 5, "init": "xavier"},
