@@ -30,6 +30,12 @@ of them (row scalings commute with products on the right):
 dV3 = e^T (u g2), dc3 = e^T u, dV2 = a2^T (u g1), dc2 = a2^T u, dV1 = a1^T (u z), dc1 = a1^T u,
 dL/dz = u (a0 - z) (+ u eps exp(-logvar/2) with q's parameters stopped, the STL/DReG path).
 So the decoder's backward costs its four big matrix products however many upstreams there are.
+
+Besides the products (`python bench/roofline.py --profile` times each operation against its
+floor): each decoder layer's bias rides in its product (a ones column: no pass to add it, none
+to sum its gradient); tanh is computed as 2 sigmoid(2a) - 1, PyTorch's CPU sigmoid being ~4x
+faster than its tanh; the softplus sum over the [R, D] logits takes one log per 112 pixels
+(`_softplus_sums`); inference runs the decoder in blocks whose logits stay in the cache.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from models.objectives import sampling_plan, surrogates_of
 T = TypeVar("T")
 # Rows of one decoder block in inference: its logits and the softplus's scratch, 2 x 2048 x
 # 784 fp32 = 12.8 MB, stay in a 32 MB L3 cache between the product that writes the logits
-# and the passes that read them (4096 rows measured no faster, whole chunks ~15% slower).
+# and the passes that read them (4096 rows measured no faster, whole chunks 20-30% slower).
 _BLOCK_ROWS = 2048
 # Factors sigmoid(|l|) >= 1/2 multiplied before one log (see `_softplus_sums`).
 _FACTORS = 112

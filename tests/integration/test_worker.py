@@ -56,8 +56,10 @@ def test_job_runs_to_success(redis_service: Service) -> None:
 def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) -> None:
     service = redis_service
     first = service.start_worker()
-    # A K schedule, so that the resumed run must also continue the schedule.
-    job_id = service.submit(epochs=10, train_size=1000, eval_size=50, k_schedule="linear")
+    # A K schedule, so that the resumed run must also continue the schedule. 30 steps an
+    # epoch: with 10 the fast path (models/fastpath.py) finished all ten epochs between the
+    # poll that saw the first checkpoint and the kill (2 of 9 runs on an idle machine).
+    job_id = service.submit(epochs=10, train_size=3000, eval_size=50, k_schedule="linear")
     # Past the first epoch's checkpoint (model_id appears with it), still training.
     service.wait_for(
         job_id,
