@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from bench_args import add_data_dir_argument
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, help="serve this trained model directory")
     parser.add_argument("--train-epochs", type=int, default=0, help="train a model first")
     parser.add_argument("--train-size", type=int, default=10_000)
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/mnist")
+    add_data_dir_argument(parser)
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 

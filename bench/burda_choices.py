@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
+from bench_args import add_data_dir_argument
 
 from models import training
 from models.config import TrainConfig
@@ -45,9 +44,7 @@ def main() -> None:
         "--inits", nargs="+", choices=("torch", "burda"), default=["torch", "burda"]
     )
     parser.add_argument("--reductions", nargs="+", choices=("mean", "sum"), default=["mean", "sum"])
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("IWAE_DATA_DIR", "data"))
-    )
+    add_data_dir_argument(parser)
     args = parser.parse_args()
 
     data = load_mnist(args.data_dir)

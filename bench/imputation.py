@@ -17,6 +17,7 @@ import io
 from pathlib import Path
 
 import torch
+from bench_args import add_data_dir_argument
 from PIL import Image
 
 from app.images import encode_png_grid
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 100, 1000])
     parser.add_argument("--eval-size", type=int, default=1000)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/mnist"))
+    add_data_dir_argument(parser)
     parser.add_argument("--picture", type=Path, default=None)
     args = parser.parse_args()
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import add_data_dir_argument
 
 from models.config import ModelConfig, TrainConfig
 from models.data import binarized_test_images, load_mnist
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--eval-size", type=int, default=1000)
     parser.add_argument("--eval-k", type=int, default=2000)
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/mnist"))
+    add_data_dir_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("runs/k_schedule.json"))
     parser.add_argument(
         "--arms", nargs="*", choices=("fixed", "linear", "ess"), default=["fixed", "linear", "ess"]

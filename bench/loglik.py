@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_args import add_data_dir_argument
 
 from models.config import ModelConfig
 from models.data import binarized_test_images, load_mnist
@@ -61,15 +60,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(
-            os.environ.get(
-                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
-            )
-        ),
-    )
+    add_data_dir_argument(parser)
     args = parser.parse_args()
 
     device = resolve_device(args.device)

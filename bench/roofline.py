@@ -54,6 +54,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from bench_args import add_data_dir_argument
 
 from models import estimators
 from models.config import ModelConfig, TrainConfig
@@ -318,15 +319,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(
-            os.environ.get(
-                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
-            )
-        ),
-    )
+    add_data_dir_argument(parser)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_args import add_data_dir_argument
 from torch import nn
 
 from models.config import ModelConfig, TrainConfig
@@ -153,15 +153,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
     parser.add_argument("--train-size", type=int, default=60_000)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(
-            os.environ.get(
-                "IWAE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/mnist"
-            )
-        ),
-    )
+    add_data_dir_argument(parser)
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--eval-k", type=int, default=1000)
     parser.add_argument(
