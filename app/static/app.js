@@ -6,10 +6,11 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const VIEWS = ["jobs", "models", "try"];
+const VIEWS = ["jobs", "studies", "models", "try"];
 const MAIN_FIELDS = ["k", "objective", "epochs"]; // the rest of POST /train under "More options"
 const JOB_LIMIT = 50;
 const MODEL_LIMIT = 100; // the first page of GET /models
+const STUDY_LIMIT = 20;
 const LIST_REFRESH_MS = 5000;
 const MAX_STREAMS = 3; // browsers allow 6 connections per server over HTTP/1.1
 const TOKEN_KEY = "iwae-api-token";
@@ -459,6 +460,95 @@ async function cancelJob(jobId, button) {
   }
 }
 
+// ---------------------------------------------------------------- studies
+
+const words = (text) => text.trim().split(/[\s,]+/).filter(Boolean);
+
+function studyBody(form) {
+  const numbers = (name) => words(form.elements[name].value).map(Number);
+  const body = {
+    ks: numbers("ks"),
+    objectives: words(form.elements.objectives.value),
+    seeds: numbers("seeds"),
+    epochs: Number(form.elements.epochs.value),
+  };
+  for (const name of ["train_size", "eval_size"]) {
+    if (form.elements[name].value !== "") body[name] = Number(form.elements[name].value);
+  }
+  return body;
+}
+
+async function submitStudy(event) {
+  event.preventDefault();
+  const button = $("#study-submit");
+  button.disabled = true;
+  try {
+    const study = await (await api("/studies", { method: "POST", json: studyBody(event.target), auth: true })).json();
+    showMessage("#study-message", `Queued study ${study.study_id.slice(0, 8)}: ${study.cells.length} training jobs.`);
+    await Promise.all([refreshStudies(), refreshJobs()]);
+  } catch (error) {
+    showMessage("#study-message", `The study was not queued: ${error.message}`, { error: true });
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function studyCard(study) {
+  const base = `/studies/${encodeURIComponent(study.study_id)}`;
+  const short = study.study_id.slice(0, 8);
+  const counts = Object.entries(study.cells).map(([status, n]) => `${n} ${status}`).join(", ");
+  const links = el("p", { class: "study-links" }, el("a", { href: `${base}/results.json`, text: "results.json" }));
+  if (study.cells.succeeded) {
+    links.prepend(el("a", { href: `${base}/report`, target: "_blank", rel: "noopener", text: "Report" }), " · ");
+  }
+  const card = el(
+    "li",
+    { class: "card study", "data-study-id": study.study_id },
+    el(
+      "div",
+      { class: "card-head" },
+      el("h4", { text: `Study ${short}` }),
+      el("span", { class: `badge ${study.status}`, text: study.status }),
+    ),
+    el("p", {
+      class: "meta",
+      text: `K ${study.ks.join(", ")} · ${study.objectives.join(", ")} · seeds ${study.seeds.join(", ")} · ${time(study.created_at)}`,
+    }),
+    el("p", { class: "study-cells", text: `Cells: ${counts}` }),
+    links,
+  );
+  if (["queued", "running"].includes(study.status)) {
+    const cancel = el("button", { type: "button", class: "secondary cancel", text: "Cancel" });
+    cancel.setAttribute("aria-label", `Cancel study ${short}`);
+    cancel.addEventListener("click", () => cancelStudy(study.study_id, cancel));
+    card.append(cancel);
+  }
+  return card;
+}
+
+async function refreshStudies() {
+  try {
+    const { studies } = await (await api(`/studies?limit=${STUDY_LIMIT}`)).json();
+    $("#study-list").replaceChildren(...studies.map(studyCard));
+    $("#studies-empty").hidden = studies.length > 0;
+    showMessage("#studies-message", "");
+  } catch (error) {
+    showMessage("#studies-message", `Studies could not be loaded: ${error.message}`, { error: true });
+  }
+}
+
+async function cancelStudy(studyId, button) {
+  button.disabled = true;
+  try {
+    await api(`/studies/${encodeURIComponent(studyId)}/cancel`, { method: "POST", auth: true });
+    showMessage("#studies-message", `Cancel requested for study ${studyId.slice(0, 8)}.`);
+    await refreshStudies();
+  } catch (error) {
+    showMessage("#studies-message", `Study ${studyId.slice(0, 8)} was not cancelled: ${error.message}`, { error: true });
+    button.disabled = false;
+  }
+}
+
 // ---------------------------------------------------------------- models
 
 const randomSeed = () => Math.floor(Math.random() * 2 ** 31);
@@ -709,6 +799,7 @@ async function start() {
     showMessage("#train-message", "");
   });
   $("#try-form").addEventListener("submit", score);
+  $("#study-form").addEventListener("submit", submitStudy);
   $("#compare-form").addEventListener("submit", (event) => {
     event.preventDefault();
     showComparison(randomSeed());
@@ -718,10 +809,11 @@ async function start() {
   } catch (error) {
     showMessage("#train-message", `The form could not be built: ${error.message}`, { error: true });
   }
-  await Promise.all([refreshJobs(), loadModels()]);
+  await Promise.all([refreshJobs(), refreshStudies(), loadModels()]);
   setInterval(() => {
     if (document.visibilityState !== "visible") return;
     refreshJobs();
+    refreshStudies();
     loadModels();
   }, LIST_REFRESH_MS);
   document.body.dataset.ready = "true"; // the page has loaded its data once

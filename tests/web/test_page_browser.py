@@ -120,7 +120,7 @@ def test_the_page_loads_every_view_without_console_errors(
         "the trained job in the list",
     )[0]
     assert card.text == "succeeded"
-    for view in ("models", "try"):
+    for view in ("studies", "models", "try"):
         find(browser, f'nav a[href="#{view}"]').click()
         assert find(browser, f"#view-{view}").is_displayed()
         assert not find(browser, "#view-jobs").is_displayed()
@@ -138,7 +138,7 @@ def test_the_keyboard_reaches_the_views_with_a_visible_focus(
 
     open_page(browser, live_server, view="")  # no #view: Tab starts at the top
     focused: list[str] = []
-    for _ in range(4):  # the skip link, then the views' links
+    for _ in range(5):  # the skip link, then the views' links
         ActionChains(browser).send_keys(Keys.TAB).perform()
         focused.append(browser.switch_to.active_element.get_attribute("textContent").strip())
         outline = browser.execute_script(
@@ -146,7 +146,7 @@ def test_the_keyboard_reaches_the_views_with_a_visible_focus(
             "return [s.outlineStyle, parseFloat(s.outlineWidth)];"
         )
         assert outline[0] == "solid" and outline[1] >= 2, (focused[-1], outline)
-    assert focused == ["Skip to the content", "Jobs", "Models", "Try it"]
+    assert focused == ["Skip to the content", "Jobs", "Studies", "Models", "Try it"]
     ActionChains(browser).send_keys(Keys.ENTER).perform()
     assert find(browser, "#view-try").is_displayed()
     assert not find(browser, "#view-jobs").is_displayed()
@@ -262,6 +262,55 @@ def test_an_invalid_form_value_shows_the_apis_message(
         assert error["msg"] in message
         assert find(browser, f"#train-{name}-error").text == error["msg"]
         assert find(browser, f"#train-{name}").get_attribute("aria-invalid") == "true"
+
+
+def test_a_study_queued_from_the_form_ends_with_a_report_link(
+    browser: Any, live_server: LiveServer, shots: Path
+) -> None:
+    open_page(browser, live_server, "studies")
+    browser.execute_script(
+        "sessionStorage.setItem('iwae-api-token', arguments[0])", live_server.token
+    )
+
+    def fill(**values: Any) -> None:
+        for name, value in values.items():
+            field = find(browser, f"#study-{name}")
+            field.clear()
+            field.send_keys(str(value))
+        find(browser, "#study-submit").click()
+
+    def message(prefix: str) -> str:
+        return wait(
+            lambda: (text := find(browser, "#study-message").text).startswith(prefix) and text,
+            f"the message {prefix!r}",
+        )
+
+    # The API's own 422 message reaches the page.
+    fill(ks="1 1", objectives="iwae", seeds="0", epochs=1)
+    expected = live_server.client.post(
+        "/studies", json={"ks": [1, 1], "objectives": ["iwae"]}
+    ).json()["detail"][0]["msg"]
+    assert expected in message("The study was not queued")
+    # Two tiny cells, trained by the server's worker, end in a study with a report.
+    fill(ks="1 2", objectives="iwae", seeds="0", epochs=1, train_size=300, eval_size=20)
+    short_id = message("Queued study ").split("Queued study ")[1][:8]
+    study_id = next(
+        s["study_id"]
+        for s in live_server.client.get("/studies").json()["studies"]
+        if s["study_id"].startswith(short_id)
+    )
+    card = f'#study-list > li[data-study-id="{study_id}"]'
+    wait(
+        lambda: find(browser, f"{card} .badge").text == "succeeded",
+        "the study to succeed on screen",
+        JOB_WAIT_S,
+    )
+    assert "2 succeeded" in find(browser, f"{card} .study-cells").text
+    report = find(browser, f"{card} .study-links a").get_attribute("href")
+    assert report.endswith(f"/studies/{study_id}/report")
+    answer = live_server.client.get(report)
+    assert answer.status_code == 200 and "<img" in answer.text
+    screenshot(browser, shots, "studies")
 
 
 def test_two_models_side_by_side_and_new_samples(
