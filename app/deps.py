@@ -32,8 +32,9 @@ from app.schemas import ID_PATTERN, MAX_SEED, ReadyOut, StudyRequest, TrainReque
 from app.settings import Settings
 from models.config import VR_OBJECTIVES, TrainConfig
 from models.cost import train_cost
+from models.study.cache import StudyReports
 from models.study.grid import cell_config, expand_grid
-from worker.jobs import GridPoint, JobStore, StudyReports, WorkerInfo
+from worker.jobs import GridPoint, JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
 

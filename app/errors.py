@@ -13,14 +13,8 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from worker.jobs import (
-    JobAlreadyFinished,
-    JobNotFound,
-    ReportUnavailable,
-    StudyNotFound,
-    StudyNotReady,
-    TooManyJobs,
-)
+from models.study.cache import ReportUnavailable, StudyNotReady
+from worker.jobs import JobAlreadyFinished, JobNotFound, StudyNotFound, TooManyJobs
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from app.routes import router
 from app.settings import Settings, get_settings
 from app.study_routes import router as study_router
 from models.data import load_mnist
-from worker.jobs import StudyReports, open_job_store
+from models.study.cache import StudyReports
+from worker.jobs import open_job_store
 
 OPS_THREADS = 4
 

@@ -112,7 +112,7 @@ class Settings(WorkerSettings):
 
     @property
     def studies_dir(self) -> Path:
-        """Where study reports are kept, built on read (`worker.jobs.StudyReports`)."""
+        """Where study reports are kept, built on read (`models.study.cache.StudyReports`)."""
         return self.home / "studies"
 
     @property

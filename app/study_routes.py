@@ -3,7 +3,7 @@
 A study's cells are ordinary training jobs, queued at once. Everything shown about a study
 is read from its cells' job records when asked; the report (HTML and PNG figures) is built
 then too, at the inference gate (it loads the cells' models and draws with matplotlib), and
-kept on disk until a cell changes status (`worker.jobs.StudyReports`).
+kept on disk until a cell changes status (`models.study.cache.StudyReports`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from app.schemas import (
     StudySummaryOut,
     error_responses,
 )
+from models.study.cache import StudyReports
 from models.study.report import FIGURE_NAMES
-from worker.jobs import JobStore, StudyReports
+from worker.jobs import JobStore
 
 router = APIRouter(tags=["studies"])
 

@@ -17,9 +17,10 @@ from fastapi.testclient import TestClient
 from app.deps import get_job_queue
 from models.config import TrainConfig
 from models.data import DataError
+from models.study.cache import StudyReports
 from models.study.report import FIGURE_NAMES
 from tests.conftest import write_model
-from worker.jobs import JobStore, Lease, StudyReports
+from worker.jobs import JobStore, Lease
 
 SMALL = {"epochs": 1, "train_size": 100, "batch_size": 50, "eval_size": 10, "eval_k": 5}
 GRID = {"ks": [1, 5], "objectives": ["vae", "iwae"], "seeds": [0, 1]}  # 8 cells

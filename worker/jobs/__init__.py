@@ -33,13 +33,7 @@ from worker.jobs.record import (
 )
 from worker.jobs.redis_store import RedisJobStore
 from worker.jobs.store import GridPoint, JobStore
-from worker.jobs.studies import (
-    MISSING,
-    ReportUnavailable,
-    StudyNotReady,
-    StudyReports,
-    StudyView,
-)
+from worker.jobs.studies import MISSING, StudyView
 from worker.settings import WorkerSettings
 
 __all__ = [
@@ -60,12 +54,9 @@ __all__ = [
     "Outcome",
     "ReaperThread",
     "RedisJobStore",
-    "ReportUnavailable",
     "StudyCell",
     "StudyNotFound",
-    "StudyNotReady",
     "StudyRecord",
-    "StudyReports",
     "StudyView",
     "TooManyJobs",
     "WorkerInfo",

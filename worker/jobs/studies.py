@@ -5,22 +5,15 @@ cells' job records every time: each cell's status, the study's status, `results.
 (`models.study.study_results`), and the report (`models.study.report.write_report`). So the
 results and the report survive any process dying: no worker callback has to run for them.
 
-The report is built on read and kept on disk under `root/{study_id}/{fingerprint}/`, the
-fingerprint hashing every cell's (job id, status): a cell that finishes changes it, and the
-next read builds the report again (progress of a running cell does not).
+The report is built on read from a `StudyView` and kept on disk by
+`models.study.cache.StudyReports`, under the view's `fingerprint`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,31 +21,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from models.config import TrainConfig
-from models.data import DataError
 from models.study.grid import Cell, cell_config
-from models.study.report import write_report
 from models.study.results import CellOutcome, study_results, study_status
 from worker.jobs.record import JobRecord, StudyCell, StudyRecord
 
 log = logging.getLogger(__name__)
 
-# Reports of earlier fingerprints are deleted once this old (a reader may still hold one).
-STALE_S = 600.0
 # A cell whose job record was never created: the API stopped while storing the study (the
 # file store only; a study's records are deleted together, `retention_s` after it ended).
 MISSING = "missing"
 MISSING_ERROR = "its job record is missing: the server stopped while creating the study"
-
-
-class StudyNotReady(Exception):
-    """The report needs at least one succeeded cell."""
-
-
-class ReportUnavailable(RuntimeError):
-    """The report cannot be built on this server (the MNIST test images cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +40,15 @@ class StudyView:
 
     study: StudyRecord
     records: list[JobRecord | None]
+
+    @property
+    def study_id(self) -> str:
+        return self.study.study_id
+
+    @property
+    def base_config(self) -> dict[str, Any]:
+        """The study's base training options, as `results.json` reports them."""
+        return self.study.config
 
     @property
     def statuses(self) -> list[str]:
@@ -121,79 +109,3 @@ class StudyView:
             job_id=record.job_id,
             checkpoint=None if finished_model is None else checkpoint(finished_model),
         )
-
-
-class StudyReports:
-    """Each study's report folder (`write_report`'s: report.html, results.json, figures/,
-    study.md), built on first read for the study's fingerprint and kept under `root`.
-
-    Safe from many threads (one builds a study at a time; the others wait and reuse it) and
-    many processes (a build goes to a temporary folder renamed into place whole).
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        checkpoint: Callable[[str], Path | None],
-        test_images: Callable[[], Tensor],
-    ) -> None:
-        self.root = Path(root)
-        self.checkpoint = checkpoint
-        self._load_test_images = test_images
-        self._test_images: Tensor | None = None
-        self._lock = threading.Lock()
-        self._building: dict[str, threading.Lock] = {}
-
-    def folder(self, view: StudyView) -> Path:
-        """The report folder of the study as `view` shows it; `StudyNotReady` while no
-        cell has succeeded."""
-        if "succeeded" not in view.statuses:
-            counts = {s: view.statuses.count(s) for s in dict.fromkeys(view.statuses)}
-            raise StudyNotReady(
-                "the report needs at least one succeeded cell; the cells are now "
-                + ", ".join(f"{n} {status}" for status, n in counts.items())
-            )
-        study_dir = self.root / view.study.study_id
-        target = study_dir / view.fingerprint
-        if target.is_dir():
-            return target
-        with self._lock:
-            building = self._building.setdefault(view.study.study_id, threading.Lock())
-        with building:
-            if not target.is_dir():
-                self._build(view, target)
-        return target
-
-    def _build(self, view: StudyView, target: Path) -> None:
-        outcomes = view.outcomes(self.checkpoint)
-        checkpoints = {o.cell.name: o.checkpoint for o in outcomes if o.checkpoint is not None}
-        results = study_results(outcomes, view.study.config)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-        try:
-            write_report(results, checkpoints, self.test_images(), scratch)
-            os.rename(scratch, target)  # whole, or not at all (another process was first)
-        except OSError:
-            if not target.is_dir():
-                raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        stale = time.time() - STALE_S
-        for old in target.parent.iterdir():  # earlier fingerprints, and crashed builds
-            with contextlib.suppress(FileNotFoundError):  # another process pruned it first
-                if old != target and old.stat().st_mtime < stale:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    def test_images(self) -> Tensor:
-        """The MNIST test images `[10000, 784]`, read once."""
-        with self._lock:
-            if self._test_images is None:
-                try:
-                    self._test_images = self._load_test_images()
-                except (DataError, OSError) as exc:
-                    log.error("cannot read the MNIST test images: %s", exc)
-                    raise ReportUnavailable(
-                        "the report needs the MNIST test images, which this server cannot "
-                        "read (see its log)"
-                    ) from exc
-            return self._test_images
