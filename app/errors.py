@@ -47,6 +47,11 @@ class ImageTooLarge(InvalidImage):
     """The image has more pixels than the limit (a decompression bomb, or a huge photo)."""
 
 
+class ImageTooThin(InvalidImage):
+    """One side of the image is many times the other: no digit fits, and padding it to a
+    square would take memory out of proportion to its pixels."""
+
+
 class NoDigitFound(InvalidImage):
     """The image decodes but is blank: nothing stands out from the background."""
 
@@ -106,6 +111,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     JobAlreadyFinished: 409,
     StudyNotReady: 409,
     ImageTooLarge: 413,
+    ImageTooThin: 422,
     TooManyJobs: 429,
     UnreadableImage: 415,
     ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics do

@@ -20,7 +20,14 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import EmptyImage, ImageTooLarge, InvalidMask, NoDigitFound, UnreadableImage
+from app.errors import (
+    EmptyImage,
+    ImageTooLarge,
+    ImageTooThin,
+    InvalidMask,
+    NoDigitFound,
+    UnreadableImage,
+)
 
 _Decoded = TypeVar("_Decoded")
 
@@ -36,6 +43,10 @@ MIN_CONTRAST = 0.1
 # its ~40 others, some of which hand the bytes to other programs (EPS runs Ghostscript) or
 # are rarely fuzzed (PCX, TGA, ICO, SPIDER, ...).
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+# Longest side over shortest side of an upload: past it the picture would be under one pixel
+# across at 28x28, so it holds no digit; refusing it also keeps a thin picture from becoming
+# a huge square anywhere (MAX_ASPECT x the pixel limit would otherwise be reachable).
+MAX_ASPECT = SIDE
 
 
 def configure_pillow(max_pixels: int) -> None:
@@ -51,10 +62,10 @@ def configure_pillow(max_pixels: int) -> None:
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode an image file into greyscale `[H, W] float32` in [0, 1] (1 = white).
 
-    The header is checked against `max_pixels` before any pixel is decompressed, so a
-    decompression bomb costs microseconds. Transparent pixels are composited on white
-    (drawing apps export dark strokes on a transparent canvas); animated images give their
-    first frame; EXIF orientation is applied.
+    The header is checked against `max_pixels` and `MAX_ASPECT` before any pixel is
+    decompressed, so a decompression bomb costs microseconds. Transparent pixels are
+    composited on white (drawing apps export dark strokes on a transparent canvas); animated
+    images give their first frame; EXIF orientation is applied.
     """
     return _decode(data, max_pixels, _to_grey)
 
@@ -86,6 +97,11 @@ def _decode(data: bytes, max_pixels: int, convert: Callable[[Image.Image], _Deco
         )
     if width < 1 or height < 1:
         raise UnreadableImage("the image has no pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageTooThin(
+            f"the image is {width}x{height} pixels: its longer side is more than {MAX_ASPECT} "
+            "times its shorter one, so at 28x28 it would be less than a pixel across"
+        )
     try:
         image.seek(0)
         image = ImageOps.exif_transpose(image)
@@ -146,12 +162,16 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     return _centre(digit, SIDE).reshape(SIDE * SIDE)
 
 
-def _fit(box: np.ndarray, side: int) -> np.ndarray:
+def _fit(
+    box: np.ndarray, side: int, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> np.ndarray:
     """Resize `box` so that its longer side is `side`, keeping the aspect ratio."""
     height, width = box.shape
     scale = side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = Image.fromarray(box.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)
+    if size == (width, height):
+        return box.astype(np.float32)
+    resized = Image.fromarray(box.astype(np.float32)).resize(size, resample)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
@@ -188,9 +208,11 @@ def masked_digit(image: bytes, mask: bytes | None, max_pixels: int) -> MaskedDig
     """An image and its mask (white = missing, same size), or a PNG whose transparent pixels
     are missing, as a 28x28 incomplete digit.
 
-    Unlike `preprocess`, the picture keeps its framing: it is padded to a square and scaled
-    to 28x28 as a whole, because cropping to the digit and centring its mass would need the
-    missing part. Light-on-dark is decided, and the contrast stretched, from observed pixels.
+    Unlike `preprocess`, the picture keeps its framing: it is scaled as a whole so that its
+    longer side is 28, then padded to 28x28, because cropping to the digit and centring its
+    mass would need the missing part. Light-on-dark is decided, and the contrast stretched,
+    from observed pixels. Memory stays a few times the upload's pixels whatever its shape:
+    it is shrunk before it is padded, never padded at full size.
     """
     if mask is None:
         grey, missing = decode_with_transparency(image, max_pixels)
@@ -207,12 +229,8 @@ def masked_digit(image: bytes, mask: bytes | None, max_pixels: int) -> MaskedDig
                 f"the mask is {missing.shape[1]}x{missing.shape[0]} pixels but the image is "
                 f"{grey.shape[1]}x{grey.shape[0]}: they must be the same size"
             )
-    ink = _observed_ink(grey, missing)
-    ink, missing = _square(ink), _square(missing.astype(np.float32))
-    if ink.shape[0] != SIDE:
-        ink = _resize(ink, SIDE, Image.Resampling.LANCZOS)
-        missing = _resize(missing, SIDE, Image.Resampling.BOX)
-    missing = (missing >= 0.5).reshape(SIDE * SIDE)
+    ink = _frame(_observed_ink(grey, missing), Image.Resampling.LANCZOS)
+    missing = (_frame(missing.astype(np.float32), Image.Resampling.BOX) >= 0.5).reshape(SIDE * SIDE)
     if not missing.any():
         raise InvalidMask(
             "the mask marks no pixel as missing: missing pixels are white in `mask` (or "
@@ -245,19 +263,15 @@ def _observed_ink(grey: np.ndarray, missing: np.ndarray) -> np.ndarray:
     return np.where(seen, np.clip((grey - background) / contrast, 0.0, 1.0), 0.0)
 
 
-def _square(values: np.ndarray) -> np.ndarray:
-    """Pad `[H, W]` with zeros (dark ground, observed) to a centred `[S, S]`, S = max(H, W)."""
+def _frame(values: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+    """Scale `[H, W]` so that its longer side is `SIDE`, then pad it with zeros (dark ground,
+    observed) to a centred `[SIDE, SIDE]`."""
+    values = _fit(values, SIDE, resample)
     height, width = values.shape
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    field = np.zeros((side, side), dtype=np.float32)
+    top, left = (SIDE - height) // 2, (SIDE - width) // 2
+    field = np.zeros((SIDE, SIDE), dtype=np.float32)
     field[top : top + height, left : left + width] = values
     return field
-
-
-def _resize(values: np.ndarray, side: int, resample: Image.Resampling) -> np.ndarray:
-    resized = Image.fromarray(values.astype(np.float32)).resize((side, side), resample)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def binarize(digit: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.cli import _config, build_parser, main
-from app.errors import InvalidMask, UnreadableImage
-from app.images import masked_digit
+from app.errors import ImageTooThin, InvalidMask, UnreadableImage
+from app.images import MAX_ASPECT, masked_digit, preprocess
 
 MAX_PIXELS = 4_000_000
 
@@ -110,6 +111,53 @@ def test_a_mark_smaller_than_half_a_pixel_at_28x28_is_no_mask() -> None:
         masked_digit(png(np.kron(mnist_like(), np.ones((10, 10)))), png(mask), MAX_PIXELS)
 
 
+def digit_and_mask(height: int, width: int) -> tuple[bytes, bytes]:
+    """A bar of ink in the middle of a `width` x `height` picture; the first two thirds of
+    its longer side missing."""
+    digit = np.zeros((height, width), dtype=np.float32)
+    digit[height // 4 : 3 * height // 4, width // 3 : width // 2] = 1.0
+    mask = np.zeros((height, width), dtype=np.float32)
+    if width >= height:
+        mask[:, : 2 * width // 3] = 1.0
+    else:
+        mask[: 2 * height // 3] = 1.0
+    return png(digit), png(mask)
+
+
+def traced_peak(parse: Callable[[], object]) -> int:
+    """Most bytes Python and numpy held at once while `parse()` ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        parse()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# Arrays of an upload's size held at once while it is parsed, at 4 bytes (float32) a pixel.
+BYTES_PER_PIXEL = 32
+
+
+@pytest.mark.parametrize(("height", "width"), [(1058, 1058), (200, 200 * MAX_ASPECT), (5600, 200)])
+def test_parsing_memory_is_bounded_by_pixels_whatever_the_shape(height: int, width: int) -> None:
+    """A thin picture at the aspect-ratio limit costs what a square one of as many pixels
+    does: it is shrunk before it is padded (padded first, 5600x200 held 3 x 5600^2 floats)."""
+    image, mask = digit_and_mask(height, width)
+
+    for parse in (
+        lambda: masked_digit(image, mask, MAX_PIXELS),
+        lambda: preprocess(image, MAX_PIXELS),
+    ):
+        assert traced_peak(parse) <= BYTES_PER_PIXEL * height * width
+
+
+def test_a_picture_thinner_than_the_aspect_limit_is_refused() -> None:
+    image, mask = digit_and_mask(50, 20_000)
+
+    with pytest.raises(ImageTooThin, match="20000x50 pixels"):
+        masked_digit(image, mask, MAX_PIXELS)
+
+
 def test_a_mask_that_is_not_an_image_is_unreadable() -> None:
     with pytest.raises(UnreadableImage):
         masked_digit(png(mnist_like()), b"not an image", MAX_PIXELS)
@@ -179,6 +227,7 @@ def test_impute_takes_a_transparent_png_alone(client: TestClient, tiny_model: st
         (png(mnist_like()), None, 400, "no mask"),
         (b"%PDF-1.4 not an image", png(top_half_mask()), 415, "not an image"),
         (png(mnist_like()), b"GIF89a broken", 415, "not an image"),
+        (*digit_and_mask(50, 20_000), 422, "more than 28 times its shorter one"),
     ],
 )
 def test_bad_uploads_get_a_4xx_with_a_plain_message(
