@@ -32,11 +32,16 @@ resumes elsewhere from its last checkpoint. A second signal forces the worker ou
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
+import redis
 import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
@@ -127,6 +132,54 @@ def send_training(app: IwaeCelery, job_id: str) -> None:
     app.job_store.mark_enqueued(job_id)
 
 
+# kombu's Redis transport keeps one list per priority step: the queue's name, then the name,
+# this separator and the step (`kombu.transport.redis.Channel._q_for_pri`).
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (0, 3, 6, 9)
+
+
+def waiting_messages(settings: WorkerSettings) -> Callable[[], set[str]]:
+    """A reader of the job ids whose training message waits in the broker (both queues),
+    for the reaper: a message still there is not lost, and is not sent again."""
+    queues = (settings.queue, settings.queue_for("cuda"))
+    if settings.embedded:
+        folder = settings.broker_dir / "queue"
+
+        def read() -> Iterable[bytes]:
+            for queue in queues:
+                for path in folder.glob(f"*.{queue}.msg"):
+                    try:
+                        yield path.read_bytes()
+                    except FileNotFoundError:  # taken by a worker meanwhile
+                        continue
+
+    else:
+        assert settings.broker_url is not None
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+        keys = [
+            f"{settings.redis_prefix}{queue}{_PRIORITY_SEPARATOR}{step}" if step else
+            f"{settings.redis_prefix}{queue}"
+            for queue in queues
+            for step in _PRIORITY_STEPS
+        ]  # fmt: skip
+
+        def read() -> Iterable[bytes]:
+            for key in keys:
+                yield from client.lrange(key, 0, -1)
+
+    return lambda: {job_id for message in read() if (job_id := _message_job_id(message))}
+
+
+def _message_job_id(message: bytes) -> str | None:
+    """The job id a training message carries (its body: base64 JSON `[[job_id], {}, ...]`);
+    None for anything else."""
+    try:
+        job_id = json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+    except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
+        return None
+    return job_id if isinstance(job_id, str) else None
+
+
 def consumed_queues(settings: WorkerSettings) -> list[str]:
     """The default queue, plus the CUDA jobs' queue when this worker can run them."""
     queues = [settings.queue]
@@ -157,6 +210,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
         resend_s=settings.resend_queued_s,
         report=lambda: app.job_store.report_worker(worker_name(), consumed_queues(settings)),
         on_settled=lambda job_id: unlist_model(settings.models_dir / job_id),
+        waiting=waiting_messages(settings),
     )
     reaper.start()
     _reapers.append(reaper)

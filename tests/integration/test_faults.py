@@ -280,3 +280,34 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
             print(f"{fault:<40} {job_id[:8]:<9} {seconds:>9.1f}s  {outcome}")
         succeeded = sum(r.status == "succeeded" for r in records)
         print(f"all {len(jobs)} jobs: {succeeded} succeeded, 1 cancelled, none failed or stuck")
+
+
+def test_jobs_waiting_behind_a_busy_worker_are_not_sent_again(
+    make_redis_service: Callable[..., Service], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Five jobs wait while the only worker trains a long one; the reaper finds their
+    messages due on every pass (resend after 0.5 s, a pass a second), yet the queue holds
+    one message per waiting job: they are still there, so none is lost."""
+    service = make_redis_service(resend_queued_s=0.5)
+    settings, store = service.settings, service.store
+    busy = service.submit(**{**JOB, "epochs": 10_000})
+    service.start_worker()
+    service.wait_for(busy, lambda r: r.status == "running", 60, "the long job to start")
+    waiting = [service.submit(**JOB) for _ in range(5)]
+    queue = f"{settings.redis_prefix}{settings.queue}"
+    lengths = []
+    passes_end = time.monotonic() + 8 * settings.reaper_interval_s
+    while time.monotonic() < passes_end:
+        lengths.append(store.client.llen(queue))
+        time.sleep(0.05)
+    assert [store.get(job_id).status for job_id in waiting] == ["queued"] * 5
+    assert store.get(busy).status == "running"
+    assert max(lengths) <= len(waiting), max(lengths)
+    assert "sending its message again" not in service.log_text()
+    for job_id in [busy, *waiting]:
+        store.request_cancel(job_id)
+    with capsys.disabled():
+        print(
+            f"\n{len(waiting)} jobs waiting through 8 reaper passes (resend 0.5 s): queue "
+            f"length {min(lengths)}-{max(lengths)} over {len(lengths)} readings"
+        )

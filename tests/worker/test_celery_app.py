@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.celery_app import TRAIN_TASK, consumed_queues, create_celery_app
+from worker.celery_app import TRAIN_TASK, consumed_queues, create_celery_app, waiting_messages
 from worker.jobs import FileJobStore
 from worker.queue import enqueue_training
 from worker.settings import WorkerSettings
@@ -61,6 +61,18 @@ def test_enqueue_training_embedded_writes_one_message(tmp_path: Path) -> None:
     args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
     assert (args, kwargs) == ([job.job_id], {})  # the id only: the config is in the store
     assert store.awaiting_message() == []
+
+
+def test_the_reaper_reads_which_jobs_wait_in_the_queue(tmp_path: Path) -> None:
+    settings = WorkerSettings(home=tmp_path)
+    store = FileJobStore(settings.jobs_dir, lease_s=60, max_attempts=3)
+    cpu, gpu = store.create({"k": 1}), store.create({"k": 1, "device": "cuda"})
+    waiting = waiting_messages(settings)
+    for job in (cpu, gpu):
+        enqueue_training(job.job_id, settings=settings)
+    (settings.broker_dir / "queue" / f"0_x.{settings.queue}.msg").write_text("not a message")
+
+    assert waiting() == {cpu.job_id, gpu.job_id}
 
 
 @pytest.mark.parametrize(

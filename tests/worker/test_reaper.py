@@ -30,6 +30,28 @@ def test_reap_once_sends_lost_and_unsent_jobs(tmp_path: Path) -> None:
     assert reap_once(store, enqueue, grace_s=0.1) == []
 
 
+def test_waiting_jobs_are_not_sent_again_so_the_queue_never_outgrows_them(
+    tmp_path: Path,
+) -> None:
+    """5 jobs wait behind busy workers, every pass finds their messages due (resend 0 s):
+    none is sent again while its message is still in the queue; a lost one is."""
+    store = FileJobStore(tmp_path, lease_s=1, max_attempts=3)
+    queue: list[str] = []
+
+    def enqueue(job_id: str) -> None:
+        queue.append(job_id)
+        store.mark_enqueued(job_id)
+
+    for k in range(5):
+        enqueue(store.create({"k": k}).job_id)
+    for _ in range(4):
+        reap_once(store, enqueue, grace_s=0, resend_s=0, waiting=lambda: set(queue))
+        assert len(queue) == 5
+    lost = queue.pop(0)  # taken by a worker that died before its claim
+    assert reap_once(store, enqueue, grace_s=0, resend_s=0, waiting=lambda: set(queue)) == [lost]
+    assert len(queue) == 5
+
+
 def test_unsent_job_gets_a_grace_period(tmp_path: Path) -> None:
     store = FileJobStore(tmp_path, lease_s=1, max_attempts=3)
     store.create({"k": 1})

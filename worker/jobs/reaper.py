@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from worker.jobs.store import JobStore
 
@@ -33,14 +33,19 @@ def reap_once(
     grace_s: float,
     resend_s: float = float("inf"),
     on_settled: Callable[[str], None] | None = None,
+    waiting: Callable[[], Collection[str]] = frozenset,
 ) -> list[str]:
     """One pass: re-queue lost jobs (`on_settled` for those it cancels or fails instead),
-    and send every queued job whose message is due. Returns the ids sent.
+    and send every queued job whose message is due and not among `waiting()`, the job ids
+    of the messages in the broker's queue. Returns the ids sent.
     """
     requeued = store.reap(on_settled)
     for job_id in requeued:
         log.warning("job %s lost its worker (lease expired); queued again", job_id)
-    due = store.take_due(older_than_s=grace_s, resend_after_s=resend_s)
+    # A message taken by a worker between this read and its claim is sent once more at
+    # worst: harmless, the store refuses the second claim.
+    in_queue = waiting()
+    due = store.take_due(older_than_s=grace_s, resend_after_s=resend_s, waiting=in_queue)
     for job_id in due:
         if job_id not in requeued:
             log.warning("job %s queued but not claimed; sending its message again", job_id)
@@ -64,6 +69,7 @@ class ReaperThread(threading.Thread):
         resend_s: float,
         report: Callable[[], None] = lambda: None,
         on_settled: Callable[[str], None] | None = None,
+        waiting: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         super().__init__(name="iwae-reaper", daemon=True)
         self.store = store
@@ -72,6 +78,7 @@ class ReaperThread(threading.Thread):
         self.resend_s = resend_s
         self.report = report
         self.on_settled = on_settled
+        self.waiting = waiting
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -84,6 +91,7 @@ class ReaperThread(threading.Thread):
                     grace_s=self.interval_s,
                     resend_s=self.resend_s,
                     on_settled=self.on_settled,
+                    waiting=self.waiting,
                 )
             except Exception:
                 log.exception("reaper pass failed; retrying in %.0f s", self.interval_s)

@@ -24,7 +24,7 @@ import abc
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -372,12 +372,19 @@ class JobStore(abc.ABC):
         return requeued
 
     def awaiting_message(
-        self, older_than_s: float = 0.0, resend_after_s: float = float("inf")
+        self,
+        older_than_s: float = 0.0,
+        resend_after_s: float = float("inf"),
+        waiting: Collection[str] = (),
     ) -> list[str]:
-        """Queued jobs whose message is due (`lifecycle.message_due`)."""
+        """Queued jobs whose message is due (`lifecycle.message_due`), but for those whose
+        message still `waiting` in the broker's queue: a job waiting behind busy workers
+        is not sent again, so the queue holds at most one message per queued job."""
         due = []
         now = self._clock()
         for job_id in self._active_ids():
+            if job_id in waiting:
+                continue
             try:
                 entry = self._read(job_id)
             except JobNotFound:
@@ -389,12 +396,17 @@ class JobStore(abc.ABC):
                 due.append(job_id)
         return due
 
-    def take_due(self, older_than_s: float, resend_after_s: float = float("inf")) -> list[str]:
+    def take_due(
+        self,
+        older_than_s: float,
+        resend_after_s: float = float("inf"),
+        waiting: Collection[str] = (),
+    ) -> list[str]:
         """The jobs of `awaiting_message`, each marked sent atomically (`take_message`):
         the caller sends them, and no other reaper does.
         """
         taken = []
-        for job_id in self.awaiting_message(older_than_s, resend_after_s):
+        for job_id in self.awaiting_message(older_than_s, resend_after_s, waiting):
             take = partial(lifecycle.take_message, grace_s=older_than_s, resend_s=resend_after_s)
             try:
                 if self._update(job_id, take):
