@@ -26,7 +26,7 @@ solo pool runs it in the worker process itself, so nothing forks after torch is 
 several GPUs on one machine, run one `iwae worker` per GPU with `CUDA_VISIBLE_DEVICES` set.
 
 Stopping a worker (SIGTERM, Ctrl-C: Celery's warm shutdown) stops its job at the next
-training step and hands it back to the queue (`JobStore.release`, attempt not counted); it
+training step and hands it back to the queue (`JobStore.release`, its attempt counted); it
 resumes elsewhere from its last checkpoint. A second signal forces the worker out.
 """
 

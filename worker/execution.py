@@ -13,7 +13,7 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
   job is `cancelled`;
 - its attempts together ran past `max_job_seconds`: the job is `failed`, saying so;
 - the worker is shutting down (`stop` is set): the loop stops within one step and the job
-  is released back to the queue, its attempt not counted;
+  is released back to the queue, its attempt counted (failed past `max_attempts`);
 - the lease was lost (this worker was paused or cut off past `job_lease_s` and the job went
   to another worker): the run stops and writes nothing more ("lost").
 

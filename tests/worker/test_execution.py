@@ -171,7 +171,7 @@ def test_stopping_worker_releases_the_job(
     assert run_job(job_id, worker_settings, store, stop=stop) == "released"
     assert len(training.seen) == 2
     record = store.get(job_id)
-    assert (record.status, record.attempts) == ("queued", 0)
+    assert (record.status, record.attempts) == ("queued", 1)
     assert store.awaiting_message() == [job_id]
 
 

@@ -222,20 +222,20 @@ def test_cancel_finished_job_refused(store: JobStore, outcome: str) -> None:
     assert store.get(job.job_id).status == outcome
 
 
-def test_released_job_is_queued_again_without_counting_the_attempt(store: JobStore) -> None:
+def test_released_job_is_queued_again_its_attempt_counted(store: JobStore) -> None:
     job = store.create(CONFIG)
     store.mark_enqueued(job.job_id)
     lease = store.claim(job.job_id, "stopping:1")
 
     assert store.release(lease)
     record = store.get(job.job_id)
-    assert (record.status, record.attempts) == ("queued", 0)
+    assert (record.status, record.attempts) == ("queued", 1)
     assert store.awaiting_message() == [job.job_id]
     assert store.renew(lease) == "lost"
     assert not store.release(lease)
     wait_for_lease_expiry(store)
     assert store.reap() == []  # not running: nothing to reap
-    assert store.claim(job.job_id, "other:2").record.attempts == 1
+    assert store.claim(job.job_id, "other:2").record.attempts == 2
 
 
 def test_a_sent_job_still_queued_after_resend_after_s_is_due_again(store: JobStore) -> None:

@@ -77,8 +77,19 @@ def test_heartbeat_brings_the_cancel_flag() -> None:
 def test_releasing_a_job_whose_cancel_was_requested_cancels_it() -> None:
     entry = running()
     lifecycle.request_cancel(entry, at(101.0))
-    assert lifecycle.release(entry, 1, at(102.0))
+    assert lifecycle.release(entry, 1, at(102.0), max_attempts=3)
     assert entry.record.status == "cancelled"
+
+
+def test_a_job_released_on_every_attempt_fails_instead_of_looping() -> None:
+    entry = running()
+    for fence in (1, 2):
+        assert lifecycle.release(entry, fence, at(102.0), max_attempts=3)
+        assert (entry.record.status, entry.record.attempts) == ("queued", fence)
+        lifecycle.claim(entry, "w:2", at(103.0), lease_s=LEASE_S, max_attempts=3)
+    assert lifecycle.release(entry, 3, at(104.0), max_attempts=3)
+    assert entry.record.status == "failed"
+    assert entry.record.error == "stopped 3 times by worker shutdowns; not started again"
 
 
 def test_a_sent_message_not_claimed_in_time_is_due_again() -> None:
@@ -95,5 +106,5 @@ def test_each_attempt_adds_its_running_time() -> None:
     assert lifecycle.reap(entry, at(130.0), lease_s=LEASE_S, max_attempts=3) == "requeued"
     assert entry.ran_s == 30.0  # lost: counted until its lease was found expired
     lifecycle.claim(entry, "w:2", at(140.0), lease_s=LEASE_S, max_attempts=3)
-    assert lifecycle.release(entry, 2, at(145.0))
+    assert lifecycle.release(entry, 2, at(145.0), max_attempts=3)
     assert entry.ran_s == 35.0

@@ -31,6 +31,7 @@ from worker.jobs.record import (
     Outcome,
     TooManyJobs,
     lost_error,
+    stopped_error,
 )
 
 # How long a client refused by IWAE_MAX_ACTIVE_JOBS is asked to wait.
@@ -161,17 +162,22 @@ def finish(
     return True
 
 
-def release(entry: Entry, fence: int, now: Instant) -> bool:
-    """Give a running job back to the queue (its worker stops); the attempt is not counted.
-    A job whose cancel was requested in the meantime is cancelled instead.
+def release(entry: Entry, fence: int, now: Instant, *, max_attempts: int) -> bool:
+    """Give a running job back to the queue (its worker stops). The attempt counts, so a job
+    that keeps drawing SIGTERMs (or kills its worker's shutdown) ends after `max_attempts`
+    starts instead of looping; a job whose cancel was requested meanwhile is cancelled.
     """
     if not holds(entry, fence):
         return False
-    if entry.record.cancel_requested:
+    record = entry.record
+    if record.cancel_requested:
         _end(entry, now, "cancelled")
-        return True
-    entry.record.attempts -= 1
-    _requeue(entry, now)
+    elif record.attempts >= max_attempts:
+        _end(entry, now, "failed")
+        record.error = stopped_error(record.attempts)
+        record.model_id = None
+    else:
+        _requeue(entry, now)
     return True
 
 

@@ -192,6 +192,11 @@ def lost_error(attempts: int) -> str:
     return f"worker lost {attempts} times (out of memory?)"
 
 
+def stopped_error(attempts: int) -> str:
+    """The error of a job whose worker was stopped (SIGTERM) on every one of its attempts."""
+    return f"stopped {attempts} times by worker shutdowns; not started again"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -335,11 +335,15 @@ class JobStore(abc.ABC):
         )
 
     def release(self, lease: Lease) -> bool:
-        """Give a running job back to the queue, its attempt not counted; False if not ours.
-        Its message is due at once (the releasing worker sends it; else the reaper does).
+        """Give a running job back to the queue, its attempt counted (failed past
+        `max_attempts`); False if not ours. Its message is due at once (the releasing worker
+        sends it; else the reaper does).
         """
         return self._update(
-            lease.job_id, lambda entry, now: lifecycle.release(entry, lease.fence, now)
+            lease.job_id,
+            lambda entry, now: lifecycle.release(
+                entry, lease.fence, now, max_attempts=self.max_attempts
+            ),
         )
 
     # --- reaper -------------------------------------------------------------------------
