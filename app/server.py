@@ -1,7 +1,8 @@
 """`serve(host, port)`: the API under uvicorn, plus a local worker in the embedded mode.
 
 Without IWAE_BROKER_URL (embedded mode) the command also starts one training worker as a
-child process sharing IWAE_HOME, so that `iwae serve` alone trains and serves; with a broker
+child process sharing IWAE_HOME, so that `iwae serve` alone trains and serves, and starts
+it again when it exits on its own (its watchdog ends it when training hangs); with a broker
 URL it runs the API only and workers are started with `iwae worker`.
 """
 
@@ -11,6 +12,7 @@ import ipaddress
 import logging
 import signal
 import subprocess
+import threading
 from types import FrameType
 
 import uvicorn
@@ -30,6 +32,9 @@ WORKER_STOP_GRACE_S = 10.0
 # open browser tab would keep the server from stopping; after it, open requests are cancelled.
 SHUTDOWN_GRACE_S = 5.0
 UVICORN_OPTIONS = {"log_level": "info", "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
+# Pause before a local worker that exited is started again, so one that cannot start at all
+# does not spin.
+WORKER_RESTART_DELAY_S = 1.0
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -41,13 +46,43 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     # default handler the process would die there, skipping the `finally` that stops the
     # worker. As an exception, it unwinds.
     previous = signal.signal(signal.SIGTERM, _exit)
-    worker = start_local_worker_process(settings) if settings.embedded else None
+    worker = LocalWorker(settings) if settings.embedded else None
     try:
         uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
     finally:
         if worker is not None:
-            stop_worker(worker)
+            worker.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+class LocalWorker:
+    """The embedded mode's worker process, started again whenever it exits before `stop()`:
+    a worker's watchdog ends it when training hangs, and something must start a fresh one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.process = start_local_worker_process(settings)
+        self._thread = threading.Thread(target=self._supervise, name="iwae-local-worker")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while True:
+            code = self.process.wait()
+            if self._stopping.wait(WORKER_RESTART_DELAY_S):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                log.error("the local worker exited with status %s; starting another", code)
+                self.process = start_local_worker_process(self._settings)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+        stop_worker(self.process)
 
 
 def is_loopback(host: str) -> bool:

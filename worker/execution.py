@@ -43,7 +43,7 @@ from models.files import write_atomic
 from models.run import CHECKPOINT_NAME, train_and_evaluate
 from models.training import Progress
 from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, Outcome, utcnow, worker_name
-from worker.lease import LeaseKeeper, LeaseLost
+from worker.lease import LeaseKeeper, LeaseLost, Watchdog
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,11 @@ def run_job(
     store: JobStore,
     *,
     stop: threading.Event | None = None,
+    watchdog: Watchdog | None = None,
 ) -> str:
     """Run the job if it can be claimed; returns the outcome, for logs and tests:
     "dropped", "unclaimed", "succeeded", "failed", "cancelled", "released", "lost" or
-    "unrecorded".
+    "unrecorded". A `watchdog` ends the process when training hangs (`worker.lease`).
     """
     stop = stop or threading.Event()
     try:
@@ -74,7 +75,7 @@ def run_job(
         log.exception("job %s: cannot claim it; the reaper will send it again", job_id)
         return "unclaimed"
     log.info("job %s: started (attempt %d, fence %d)", job_id, lease.record.attempts, lease.fence)
-    with LeaseKeeper(store, lease, settings) as keeper:
+    with LeaseKeeper(store, lease, settings, watchdog) as keeper:
         run = _Run(lease, settings, store, keeper, stop)
         try:
             outcome = run.train()
@@ -170,6 +171,7 @@ class _Run:
                 log.warning(
                     "job %s: cannot record %s; retrying", self.lease.job_id, status, exc_info=True
                 )
+            self.keeper.progressed()  # retrying through an outage, not hung: no watchdog
             if time.monotonic() > give_up or self.keeper.lost.wait(
                 self.settings.heartbeat_interval_s
             ):

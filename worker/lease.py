@@ -4,7 +4,9 @@ The heartbeat thread renews the lease every `heartbeat_interval_s`, but only whi
 progresses: a run that reports no step for `job_stall_s` (a hung fsync on NFS, a hung CUDA
 kernel) stops renewing, so its lease expires and the reaper takes the job back (or cancels
 it, when that was asked). Each renewal also brings back the cancel flag, so the training
-loop never asks the store anything.
+loop never asks the store anything. A `Watchdog` then ends the whole process, so that its
+supervisor (compose's restart policy, `iwae serve`) starts a fresh worker instead of one
+whose reaper thread keeps reporting it alive while its training thread is stuck for good.
 
 Fencing: the lease surely holds until `deadline`, the local monotonic time at which the last
 successful renewal was *sent* plus `job_lease_s`, minus one heartbeat of margin; the store's
@@ -18,7 +20,9 @@ unless the pause falls between the check and the rename that follows it (microse
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,16 +37,41 @@ class LeaseLost(Exception):
     """The job is no longer this worker's (or cannot be shown to be): write nothing more."""
 
 
+class Watchdog:
+    """Ends this process unless fed in time, after writing every thread's stack to stderr.
+
+    It is faulthandler's timer, a C thread: it fires even when the stuck call holds the GIL
+    (the heartbeat thread, which feeds it, is then stuck too). One per process: a worker runs
+    one job at a time. The exit status is 1.
+    """
+
+    def feed(self, timeout_s: float) -> None:
+        """Fire `timeout_s` from now unless fed again before."""
+        # sys.__stderr__: Celery replaces sys.stderr with a logging proxy, without a fileno.
+        faulthandler.dump_traceback_later(max(timeout_s, 0.001), exit=True, file=sys.__stderr__)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+
+
 class LeaseKeeper:
     """Renews `lease` from a thread while in its `with` block; see the module docstring.
 
     Events the training callback reads: `lost` (the job went to another worker or was
     settled by the reaper), `cancel` (a cancel was requested), `overtime` (the job's attempts
-    together ran past `max_job_seconds`).
+    together ran past `max_job_seconds`). With a `watchdog`, the process ends once training
+    made no progress for `job_stall_s` plus one heartbeat.
     """
 
-    def __init__(self, store: JobStore, lease: Lease, settings: WorkerSettings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        lease: Lease,
+        settings: WorkerSettings,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.store = store
+        self.watchdog = watchdog
         self.lease = lease
         self.interval_s = settings.heartbeat_interval_s
         self.lease_s = settings.job_lease_s
@@ -60,12 +89,21 @@ class LeaseKeeper:
         )
 
     def __enter__(self) -> LeaseKeeper:
+        self._feed_watchdog(self._started)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    def _feed_watchdog(self, now: float) -> None:
+        """Due when no progress was seen for a stall and one heartbeat, whether or not this
+        thread still runs then."""
+        if self.watchdog is not None:
+            self.watchdog.feed(self._last_progress + self.stall_s + self.interval_s - now)
 
     def progressed(self) -> None:
         """Training made a step: the heartbeat may go on renewing."""
@@ -121,4 +159,5 @@ class LeaseKeeper:
                     self.stall_s,
                 )
             if not stalled:
+                self._feed_watchdog(now)
                 self.beat()

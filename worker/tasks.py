@@ -20,6 +20,7 @@ from worker.celery_app import (
 )
 from worker.execution import run_job
 from worker.jobs import worker_name
+from worker.lease import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ def train(self: Task, job_id: str) -> str:
     app = self.app
     if not isinstance(app, IwaeCelery):
         raise TypeError("the training task runs only in an app from worker.celery_app")
-    outcome = run_job(job_id, app.settings, app.job_store, stop=shutdown_requested)
+    # A hung training run ends this process, for its supervisor to start a fresh worker.
+    outcome = run_job(
+        job_id, app.settings, app.job_store, stop=shutdown_requested, watchdog=Watchdog()
+    )
     try:
         if outcome == "released":  # this worker is stopping: hand the job to another one now
             send_training(app, job_id)

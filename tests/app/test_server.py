@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,15 +21,18 @@ from app.settings import get_settings
 class FakeWorker:
     def __init__(self) -> None:
         self.stopped = False
+        self.exited = threading.Event()
 
     def poll(self) -> int | None:
-        return 0 if self.stopped else None
+        return 0 if self.exited.is_set() else None
 
     def terminate(self) -> None:
         self.stopped = True
+        self.exited.set()
 
     def wait(self, timeout: float | None = None) -> int:
-        return 0
+        self.exited.wait(timeout)
+        return 0 if self.stopped else 1
 
 
 @pytest.fixture
@@ -36,7 +40,10 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
     """Run `serve` with uvicorn and the worker process replaced by recorders."""
 
     def run(
-        uvicorn_error: Exception | None = None, host: str = "127.0.0.1", **overrides: Any
+        uvicorn_error: Exception | None = None,
+        host: str = "127.0.0.1",
+        while_serving: Callable[[dict[str, Any]], None] = lambda seen: None,
+        **overrides: Any,
     ) -> dict[str, Any]:
         seen: dict[str, Any] = {"workers": []}
         monkeypatch.setattr(server, "get_settings", lambda: make_settings(**overrides))
@@ -49,6 +56,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
         def fake_run(app: Any, host: str, port: int, **options: Any) -> None:
             seen["address"] = (host, port)
             seen["options"] = options
+            while_serving(seen)
             if uvicorn_error is not None:
                 raise uvicorn_error
 
@@ -68,6 +76,22 @@ def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
     assert seen["address"] == ("127.0.0.1", 8123)
     assert seen["options"] == server.UVICORN_OPTIONS  # bounded shutdown (test_job_events.py)
     assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
+
+
+def test_a_local_worker_that_exits_on_its_own_is_started_again(
+    fake_serving, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "WORKER_RESTART_DELAY_S", 0.01)
+
+    def hang_then_exit(seen: dict[str, Any]) -> None:
+        seen["workers"][0].exited.set()  # its watchdog ended it: training hung
+        deadline = time.monotonic() + 10
+        while len(seen["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    seen = fake_serving(while_serving=hang_then_exit)
+    first, second = seen["workers"]
+    assert not first.stopped and second.stopped  # the replacement is stopped with the server
 
 
 def test_the_worker_is_stopped_even_when_the_server_fails(fake_serving) -> None:

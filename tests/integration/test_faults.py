@@ -9,6 +9,7 @@ restarting it disturbs nothing else. About 50 s on two busy cores; every wait is
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -27,6 +28,7 @@ from tests.integration.conftest import service_settings
 from tests.integration.service import TINY_CONFIG, Service
 from worker.celery_app import TRAIN_TASK, create_celery_app
 from worker.jobs import JobRecord
+from worker.queue import enqueue_training
 
 pytestmark = pytest.mark.integration
 
@@ -310,4 +312,40 @@ def test_jobs_waiting_behind_a_busy_worker_are_not_sent_again(
         print(
             f"\n{len(waiting)} jobs waiting through 8 reaper passes (resend 0.5 s): queue "
             f"length {min(lengths)}-{max(lengths)} over {len(lengths)} readings"
+        )
+
+
+def test_a_worker_whose_training_hangs_exits_and_its_job_resumes_elsewhere(
+    make_redis_service: Callable[..., Service], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The job's checkpoint is a FIFO with no writer: resuming from it blocks in open(2)
+    for good, as on a hung NFS mount. Its watchdog ends the process once training made no
+    progress for `job_stall_s` (4 s) plus a heartbeat; the supervisor (here, the test)
+    starts a fresh worker, which takes the job over once its lease expired."""
+    service = make_redis_service(job_stall_s=4.0)
+    job_id = service.store.create({**TINY_CONFIG, "epochs": 1}).job_id
+    hung = service.settings.models_dir / job_id / "model.safetensors"
+    hung.parent.mkdir(parents=True)
+    os.mkfifo(hung)
+    enqueue_training(job_id, settings=service.settings)
+    worker = service.start_worker()
+    service.signalled.add(worker.pid)  # its exit is the point
+    service.wait_for(job_id, lambda r: r.status == "running", 60, "the claim")
+    t0 = time.monotonic()
+    exit_code = worker.wait(timeout=60)
+    exited_s = time.monotonic() - t0
+    assert exit_code == 1, service.logs()
+    # safetensors holds the GIL in open(2): the heartbeat thread stopped too, and only
+    # faulthandler's C thread could end the process, with every thread's stack.
+    assert "Timeout (" in service.log_text()
+    assert "in load_checkpoint" in service.log_text()
+
+    hung.unlink()  # the mount is back
+    service.start_worker()
+    record = service.wait_finished(job_id, timeout=90)
+    assert (record.status, record.attempts) == ("succeeded", 2)
+    with capsys.disabled():
+        print(
+            f"\nhung training: worker exited {exited_s:.1f} s after its claim was seen "
+            f"(stall 4 s + heartbeat 1 s); job resumed elsewhere, {record.status}"
         )
