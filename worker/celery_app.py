@@ -12,7 +12,7 @@ and everything a user reads live in the job store (`worker.jobs`).
 Why `task_acks_late=False`: recovery does not rest on the broker redelivering messages. A
 task claims its job in the job store under a lease renewed by heartbeats, and a reaper
 re-queues jobs whose lease expired (see `worker.jobs`): a lost job is
-queued again within `job_lease_s + reaper_interval_s` (75 s by default). With late acks a
+queued again within `job_lease_s + 2 * reaper_interval_s` (90 s by default). With late acks a
 message would instead stay unacknowledged for the whole training run, and Redis would
 redeliver it every `visibility_timeout` (one hour by default) while the job still runs, or
 again and again after a job that kills its worker (out of memory); the lease makes such

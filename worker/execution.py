@@ -68,8 +68,6 @@ def run_job(
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
         log.info("dropping the message: %s", exc)
-        if isinstance(exc, ClaimRefused) and exc.reason in ("cancelled", "exhausted"):
-            unlist_model(settings.models_dir / job_id)  # settled now: no model of its own
         return "dropped"
     except Exception:
         log.exception("job %s: cannot claim it; the reaper will send it again", job_id)

@@ -4,9 +4,9 @@ Read from the environment with the prefix `IWAE_` (e.g. `IWAE_HOME`, `IWAE_BROKE
 Every field has a safe default, and building the settings never touches the disk or the
 network: directories are created by the code that uses them.
 
-Recovery time: a job whose worker dies is re-queued at most `job_lease_s + reaper_interval_s`
-after the worker's last heartbeat (75 s with the defaults), by the reaper of any live worker;
-see `worker.reaper`.
+Recovery time: a job whose worker dies is re-queued at most `job_lease_s + 2 *
+reaper_interval_s` after the worker's last heartbeat (90 s with the defaults), by the reaper
+of any live worker; see `worker.jobs.reaper`.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ class WorkerSettings(BaseSettings):
 
     @property
     def recovery_bound_s(self) -> float:
-        """Longest time from a worker's death to its job being queued again."""
-        return self.job_lease_s + self.reaper_interval_s
+        """Longest time from a worker's last renewal to its job being queued again."""
+        return self.job_lease_s + 2 * self.reaper_interval_s
 
 
 @lru_cache

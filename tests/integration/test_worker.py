@@ -81,7 +81,7 @@ def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) ->
         what="the second attempt's first progress",
     )
     bound = service.settings.recovery_bound_s
-    # Re-queued within lease + reaper interval (plus the new worker's start-up).
+    # Re-queued within lease + two reaper passes (plus the new worker's start-up).
     assert time.monotonic() - killed_at < bound + 20
     # The first step seen in the second attempt follows the checkpoint: resumed, not restarted.
     assert resumed.progress["phase"] == "train"

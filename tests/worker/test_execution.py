@@ -354,23 +354,6 @@ def test_an_attempt_longer_than_max_job_seconds_fails(
     assert not (settings.models_dir / job_id / "model.json").exists()
 
 
-def test_a_message_for_a_job_settled_at_claim_unlists_its_model(
-    worker_settings: WorkerSettings, fake: Callable[..., FakeTraining]
-) -> None:
-    store = FileJobStore(worker_settings.jobs_dir, lease_s=0.2, max_attempts=3)
-    job_id = store.create(CONFIG).job_id
-    store.claim(job_id, "dead:1")
-    info = worker_settings.models_dir / job_id / "model.json"
-    info.parent.mkdir(parents=True)
-    info.write_text("{}")  # left by the dead attempt, whose success was never recorded
-    store.request_cancel(job_id)
-    time.sleep(0.3)
-
-    assert run_job(job_id, worker_settings, store) == "dropped"
-    assert store.get(job_id).status == "cancelled"
-    assert not info.exists()
-
-
 def test_max_job_seconds_counts_the_earlier_attempts(
     worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
 ) -> None:

@@ -16,7 +16,7 @@ def at(t: float, up_s: float = float("inf")) -> Instant:
 
 def running(t: float = 100.0) -> Entry:
     entry = lifecycle.new_entry("abc", {"k": 1}, at(t))
-    assert lifecycle.claim(entry, "w:1", at(t), lease_s=LEASE_S, max_attempts=3) == "claimed"
+    assert lifecycle.claim(entry, "w:1", at(t), lease_s=LEASE_S) == "claimed"
     return entry
 
 
@@ -38,7 +38,9 @@ def test_an_expired_lease_nobody_took_can_be_renewed_but_not_after_a_takeover() 
     entry = running()
     assert lifecycle.renew(entry, 1, at(150.0), lease_s=LEASE_S) == "held"  # 40 s late
     assert entry.lease_expires == 160.0
-    assert lifecycle.claim(entry, "w:2", at(170.0), lease_s=LEASE_S, max_attempts=3) == "claimed"
+    assert lifecycle.claim(entry, "w:2", at(170.0), lease_s=LEASE_S) == "running"  # reaper's
+    assert lifecycle.reap(entry, at(170.0), lease_s=LEASE_S, max_attempts=3) == "requeued"
+    assert lifecycle.claim(entry, "w:2", at(170.0), lease_s=LEASE_S) == "claimed"
     assert entry.fence == 2
     assert lifecycle.renew(entry, 1, at(171.0), lease_s=LEASE_S) == "lost"
     assert not lifecycle.update_progress(entry, 1, at(171.0), {"step": 1}, None)
@@ -86,7 +88,7 @@ def test_a_job_released_on_every_attempt_fails_instead_of_looping() -> None:
     for fence in (1, 2):
         assert lifecycle.release(entry, fence, at(102.0), max_attempts=3)
         assert (entry.record.status, entry.record.attempts) == ("queued", fence)
-        lifecycle.claim(entry, "w:2", at(103.0), lease_s=LEASE_S, max_attempts=3)
+        lifecycle.claim(entry, "w:2", at(103.0), lease_s=LEASE_S)
     assert lifecycle.release(entry, 3, at(104.0), max_attempts=3)
     assert entry.record.status == "failed"
     assert entry.record.error == "stopped 3 times by worker shutdowns; not started again"
@@ -105,6 +107,6 @@ def test_each_attempt_adds_its_running_time() -> None:
     entry = running(t=100.0)
     assert lifecycle.reap(entry, at(130.0), lease_s=LEASE_S, max_attempts=3) == "requeued"
     assert entry.ran_s == 30.0  # lost: counted until its lease was found expired
-    lifecycle.claim(entry, "w:2", at(140.0), lease_s=LEASE_S, max_attempts=3)
+    lifecycle.claim(entry, "w:2", at(140.0), lease_s=LEASE_S)
     assert lifecycle.release(entry, 2, at(145.0), max_attempts=3)
     assert entry.ran_s == 35.0

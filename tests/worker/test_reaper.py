@@ -7,6 +7,8 @@ from pathlib import Path
 
 from worker.execution import unlist_model
 from worker.jobs import FileJobStore, reap_once
+from worker.jobs.reaper import LeaseWatch
+from worker.jobs.record import Instant
 
 
 def test_reap_once_sends_lost_and_unsent_jobs(tmp_path: Path) -> None:
@@ -76,3 +78,49 @@ def test_a_job_the_reaper_cancels_loses_the_model_an_earlier_attempt_left(
     reap_once(store, lambda job_id: None, grace_s=60, on_settled=unlist)
     assert store.get(job_id).status == "cancelled"
     assert not info.exists()
+
+
+class SteppedClock(FileJobStore):
+    """A file store whose clock a test can step forward, as NTP steps a host's wall clock."""
+
+    step_s = 0.0
+
+    def _clock(self) -> Instant:
+        now = super()._clock()
+        return Instant(t=now.t + self.step_s, wall=now.wall, up_s=now.up_s + self.step_s)
+
+
+def test_a_step_of_the_stores_clock_does_not_hand_a_live_job_to_another_worker(
+    tmp_path: Path,
+) -> None:
+    """The store's clock jumps an hour: by it every lease expired at once. The reaper takes
+    the job back only once it has seen the lease unrenewed for a whole lease on its own
+    monotonic clock, the clock the holder keeps its deadline on."""
+    store = SteppedClock(tmp_path, lease_s=60, max_attempts=3)
+    job_id = store.create({"k": 1}).job_id
+    lease = store.claim(job_id, "alive:1")
+    monotonic = [1000.0]
+    watch = LeaseWatch(60, clock=lambda: monotonic[0])
+    store.step_s = 3600.0
+
+    def reap() -> list[str]:
+        return reap_once(store, lambda job_id: None, grace_s=60, watch=watch)
+
+    assert reap() == []  # first seen at 1000
+    monotonic[0] = 1059.0
+    assert reap() == []  # the holder may still write until 1060 minus a heartbeat
+    assert store.renew(lease) == "held"  # and renews: a new lease, watched anew
+    monotonic[0] = 1100.0
+    assert reap() == []
+    assert store.get(job_id).status == "running"
+    monotonic[0] = 1160.0
+    store.step_s += 100.0  # the store's clock goes on too
+    assert reap() == [job_id]  # unrenewed for 60 s of the reaper's own clock
+
+
+def test_without_the_watch_the_step_alone_takes_the_job(tmp_path: Path) -> None:
+    store = SteppedClock(tmp_path, lease_s=60, max_attempts=3)
+    job_id = store.create({"k": 1}).job_id
+    store.claim(job_id, "alive:1")
+    store.step_s = 3600.0
+    assert reap_once(store, lambda job_id: None, grace_s=60) == [job_id]

@@ -28,7 +28,7 @@ def test_defaults_are_embedded_under_home() -> None:
     assert settings.broker_dir == settings.home / "broker"
     assert (settings.job_lease_s, settings.heartbeat_interval_s) == (60, 10)
     assert settings.reaper_interval_s == 15
-    assert settings.recovery_bound_s == 75
+    assert settings.recovery_bound_s == 90
     assert settings.max_attempts == 3
     assert settings.device == "auto"
     assert settings.redis_prefix == "iwae:"

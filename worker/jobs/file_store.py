@@ -238,8 +238,12 @@ class FileJobStore(JobStore):
         except OSError:
             return False
 
-    def reap(self, on_settled: Callable[[str], None] | None = None) -> list[str]:
-        requeued = super().reap(on_settled)
+    def reap(
+        self,
+        on_settled: Callable[[str], None] | None = None,
+        silent: Callable[[str, Entry], bool] | None = None,
+    ) -> list[str]:
+        requeued = super().reap(on_settled, silent)
         if self.retention_s is not None:
             cutoff = utcnow() - timedelta(seconds=self.retention_s)
             for entry in self._entries():

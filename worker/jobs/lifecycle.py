@@ -12,10 +12,10 @@ writes the entry back only when it changed. So the two stores share every rule.
 
 Leases and fencing: a claim increments the entry's `fence` and hands it to the worker in its
 `Lease`; every worker-side change (renew, progress, finish, release) is refused unless the
-job is still running under that fence. A lease that expired but that nobody took over may be
-renewed, so a worker cut off from the store for a while (a Redis restart) keeps its job and
-its attempt; the worker itself does not write files past its lease without renewing first
-(`worker.lease`).
+job is still running under that fence. Only the reaper takes a running job back, never a
+claim. A lease that expired but that nobody took over may be renewed, so a worker cut off
+from the store for a while (a Redis restart) keeps its job and its attempt; the worker
+itself does not write files past its lease without renewing first (`worker.lease`).
 """
 
 from __future__ import annotations
@@ -71,22 +71,17 @@ def holds(entry: Entry, fence: int) -> bool:
     return entry.record.status == "running" and entry.fence == fence
 
 
-def claim(
-    entry: Entry, worker: str, now: Instant, *, lease_s: float, max_attempts: int
-) -> Outcome | str:
-    """Start the job under a new fence if it is queued or its lease expired.
+def claim(entry: Entry, worker: str, now: Instant, *, lease_s: float) -> str:
+    """Start the job under a new fence if it is queued.
 
-    Returns "claimed", or why not: "running", "finished", or the outcome of settling a lost
-    run ("cancelled", "exhausted").
+    Returns "claimed", or why not: "running" (even past its lease: only the reaper takes a
+    job back, after it saw the lease silent for a whole `lease_s` on its own monotonic
+    clock, see `worker.jobs.reaper`) or "finished".
     """
     record = entry.record
     if record.status == "running":
-        if not lease_expired(entry, now, lease_s):
-            return "running"
-        outcome = settle_lost(entry, now, max_attempts)
-        if outcome != "requeue":
-            return outcome
-    elif record.status != "queued":
+        return "running"
+    if record.status != "queued":
         return "finished"
     entry.fence += 1
     entry.claimed_at = now.t

@@ -71,9 +71,8 @@ class TooManyJobs(Exception):
 class ClaimRefused(Exception):
     """A worker may not run this job now; the message that asked for it is dropped.
 
-    `reason` is one of "running" (a live lease holds it), "finished" (succeeded, failed or
-    cancelled), "exhausted" (worker lost `max_attempts` times: now failed) or "cancelled"
-    (cancel requested while its worker was lost: now cancelled).
+    `reason` is "running" (a worker holds it, or held it until its lease expired: the
+    reaper takes it back) or "finished" (succeeded, failed or cancelled).
     """
 
     def __init__(self, job_id: str, reason: str) -> None:

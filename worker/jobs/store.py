@@ -281,14 +281,12 @@ class JobStore(abc.ABC):
     # --- worker side --------------------------------------------------------------------
 
     def claim(self, job_id: str, worker: str) -> Lease:
-        """Start the job under a new lease, if it is queued or its lease expired. Counts an
-        attempt. Raises `ClaimRefused` (drop the message) or `JobNotFound`.
+        """Start the job under a new lease, if it is queued. Counts an attempt. Raises
+        `ClaimRefused` (drop the message) or `JobNotFound`.
         """
 
         def change(entry: Entry, now: Instant) -> tuple[str, Entry]:
-            outcome = lifecycle.claim(
-                entry, worker, now, lease_s=self.lease_s, max_attempts=self.max_attempts
-            )
+            outcome = lifecycle.claim(entry, worker, now, lease_s=self.lease_s)
             return outcome, entry
 
         outcome, entry = self._update(job_id, change)
@@ -348,22 +346,28 @@ class JobStore(abc.ABC):
 
     # --- reaper -------------------------------------------------------------------------
 
-    def reap(self, on_settled: Callable[[str], None] | None = None) -> list[str]:
+    def reap(
+        self,
+        on_settled: Callable[[str], None] | None = None,
+        silent: Callable[[str, Entry], bool] | None = None,
+    ) -> list[str]:
         """Settle every running job whose lease expired; return the ids queued again.
 
         Such a job is queued again when it has attempts left, failed with "worker lost N
         times" when not, and cancelled when a cancel was requested; `on_settled(job_id)` is
-        called for those two (to unlist a model an earlier attempt left).
+        called for those two (to unlist a model an earlier attempt left). With `silent`,
+        a running job is settled only when also `silent(job_id, entry)` (`LeaseWatch`).
         """
+
+        def settle(job_id: str, entry: Entry, now: Instant) -> str:
+            if entry.record.status == "running" and silent and not silent(job_id, entry):
+                return "alive"
+            return lifecycle.reap(entry, now, lease_s=self.lease_s, max_attempts=self.max_attempts)
+
         requeued = []
         for job_id in self._active_ids():
             try:
-                outcome = self._update(
-                    job_id,
-                    lambda entry, now: lifecycle.reap(
-                        entry, now, lease_s=self.lease_s, max_attempts=self.max_attempts
-                    ),
-                )
+                outcome = self._update(job_id, partial(settle, job_id))
             except JobNotFound:
                 continue
             except ValueError:  # an unreadable entry must not stop the reaping of the others
