@@ -193,19 +193,28 @@ _BUDGETS = (
         "k, m or batch_size",
     ),
     _Budget(
-        "train_samples",
-        "IWAE_MAX_TRAIN_SAMPLES",
-        "epochs*images*k*m = {c.epochs}*{c.images}*{c.k}*{c.groups}",
-        "importance samples in the whole run",
-        "epochs, train_size, k or m",
+        "step_flops",
+        "IWAE_MAX_STEP_FLOPS",
+        "6*(batch*image_macs + k*m*batch*sample_macs) = "
+        "6*({c.batch_size}*{c.image_macs} + {c.samples_per_step}*{c.sample_macs})",
+        "FLOPs per training step",
+        "k, m, batch_size or the network's widths",
+    ),
+    _Budget(
+        "train_flops",
+        "IWAE_MAX_TRAIN_FLOPS",
+        "6*epochs*images*(image_macs + k*m*sample_macs) = "
+        "6*{c.epochs}*{c.images}*({c.image_macs} + {c.samples_per_image}*{c.sample_macs})",
+        "FLOPs in the whole run",
+        "epochs, train_size, k, m or the network's widths",
     ),
 )
 
 
 def check_budget(config: TrainConfig, settings: Settings) -> None:
-    """422 when a training run would draw more importance samples than the settings allow:
-    per step (its memory, IWAE_MAX_SAMPLES_PER_STEP) or in all (its time,
-    IWAE_MAX_TRAIN_SAMPLES). For every route that queues training."""
+    """422 when a training run asks for more than the settings allow: importance samples
+    per step (its memory, IWAE_MAX_SAMPLES_PER_STEP), FLOPs per step (IWAE_MAX_STEP_FLOPS)
+    or FLOPs in all (its time, IWAE_MAX_TRAIN_FLOPS). For every route that queues training."""
     cost = train_cost(config)
     errors = []
     for budget in _BUDGETS:

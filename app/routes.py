@@ -100,8 +100,9 @@ def train(
     """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress.
 
     422 also when the job asks for more compute than the server allows: k*m*batch_size
-    importance samples per step above IWAE_MAX_SAMPLES_PER_STEP, or epochs*images*k*m in
-    all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
+    importance samples per step above IWAE_MAX_SAMPLES_PER_STEP, or FLOPs (the network's
+    width counted) above IWAE_MAX_STEP_FLOPS per step or IWAE_MAX_TRAIN_FLOPS in all; the
+    message names the cost and the limit.
     """
     job = store.create(config.to_dict())
     send_job(enqueue, job.job_id)

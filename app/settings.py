@@ -37,12 +37,22 @@ class Settings(WorkerSettings):
         "15 KB for the two-layer one, so 2 to 4 GB at the limit); POST /train answers 422 "
         "above it.",
     )
-    max_train_samples: int = Field(
-        10_000_000_000,
+    max_step_flops: int = Field(
+        500_000_000_000,
         ge=1,
-        description="Largest epochs * images * k * m of a training job (importance samples "
-        "of the whole run, which bound its time); 1e10 admits Burda et al.'s K=50 run of "
-        "3280 epochs over 60,000 images. POST /train answers 422 above it.",
+        description="Largest FLOPs of one training step, 6*(batch*image_macs + "
+        "k*m*batch*sample_macs) (models/cost.py: the network's width counts, squared); 5e11 "
+        "admits 250,000 samples a step of the authors' two-layer model (4.2e11). With "
+        "IWAE_MAX_SAMPLES_PER_STEP it bounds a step's time and memory. POST /train answers "
+        "422 above it.",
+    )
+    max_train_flops: int = Field(
+        20_000_000_000_000_000,
+        ge=1,
+        description="Largest FLOPs of a whole training run, 6*epochs*images*(image_macs + "
+        "k*m*sample_macs), which bound its time; 2e16 admits Burda et al.'s K=50 runs of 3280 "
+        "epochs over 60,000 images (1.25e16 one-layer, 1.69e16 the authors' two-layer). POST "
+        "/train answers 422 above it.",
     )
     max_study_jobs: int = Field(
         60,

@@ -218,6 +218,10 @@ class EvalMetrics:
         return asdict(self)
 
 
+class _Stopped(Exception):
+    """`on_progress` asked to stop in the middle of a batch."""
+
+
 def evaluate(
     model: IWAEModel,
     x: Tensor,
@@ -230,15 +234,30 @@ def evaluate(
     """Mean log-likelihood bound over x [N, D] with K samples per image, its diagnostics,
     and active units.
 
-    `on_progress(done, total)` runs after each batch; returning True stops the evaluation,
+    `on_progress(done, total)` runs after each batch, and with the same `done` after each
+    chunk of samples within one (a wide network's batch at k=5000 can take minutes: a
+    worker's stall detector must still hear from it); returning True stops the evaluation,
     and then the result is None.
     """
+
+    def each_chunk(done: int) -> Callable[[int], None]:
+        def on_chunk(_: int) -> None:
+            if on_progress is not None and on_progress(done, len(x)):
+                raise _Stopped
+
+        return on_chunk
+
     estimates = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
-        estimates.append(log_likelihood(model, batch, k, generator=generator))
-        if on_progress is not None and on_progress(start + len(batch), len(x)):
-            return None
+    try:
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size]
+            estimates.append(
+                log_likelihood(model, batch, k, generator=generator, on_chunk=each_chunk(start))
+            )
+            if on_progress is not None and on_progress(start + len(batch), len(x)):
+                return None
+    except _Stopped:
+        return None
     log_px, elbo_, std_error, ess, pareto_k = (
         torch.cat([getattr(e, name) for e in estimates])  # [N]
         for name in ("log_px", "elbo", "std_error", "ess", "pareto_k")

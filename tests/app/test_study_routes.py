@@ -170,9 +170,10 @@ def test_a_cell_over_the_compute_budget_is_422_naming_the_setting(
     # K=5000 with batches of 100 is 500,000 samples a step; K=1 would pass.
     response = post(client, ks=[1, 5000], batch_size=100)
     assert response.status_code == 422
-    [error] = response.json()["detail"]
+    error, flops = response.json()["detail"]
     assert error["ctx"]["setting"] == "IWAE_MAX_SAMPLES_PER_STEP"
     assert "5000*1*100" in error["msg"]
+    assert flops["ctx"]["setting"] == "IWAE_MAX_STEP_FLOPS"
     assert fake_queue.job_ids == []
 
 

@@ -122,8 +122,8 @@ def test_a_job_over_the_samples_per_step_budget_is_422_naming_cost_and_limit(
     body = {"k": 5000, "objective": "miwae", "m": 64, "batch_size": 10_000}
     response = train(client, body)
     assert response.status_code == 422
-    error, total = response.json()["detail"]  # the run as a whole is over budget too
-    assert total["ctx"]["cost"] == "train_samples"
+    error, step, total = response.json()["detail"]  # FLOPs per step and in all too
+    assert (step["ctx"]["cost"], total["ctx"]["cost"]) == ("step_flops", "train_flops")
     assert error["ctx"] == {
         "cost": "samples_per_step",
         "limit": 250_000,
@@ -140,18 +140,36 @@ def test_a_job_over_the_total_budget_is_422(client: TestClient, fake_queue) -> N
     response = train(client, {"k": 50, "epochs": 10_000})
     assert response.status_code == 422
     [error] = response.json()["detail"]
-    assert error["ctx"]["setting"] == "IWAE_MAX_TRAIN_SAMPLES"
-    assert error["input"] == 10_000 * 60_000 * 50
-    assert "epochs*images*k*m = 10000*60000*50*1" in error["msg"]
+    assert error["ctx"]["setting"] == "IWAE_MAX_TRAIN_FLOPS"
+    # Burda's one-layer model: 216,800 multiply-adds per image, 206,800 per sample.
+    assert error["input"] == 6 * 10_000 * 60_000 * (216_800 + 50 * 206_800)
+    assert "6*10000*60000*(216800 + 50*206800)" in error["msg"]
     assert fake_queue.job_ids == []
 
 
+def test_a_wide_network_costs_its_width(client: TestClient, fake_queue) -> None:
+    """hidden_dim 4096 at K=50, batches of 100: few samples a step (5000), but 100 times
+    Burda's FLOPs per sample; counted in samples it was admitted."""
+    response = train(client, {"k": 50, "hidden_dim": 4096})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["ctx"]["setting"] == "IWAE_MAX_STEP_FLOPS"
+    assert error["input"] == 6 * (100 * 20_398_080 + 5000 * 20_193_280)
+    assert train(client, {"k": 50, "hidden_dim": 200}).status_code == 202
+
+
 def test_the_budgets_are_settings_and_inclusive(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(max_samples_per_step=5000, max_train_samples=600 * 50)
-    assert train(client, {"k": 50, "batch_size": 100, "train_size": 600}).status_code == 202
-    assert train(client, {"k": 51, "batch_size": 100, "train_size": 600}).status_code == 422
-    over_total = train(client, {"k": 50, "batch_size": 100, "train_size": 600, "epochs": 2})
-    assert over_total.json()["detail"][0]["ctx"]["cost"] == "train_samples"
+    small = {"k": 50, "batch_size": 100, "train_size": 600}  # 6*600*(216800 + 50*206800)
+    client = make_client(max_samples_per_step=5000, max_train_flops=6 * 600 * 10_556_800)
+    assert train(client, small).status_code == 202
+    assert train(client, {**small, "k": 51}).status_code == 422
+    over_total = train(client, {**small, "epochs": 2})
+    assert over_total.json()["detail"][0]["ctx"]["cost"] == "train_flops"
+    client = make_client(max_step_flops=6 * (100 * 216_800 + 5000 * 206_800))
+    assert train(client, {"k": 50, "batch_size": 100}).status_code == 202
+    assert train(client, {"k": 50, "batch_size": 101}).json()["detail"][0]["ctx"]["cost"] == (
+        "step_flops"
+    )
 
 
 @pytest.mark.parametrize(

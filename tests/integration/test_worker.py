@@ -103,15 +103,16 @@ def test_stopped_worker_hands_its_job_to_the_next_worker(redis_service: Service)
         lambda r: r.model_id is not None and r.status == "running",
         what="the first checkpoint",
     )
-    # Warm shutdown: the job stops within a step and goes back to the queue.
+    # Warm shutdown: the job stops within a step and goes back to the queue, its attempt
+    # counted (a job stopped on every attempt ends instead of looping).
     assert service.signal_worker(first, signal.SIGTERM) == 0, service.logs()
     record = service.store.get(job_id)
-    assert (record.status, record.attempts) == ("queued", 0), record
+    assert (record.status, record.attempts) == ("queued", 1), record
 
     service.start_worker()
     service.wait_finished(job_id, timeout=90)
     assert_trained(service, job_id)
-    assert service.store.get(job_id).attempts == 1
+    assert service.store.get(job_id).attempts == 2
 
 
 def test_cancel_running_job(redis_service: Service) -> None:

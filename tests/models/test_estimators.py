@@ -525,3 +525,24 @@ def test_loglog_slope_of_a_power_law_and_of_degenerate_inputs() -> None:
     assert loglog_slope([1, 10, 100], [2.0, 2.0 * 10**-0.5, 0.2]) == pytest.approx(-0.5)
     assert loglog_slope([1, 10, 100], [0.0, 0.0, 3.0]) is None  # one positive value
     assert loglog_slope([1, 10, 100], [0.0, 1.0, 10.0]) == pytest.approx(1.0)  # zero skipped
+
+
+def test_evaluate_reports_between_chunks_so_a_slow_batch_still_shows_life() -> None:
+    """A batch whose k spans three chunks reports twice inside it (the same `done`), and a
+    stop asked there stops it: a wide network's batch at k=5000 can take minutes."""
+    x = torch.zeros(2, 3, dtype=F64)
+    chunk = (1 << 23) // (2 * 3)  # log_likelihood's chunk for a [2, 3] batch
+    calls = []
+
+    def on_progress(done: int, total: int) -> bool:
+        calls.append((done, total))
+        return False
+
+    metrics = evaluate(LinearGaussian(), x, 2 * chunk + 1, batch_size=2, on_progress=on_progress)  # type: ignore[arg-type]
+    assert metrics is not None
+    assert calls == [(0, 2), (0, 2), (2, 2)]
+
+    stopped = evaluate(
+        LinearGaussian(), x, 2 * chunk + 1, batch_size=2, on_progress=lambda d, t: True
+    )  # type: ignore[arg-type]
+    assert stopped is None
