@@ -80,16 +80,25 @@ def save_checkpoint(
     write_atomic(Path(path), save(tensors, metadata=metadata), fence=fence)
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; tensors land on `device`."""
+def _read(
+    path: Path, device: str | torch.device, prefix: str = ""
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The checkpoint's metadata and its tensors whose names start with `prefix`."""
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            names = [name for name in f.keys() if name.startswith(prefix)]  # noqa: SIM118
+            tensors = {name: f.get_tensor(name) for name in names}
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is not an iwae checkpoint (format {metadata.get('format')!r})")
+    return metadata, tensors
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`; tensors land on `device`."""
+    metadata, tensors = _read(path, device)
     optimizer_state: dict[str, Any] = {
         "state": {},
         "param_groups": json.loads(metadata["optim_param_groups"]),
@@ -116,8 +125,14 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[IWAEModel, TrainConfig]:
-    """The trained model in eval mode on `device`, with the config it was trained with."""
-    checkpoint = load_checkpoint(path, device)
-    model = IWAEModel(checkpoint.config.model).to(device)
-    model.load_state_dict(checkpoint.model_state)
-    return model.eval(), checkpoint.config
+    """The trained model in eval mode on `device`, with the config it was trained with.
+
+    Reads the model's tensors only: Adam's two moments (twice the model's size) and the
+    random stream stay on disk, since serving needs none of them.
+    """
+    metadata, tensors = _read(path, device, prefix="model.")
+    model_state = {name.removeprefix("model."): tensor for name, tensor in tensors.items()}
+    config = TrainConfig.from_dict(json.loads(metadata["config"]))
+    model = IWAEModel(config.model).to(device)
+    model.load_state_dict(model_state)
+    return model.eval(), config

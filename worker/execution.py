@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -255,6 +256,12 @@ def unlist_model(out_dir: Path) -> None:
     (out_dir / MODEL_INFO_NAME).unlink(missing_ok=True)
 
 
+# An absolute path in a message: the folders before its last part are the server's layout.
+_FOLDERS = re.compile(r"(?<![\w.~])/(?:[^\s/:'\"]+/)+")
+
+
 def describe_error(exc: BaseException) -> str:
-    message = str(exc).strip()
+    """The job's error for its users: the exception's type and message, with every
+    absolute path cut to its file name (the full message is in the worker's log)."""
+    message = _FOLDERS.sub("", str(exc).strip())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

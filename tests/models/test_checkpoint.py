@@ -7,11 +7,13 @@ import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import checkpoint
 from models.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -207,3 +209,40 @@ def test_load_model_gives_the_same_model_in_eval_mode(trained: Trained, tmp_path
          trained.model.sample(3, torch.Generator().manual_seed(3))),
     ):  # fmt: skip
         assert torch.equal(ours, theirs)
+
+
+def test_load_model_reads_no_optimizer_or_generator_tensor(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving needs the weights only: Adam's moments are twice their size."""
+    path = tmp_path / "model.safetensors"
+    trained.save(path)
+    read: list[str] = []
+    real_open = checkpoint.safe_open
+
+    class Recording:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self) -> Any:
+            handle = self.file.__enter__()
+
+            class Handle:
+                metadata = handle.metadata
+                keys = handle.keys
+
+                @staticmethod
+                def get_tensor(name: str) -> torch.Tensor:
+                    read.append(name)
+                    return handle.get_tensor(name)
+
+            return Handle
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoint, "safe_open", Recording)
+    load_model(path)
+    assert read and all(name.startswith("model.") for name in read)
+    load_checkpoint(path)
+    assert any(name.startswith("optim.") for name in read)  # the recording sees them

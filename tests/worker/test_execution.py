@@ -135,6 +135,23 @@ def test_exception_fails_the_job_with_its_message(
     assert not (worker_settings.models_dir / job_id / "model.json").exists()
 
 
+def test_a_jobs_error_names_files_but_not_the_servers_folders(
+    worker_settings: WorkerSettings, store: JobStore, fake: Callable[..., FakeTraining]
+) -> None:
+    checkpoint = worker_settings.models_dir / "abc" / "model.safetensors"
+
+    def boom(i: int) -> None:
+        raise OSError(f"[Errno 28] No space left on device: '{checkpoint}' (ratio 1/2)")
+
+    fake(on_step=boom)
+    job_id = store.create(CONFIG).job_id
+
+    assert run_job(job_id, worker_settings, store) == "failed"
+    assert store.get(job_id).error == (
+        "OSError: [Errno 28] No space left on device: 'model.safetensors' (ratio 1/2)"
+    )
+
+
 def test_invalid_config_fails_the_job(worker_settings: WorkerSettings, store: JobStore) -> None:
     job_id = store.create({"k": 0}).job_id
     assert run_job(job_id, worker_settings, store) == "failed"

@@ -375,3 +375,26 @@ def test_the_file_store_counts_and_reaps_without_reading_every_record(tmp_path: 
     store.claim(active, "w")
     assert store.reap() == []
     store.create(CONFIG)  # the active-job limit reads the index too
+
+
+def test_a_crash_between_the_file_stores_index_and_entry_writes_frees_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The insert wrote the index, then the process died before the entry: the id counted
+    against IWAE_MAX_ACTIVE_JOBS forever. The reaper's next pass unlists it."""
+    store = FileJobStore(tmp_path, lease_s=1, max_attempts=3, max_active_jobs=1)
+
+    def crash(entry: object) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(store, "_write", crash)
+    with pytest.raises(SystemExit):
+        store.create(CONFIG)
+    monkeypatch.undo()
+    assert store.counts()["queued"] == 1
+    with pytest.raises(TooManyJobs):
+        store.create(CONFIG)
+
+    store.reap()
+    assert store.counts()["queued"] == 0
+    assert store.create(CONFIG).status == "queued"

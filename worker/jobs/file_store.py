@@ -243,6 +243,7 @@ class FileJobStore(JobStore):
         on_settled: Callable[[str], None] | None = None,
         silent: Callable[[str, Entry], bool] | None = None,
     ) -> list[str]:
+        self._drop_stale_ids()
         requeued = super().reap(on_settled, silent)
         if self.retention_s is not None:
             cutoff = utcnow() - timedelta(seconds=self.retention_s)
@@ -253,6 +254,27 @@ class FileJobStore(JobStore):
                     self._path(record.job_id).unlink(missing_ok=True)
             self._forget_studies(cutoff)
         return requeued
+
+    def _drop_stale_ids(self) -> None:
+        """Unlist the active ids that a crash left behind, so they no longer count against
+        `max_active_jobs`: one with no entry (the insert wrote the index, not the entry:
+        counted as queued, uncounted here) or whose entry has ended (a change wrote the
+        entry, not the index; its counts stay one off)."""
+        with self._locked():
+            index = self._index()
+            stale = []
+            for job_id in index["active"]:
+                try:
+                    if self._read(job_id).record.status not in ACTIVE:
+                        stale.append(job_id)
+                except JobNotFound:
+                    stale.append(job_id)
+                    index["counts"]["queued"] -= 1
+                except ValueError:  # unreadable: left for the reaper to log
+                    continue
+            if stale:
+                index["active"] = [job_id for job_id in index["active"] if job_id not in stale]
+                write_atomic(self.root / ".index", json.dumps(index).encode())
 
     def _forget_studies(self, cutoff: datetime) -> None:
         """Delete each study that ended before `cutoff`, with its cells' records (which
