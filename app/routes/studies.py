@@ -1,4 +1,4 @@
-"""The REST API of K studies: a grid of training jobs, its results and its report.
+"""K studies: a grid of training jobs, its results and its report.
 
 A study's cells are ordinary training jobs, queued at once. Everything shown about a study
 is read from its cells' job records when asked; the report (HTML and PNG figures) is built
