@@ -14,21 +14,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Response
 
 from app import inference
-from app.deps import (
-    InferenceDep,
-    Seed,
-    SettingsDep,
-    impute_k,
-    loglik_k,
-    sample_count,
-    served_model,
-    uploaded_digit,
-    uploaded_masked_digit,
-)
+from app.deps import InferenceDep, SettingsDep, served_model
 from app.images import MaskedDigit, encode_imputation_strip, encode_png, encode_png_grid
+from app.params import Seed, impute_k, loglik_k, sample_count
 from app.registry import ServedModel
 from app.schemas import ImageFormat, ImputationOut, LoglikOut, ReconstructionOut, SamplesOut
 from app.schemas import error_responses as _errors
+from app.uploads import uploaded_digit, uploaded_masked_digit
 
 router = APIRouter(tags=["models"])
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app import events
-from app.deps import QueueDep, StoreDep, require_token, send_job, train_config
+from app.deps import QueueDep, StoreDep, require_token
+from app.planning import train_config
 from app.schemas import CURSOR_PATTERN, ID_PATTERN, JobList, JobOut, JobStatus
 from app.schemas import error_responses as _errors
 from models.config import TrainConfig
@@ -37,7 +38,7 @@ _EVENTS = {
 def train(
     config: Annotated[TrainConfig, Depends(train_config)],
     store: StoreDep,
-    enqueue: QueueDep,
+    send_job: QueueDep,
     response: Response,
 ) -> JobOut:
     """Queue a training job; poll `Location` (GET /jobs/{job_id}) for its progress.
@@ -47,7 +48,7 @@ def train(
     all above IWAE_MAX_TRAIN_SAMPLES; the message names the cost and the limit.
     """
     job = store.create(config.to_dict())
-    send_job(enqueue, job.job_id)
+    send_job(job.job_id)
     response.headers["Location"] = f"/jobs/{job.job_id}"
     return JobOut.of(job)
 

@@ -10,7 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 
-from app.deps import JobGauges, MetricsDep, job_gauges, readiness
+from app.deps import MetricsDep
+from app.health import JobGauges, job_gauges, readiness
 from app.metrics import CONTENT_TYPE
 from app.schemas import HealthOut, ReadyOut
 from app.schemas import error_responses as _errors
