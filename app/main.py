@@ -23,7 +23,6 @@ from app.page import install_page
 from app.registry import ModelRegistry
 from app.routes import router
 from app.settings import Settings, get_settings
-from app.study_routes import router as study_router
 from models.data import load_mnist
 from models.study.cache import StudyReports
 from worker.jobs import open_job_store
@@ -92,6 +91,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(study_router)
     install_page(app)
     return app
