@@ -85,6 +85,18 @@ class Overloaded(RuntimeError):
     retry_after_s = 1
 
 
+class TooManyStreams(RuntimeError):
+    """IWAE_MAX_EVENT_STREAMS event streams are open: 429, come back later (or poll)."""
+
+    retry_after_s = 5
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"{limit} event streams are open, the most this server keeps (IWAE_MAX_EVENT_"
+            "STREAMS); retry later, or poll GET /jobs/{job_id}"
+        )
+
+
 class DeadlineExceeded(Overloaded):
     """A model call ran past IWAE_INFERENCE_TIMEOUT_S; it stopped at the next chunk."""
 
@@ -113,6 +125,7 @@ STATUS_CODES: dict[type[Exception], int] = {
     ImageTooLarge: 413,
     ImageTooThin: 422,
     TooManyJobs: 429,
+    TooManyStreams: 429,
     UnreadableImage: 415,
     ClientDisconnected: 499,  # nginx's "client closed request": nobody reads it, metrics do
     ModelUnavailable: 500,

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from app.backpressure import InferenceGate
 from app.errors import install_error_handlers
+from app.events import EventStreams
 from app.images import configure_pillow
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
@@ -70,6 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # /readyz and /metrics do blocking I/O in threads of their own, never behind other work.
     app.state.ops_threads = anyio.CapacityLimiter(OPS_THREADS)
+    app.state.streams = EventStreams(settings.max_event_streams, settings.event_stream_max_s)
     try:
         yield
     finally:

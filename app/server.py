@@ -48,7 +48,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     previous = signal.signal(signal.SIGTERM, _exit)
     worker = LocalWorker(settings) if settings.embedded else None
     try:
-        uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            limit_concurrency=settings.http_concurrency,
+            **UVICORN_OPTIONS,
+        )
     finally:
         if worker is not None:
             worker.stop()

@@ -120,6 +120,25 @@ class Settings(WorkerSettings):
         "between chunks of importance samples, past it 503 with Retry-After.",
     )
 
+    max_event_streams: int = Field(
+        64,
+        ge=1,
+        description="Server-sent event streams (GET /jobs/{job_id}/events) open at once; "
+        "past it 429 with Retry-After. Their store reads share 4 threads of their own.",
+    )
+    event_stream_max_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest life of one event stream; then the server closes it (a "
+        "browser's EventSource reconnects by itself).",
+    )
+    http_concurrency: int = Field(
+        1024,
+        ge=1,
+        description="Connections and requests `iwae serve` handles at once (uvicorn's "
+        "limit_concurrency); past it new ones get 503 at once.",
+    )
+
     @property
     def studies_dir(self) -> Path:
         """Where study reports are kept, built on read (`models.study.cache.StudyReports`)."""

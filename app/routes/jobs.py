@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -81,7 +80,7 @@ def get_job(job_id: JobId, store: StoreDep) -> JobOut:
 @router.get(
     "/jobs/{job_id}/events",
     response_class=StreamingResponse,
-    responses={**_EVENTS, **_errors(404)},
+    responses={**_EVENTS, **_errors(404, 429)},
 )
 async def job_events(job_id: JobId, store: StoreDep, request: Request) -> StreamingResponse:
     """The job's progress as server-sent events (`text/event-stream`) until it finishes.
@@ -90,15 +89,14 @@ async def job_events(job_id: JobId, store: StoreDep, request: Request) -> Stream
     a `: keep-alive` comment follows 15 s without one; `event: end` (`{"status": ...}`)
     comes after a finished job's record, or `event: error` (`{"detail": ...}`) when the job
     can no longer be read, and the stream closes. Browsers: `new EventSource(url)`, closed
-    by the client on `end` or `error` (EventSource reconnects otherwise).
+    by the client on `end` or `error` (EventSource reconnects otherwise). At most
+    IWAE_MAX_EVENT_STREAMS streams are open at once (429 with Retry-After past it), each
+    for at most IWAE_EVENT_STREAM_MAX_S, after which it closes and EventSource reconnects.
     """
+    streams: events.EventStreams = request.app.state.streams
     read = partial(store.get, job_id)
-    first = await anyio.to_thread.run_sync(read)  # 404 before the stream starts
-    return StreamingResponse(
-        events.job_events(read, first, request.is_disconnected),
-        media_type=events.MEDIA_TYPE,
-        headers=events.HEADERS,
-    )
+    first = await streams.read(read)  # 404 before the stream starts
+    return streams.respond(read, first, request.is_disconnected)
 
 
 @router.post(

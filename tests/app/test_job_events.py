@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import redis
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -145,7 +146,31 @@ def test_a_job_that_cannot_be_read_any_more_ends_the_stream_with_an_error(
     scripted([running, JobNotFound(JOB_ID)])
     assert parse(client.get(URL).text) == [
         ("job", shown(running)),
-        ("error", {"detail": f"the job could not be read: no job with id '{JOB_ID}'"}),
+        ("error", {"detail": "the job no longer exists"}),
+    ]
+
+
+def test_a_store_error_never_reaches_the_client(client: TestClient, scripted) -> None:
+    """Redis names its host and port in its errors: the stream says what happened only."""
+    running = record(step=1)
+    scripted([running, redis.ConnectionError("Error 111 connecting to 10.0.0.7:6379.")])
+    assert parse(client.get(URL).text) == [
+        ("job", shown(running)),
+        ("error", {"detail": "the job could not be read: job store unavailable"}),
+    ]
+
+
+def test_a_stream_closes_after_its_longest_life(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "POLL_S", 0.01)
+    client = make_client(event_stream_max_s=0.05)
+    script = Script([record(step=1)])  # runs forever
+    client.app.dependency_overrides[job_store] = lambda: script
+    parsed = parse(client.get(URL).text)
+    assert parsed == [
+        ("job", shown(record(step=1))),
+        ("comment", "closed after 0.05 s; reconnect to follow the job"),
     ]
 
 
@@ -189,6 +214,7 @@ class LiveApp:
     job store a script of one job that keeps running."""
 
     def __init__(self, app: Any) -> None:
+        self.app = app
         self.script = Script([record(step=1)])
         app.dependency_overrides[job_store] = lambda: self.script
         port = free_port()
@@ -235,3 +261,30 @@ def test_an_open_stream_does_not_keep_the_server_from_stopping(live_app: LiveApp
         live_app.stop()  # as on SIGTERM, while the client still reads and the job still runs
         assert not live_app.thread.is_alive()
         assert time.monotonic() - started < server.SHUTDOWN_GRACE_S + 5
+
+
+@pytest.fixture
+def one_stream(make_settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveApp]:
+    monkeypatch.setattr(events, "POLL_S", 0.02)
+    live = LiveApp(create_app(make_settings(max_event_streams=1)))
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def test_streams_past_the_limit_get_429_and_a_closed_one_frees_its_place(
+    one_stream: LiveApp,
+) -> None:
+    with httpx.stream("GET", one_stream.url + URL, timeout=10) as response:
+        lines = response.iter_lines()  # kept: closing the iterator would close the stream
+        assert next(lines) == "event: job"
+        refused = httpx.get(one_stream.url + URL, timeout=10)
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "5"
+        assert "IWAE_MAX_EVENT_STREAMS" in refused.json()["detail"]
+        assert httpx.get(one_stream.url + "/healthz", timeout=10).status_code == 200
+    # The server notices the client has gone at its next poll, and frees the place.
+    wait_until(lambda: one_stream.app.state.streams.open == 0, "the place freed", 10)
+    with httpx.stream("GET", one_stream.url + URL, timeout=10) as response:
+        assert response.status_code == 200

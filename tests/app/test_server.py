@@ -74,7 +74,8 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
 def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
     seen = fake_serving()
     assert seen["address"] == ("127.0.0.1", 8123)
-    assert seen["options"] == server.UVICORN_OPTIONS  # bounded shutdown (test_job_events.py)
+    # Bounded shutdown (test_job_events.py) and connections (IWAE_HTTP_CONCURRENCY).
+    assert seen["options"] == {**server.UVICORN_OPTIONS, "limit_concurrency": 1024}
     assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
 
 
