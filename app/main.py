@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from app.backpressure import InferenceGate
 from app.errors import install_error_handlers
 from app.events import EventStreams
+from app.hosts import AllowedHostsMiddleware, parse_hosts
 from app.images import configure_pillow
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
@@ -90,7 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.allowed_hosts is not None and (hosts := parse_hosts(settings.allowed_hosts)):
+        app.add_middleware(AllowedHostsMiddleware, hosts=hosts)  # outermost: before anything
     install_error_handlers(app)
     app.include_router(router)
     install_page(app)

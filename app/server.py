@@ -18,6 +18,7 @@ from types import FrameType
 import uvicorn
 
 from app.errors import UnsafeExposure
+from app.hosts import LOOPBACK_HOSTS
 from app.main import create_app
 from app.settings import Settings, get_settings
 from worker.queue import start_local_worker_process
@@ -41,6 +42,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the API until SIGINT/SIGTERM; in embedded mode, with a local worker alongside."""
     settings = get_settings()
     check_exposure(host, settings)
+    if settings.allowed_hosts is None and settings.api_token is None and is_loopback(host):
+        # Anonymous on loopback: a browser must not reach it under another site's name.
+        settings = settings.model_copy(update={"allowed_hosts": LOOPBACK_HOSTS})
     app = create_app(settings)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the
     # default handler the process would die there, skipping the `finally` that stops the

@@ -120,6 +120,13 @@ class Settings(WorkerSettings):
         "between chunks of importance samples, past it 503 with Retry-After.",
     )
 
+    allowed_hosts: str | None = Field(
+        None,
+        description="Comma-separated names the API answers to in the Host header (any port), "
+        "`*` for any; other requests get 400 (DNS rebinding). Unset: any, except that `iwae "
+        "serve` on a loopback address without IWAE_API_TOKEN allows localhost, 127.0.0.1 and "
+        "[::1] only.",
+    )
     max_event_streams: int = Field(
         64,
         ge=1,

@@ -55,6 +55,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
 
         def fake_run(app: Any, host: str, port: int, **options: Any) -> None:
             seen["address"] = (host, port)
+            seen["app"] = app
             seen["options"] = options
             while_serving(seen)
             if uvicorn_error is not None:
@@ -93,6 +94,22 @@ def test_a_local_worker_that_exits_on_its_own_is_started_again(
     seen = fake_serving(while_serving=hang_then_exit)
     first, second = seen["workers"]
     assert not first.stopped and second.stopped  # the replacement is stopped with the server
+
+
+@pytest.mark.parametrize(
+    ("host", "overrides", "allowed"),
+    [
+        ("127.0.0.1", {}, server.LOOPBACK_HOSTS),  # anonymous on loopback: rebinding target
+        ("127.0.0.1", {"api_token": "s3cret"}, None),
+        ("127.0.0.1", {"allowed_hosts": "iwae.local"}, "iwae.local"),
+        ("0.0.0.0", {"allow_anonymous": True}, None),
+    ],
+)
+def test_serving_anonymously_on_loopback_allows_loopback_host_names_only(
+    fake_serving, host: str, overrides: dict[str, Any], allowed: str | None
+) -> None:
+    seen = fake_serving(host=host, **overrides)
+    assert seen["app"].state.settings.allowed_hosts == allowed
 
 
 def test_the_worker_is_stopped_even_when_the_server_fails(fake_serving) -> None:
