@@ -47,11 +47,29 @@ def _generator(served: ServedModel, seed: int | None) -> torch.Generator | None:
     return torch.Generator(device=served.device).manual_seed(seed)
 
 
-def sample(served: ServedModel, n: int, seed: int | None = None) -> np.ndarray:
-    """n digits from the model: Bernoulli means `[n, 784]` in [0, 1]; same seed, same digits."""
+# Digits drawn at once by `sample`: between two such chunks, its caller's deadline is checked.
+SAMPLE_CHUNK = 128
+
+
+def sample(
+    served: ServedModel,
+    n: int,
+    seed: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """n digits from the model: Bernoulli means `[n, 784]` in [0, 1]; same seed, same digits.
+
+    Drawn SAMPLE_CHUNK at a time; `on_chunk(done)` runs between chunks and may raise to stop.
+    """
+    generator = _generator(served, seed)
+    chunks = []
     with torch.inference_mode():
-        x = served.model.sample(n, _generator(served, seed))  # [n, D]
-    return x.float().cpu().numpy()
+        for start in range(0, n, SAMPLE_CHUNK):
+            if on_chunk is not None and start > 0:
+                on_chunk(start)
+            size = min(SAMPLE_CHUNK, n - start)
+            chunks.append(served.model.sample(size, generator).float().cpu())  # [c, D]
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, D), dtype=np.float32)
 
 
 def reconstruct(served: ServedModel, digit: np.ndarray) -> np.ndarray:
@@ -111,13 +129,27 @@ def impute(
     k: int,
     n: int,
     seed: int | None = None,
+    *,
+    chunk_size: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> Imputed:
     """Fill in the `missing [784]` pixels of one binarized digit `[784]` with K importance
-    samples: the single imputation and n draws by sampling importance resampling."""
+    samples: the single imputation and n draws by sampling importance resampling.
+
+    `on_chunk` runs between chunks of `chunk_size` samples and may raise to stop."""
     with torch.inference_mode():
         x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
         observed = torch.as_tensor(~missing, dtype=torch.float32, device=served.device).view(1, D)
-        result = impute_missing(served.model, x, observed, k, n, _generator(served, seed))
+        result = impute_missing(
+            served.model,
+            x,
+            observed,
+            k,
+            n,
+            _generator(served, seed),
+            chunk_size=chunk_size,
+            on_chunk=on_chunk,
+        )
         return Imputed(
             single=result.single[0].float().cpu().numpy(),
             draws=result.draws[:, 0].float().cpu().numpy(),

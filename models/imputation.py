@@ -60,22 +60,52 @@ def impute(
     k: int,
     n: int = 0,
     generator: torch.Generator | None = None,
+    *,
+    chunk_size: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> Imputation:
-    """Single and `n` multiple imputations of x [B, D] (binary) where `observed` [B, D] is 0."""
-    log_w, logits = model.log_weights_and_logits(x, k, generator, observed=observed)
-    weights = torch.softmax(log_w, 0)  # [K, B], self-normalised
-    probs = torch.sigmoid(logits)  # [K, B, D], E[x | z_k]
-    mean = torch.einsum("kb,kbd->bd", weights, probs)  # [B, D]
+    """Single and `n` multiple imputations of x [B, D] (binary) where `observed` [B, D] is 0.
+
+    The K draws come in chunks of `chunk_size` (default: as many as `_CHUNK_ELEMENTS`
+    allows), so memory stays at one chunk whatever K. Across chunks the single imputation is
+    a running weighted mean over a streaming logsumexp, and each of the n draws keeps one
+    candidate, which a later chunk replaces with probability equal to that chunk's share of
+    the weight so far (weighted reservoir sampling): exactly sampling importance resampling
+    over all K. `on_chunk(samples_done)` runs after every chunk but the last and may raise to
+    stop (a caller's deadline).
+    """
+    batch, dim = x.shape
+    chunk = chunk_size or max(1, _CHUNK_ELEMENTS // (batch * dim))
+    lse = x.new_full((batch,), -math.inf)  # log sum_k r_k so far
+    mean = x.new_zeros(batch, dim)  # sum_k w_k E[x | z_k] so far, w normalised so far
+    chosen = x.new_zeros(n, batch, dim)  # each draw's candidate E[x | z_k]
+    for start in range(0, k, chunk):
+        size = min(chunk, k - start)
+        log_w, logits = model.log_weights_and_logits(x, size, generator, observed=observed)
+        weights = torch.softmax(log_w, 0)  # [c, B], self-normalised within the chunk
+        probs = torch.sigmoid(logits)  # [c, B, D], E[x | z_k]
+        total = torch.logaddexp(lse, torch.logsumexp(log_w, 0))  # [B]
+        share = torch.exp(torch.logsumexp(log_w, 0) - total)  # [B], this chunk's weight share
+        mean = (
+            mean * (1.0 - share)[:, None]
+            + torch.einsum("kb,kbd->bd", weights, probs) * (share[:, None])
+        )
+        if n > 0:  # SIR: a candidate per draw from this chunk, kept with probability share
+            picks = torch.multinomial(weights.T, n, replacement=True, generator=generator)
+            candidates = probs[picks.T, torch.arange(batch, device=x.device)]  # [n, B, D]
+            taken = torch.rand(n, batch, generator=generator, device=x.device) < share  # [n, B]
+            chosen = torch.where(taken[..., None], candidates, chosen)
+        lse = total
+        if on_chunk is not None and start + size < k:
+            on_chunk(start + size)
     keep = observed.bool()
     draws = x.new_empty(0, *x.shape)
-    if n > 0:  # SIR: n indices per image drawn with replacement from the weights
-        picks = torch.multinomial(weights.T, n, replacement=True, generator=generator)  # [B, n]
-        chosen = probs[picks.T, torch.arange(x.shape[0], device=x.device)]  # [n, B, D]
+    if n > 0:
         draws = torch.where(keep, x, torch.bernoulli(chosen, generator=generator))
     return Imputation(
         single=torch.where(keep, x, mean),
         draws=draws,
-        log_px_observed=torch.logsumexp(log_w, 0) - math.log(k),
+        log_px_observed=lse - math.log(k),
     )
 
 

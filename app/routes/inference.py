@@ -7,7 +7,9 @@ delays the ops routes. They are listed under the `models` tag, beside the models
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
@@ -42,14 +44,19 @@ async def samples(
     seed: Seed = None,
     format: Format = "png",
 ) -> Any:
-    """Digits drawn from the model: a PNG grid, or JSON with 784 Bernoulli means each."""
-    return await call(_samples_answer, model, n, seed, format)
+    """Digits drawn from the model: a PNG grid, or JSON with 784 Bernoulli means each.
+
+    Stops between chunks of digits at IWAE_INFERENCE_TIMEOUT_S or when the client leaves.
+    """
+    return await call(_samples_answer, model, n, seed, format, call.check)
 
 
-def _samples_answer(model: ServedModel, n: int, seed: int | None, format: str) -> Response:
+def _samples_answer(
+    model: ServedModel, n: int, seed: int | None, format: str, check: Callable[[int], None]
+) -> Response:
     """Drawn and encoded in the inference thread: encoding 1024 digits takes about 0.5 s,
     which on the event loop would stall every other request."""
-    images = inference.sample(model, n, seed)  # [n, 784]
+    images = inference.sample(model, n, seed, on_chunk=check)  # [n, 784]
     if format == "png":
         return Response(encode_png_grid(images), media_type="image/png")
     body = SamplesOut(model_id=model.model_id, samples=np.round(images, 4).tolist())
@@ -104,20 +111,33 @@ async def impute(
     masked: Masked,
     model: Model,
     k: Annotated[int, Depends(impute_k)],
+    settings: SettingsDep,
     n: Annotated[int, Query(ge=0, le=64, description="Multiple imputations to draw.")] = 8,
     seed: Seed = None,
     format: Format = "png",
 ) -> Any:
     """Fill in the missing pixels: a PNG strip (input, mask, single imputation, n draws), or
-    JSON. Any trained model works; one trained with `missing_rate` > 0 should do better."""
-    return await call(_impute_answer, model, masked, k, n, seed, format)
+    JSON. Any trained model works; one trained with `missing_rate` > 0 should do better.
+
+    Stops between chunks of IWAE_LOGLIK_CHUNK_SIZE samples at IWAE_INFERENCE_TIMEOUT_S or
+    when the client leaves.
+    """
+    chunks = partial(inference.impute, chunk_size=settings.loglik_chunk_size, on_chunk=call.check)
+    return await call(_impute_answer, chunks, model, masked, k, n, seed, format)
 
 
 def _impute_answer(
-    model: ServedModel, masked: MaskedDigit, k: int, n: int, seed: int | None, format: str
+    imputed: Callable[..., inference.Imputed],
+    model: ServedModel,
+    masked: MaskedDigit,
+    k: int,
+    n: int,
+    seed: int | None,
+    format: str,
 ) -> Response:
-    """Imputed and encoded in the inference thread, like `_samples_answer`."""
-    result = inference.impute(model, masked.digit, masked.missing, k, n, seed)
+    """Imputed (by `imputed`, `inference.impute` with its chunks) and encoded in the
+    inference thread, like `_samples_answer`."""
+    result = imputed(model, masked.digit, masked.missing, k, n, seed)
     if format == "png":
         return Response(
             encode_imputation_strip(masked, result.single, result.draws), media_type="image/png"

@@ -19,6 +19,8 @@ from app import inference
 from app.backpressure import InferenceGate
 from app.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from tests.app.digit import digit_png
+from tests.app.test_impute import files as impute_files
+from tests.app.test_impute import mnist_like, png, top_half_mask
 from tests.support import wait_until
 
 
@@ -192,9 +194,11 @@ def test_a_client_that_leaves_while_waiting_frees_its_place() -> None:
 def held(monkeypatch: pytest.MonkeyPatch) -> Work:
     """GET /samples holds its inference slot until `held.release` is set."""
     work = Work()
-    monkeypatch.setattr(
-        inference, "sample", lambda served, n, seed=None: np.zeros((work(n), 784), np.float32)
-    )
+
+    def sample(served: Any, n: int, seed: int | None = None, on_chunk: Any = None) -> np.ndarray:
+        return np.zeros((work(n), 784), np.float32)
+
+    monkeypatch.setattr(inference, "sample", sample)
     return work
 
 
@@ -312,3 +316,46 @@ def test_the_gate_runs_one_call_per_core_by_default(
 
     assert make_client().app.state.gate.concurrency == len(os.sched_getaffinity(0))
     assert make_settings(inference_concurrency=3).inference_slots == 3
+
+
+def expiring_after(calls: int) -> Callable[[], float]:
+    """A clock that reads 0 for `calls` readings, then far past any deadline."""
+    readings = iter(range(10**6))
+    return lambda: 0.0 if next(readings) < calls else 1e9
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "params"),
+    [
+        ("GET", "/samples", {"n": 300}),  # chunks of inference.SAMPLE_CHUNK = 128 digits
+        ("POST", "/impute", {"k": 3000, "n": 2}),  # of IWAE_LOGLIK_CHUNK_SIZE = 1000 samples
+    ],
+)
+def test_samples_and_imputations_stop_at_the_deadline_between_chunks(
+    make_client: Callable[..., TestClient],
+    tiny_model: str,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    route: str,
+    params: dict[str, int],
+) -> None:
+    """Three clock readings pass (admission, the wait, the check before the work); the
+    next, between the first two chunks, is past the deadline: 503, not a run to the end."""
+    client = make_client()
+    client.app.state.gate.clock = expiring_after(3)
+    done: list[int] = []
+    real_impute = inference.impute
+
+    def counting_impute(*args: Any, on_chunk: Callable[[int], None], **kwargs: Any) -> Any:
+        return real_impute(*args, on_chunk=lambda d: (done.append(d), on_chunk(d)), **kwargs)
+
+    monkeypatch.setattr(inference, "impute", counting_impute)
+    files = None
+    if route == "/impute":
+        files = impute_files(png(mnist_like()), png(top_half_mask()))
+    response = client.request(method, route, params=params, files=files)
+
+    assert response.status_code == 503, response.text
+    assert "IWAE_INFERENCE_TIMEOUT_S" in response.json()["detail"]
+    if route == "/impute":
+        assert done == [1000]  # stopped at the first chunk's end, two left undone

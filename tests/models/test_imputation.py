@@ -81,6 +81,43 @@ def test_sir_draws_average_to_the_single_imputation(
     assert ((mean - p).abs() <= 5 * standard_error + 1e-12).all()
 
 
+def test_chunked_imputation_is_the_weighted_mean_over_every_chunk(
+    model64: IWAEModel, x_binary: torch.Tensor, observed: torch.Tensor
+) -> None:
+    """K=7 in chunks of 3, 3 and 1: the same draws as three calls with the same generator,
+    weighted together as one set of 7; `on_chunk` hears after the first two."""
+    done: list[int] = []
+    result = impute(
+        model64, x_binary, observed, 7, generator=generator(3), chunk_size=3, on_chunk=done.append
+    )
+
+    gen = generator(3)
+    parts = [model64.log_weights_and_logits(x_binary, c, gen, observed=observed) for c in (3, 3, 1)]
+    log_w = torch.cat([p[0] for p in parts])  # [7, B]
+    probs = torch.sigmoid(torch.cat([p[1] for p in parts]))  # [7, B, D]
+    expected = (torch.softmax(log_w, 0)[:, :, None] * probs).sum(0)
+    missing = ~observed.bool()
+    torch.testing.assert_close(result.single[missing], expected[missing], rtol=0, atol=1e-12)
+    bound = torch.logsumexp(log_w, 0) - torch.log(torch.tensor(7.0, dtype=log_w.dtype))
+    torch.testing.assert_close(result.log_px_observed, bound, rtol=0, atol=1e-12)
+    assert done == [3, 6]
+
+
+def test_chunked_sir_draws_average_to_the_single_imputation(
+    model64: IWAEModel, x_binary: torch.Tensor, observed: torch.Tensor
+) -> None:
+    """Each draw's candidate is replaced by a later chunk with that chunk's share of the
+    weight: resampling over all K, so E[draw] is still the single imputation."""
+    n = 20_000
+    result = impute(model64, x_binary, observed, 5, n, generator(2), chunk_size=2)
+
+    missing = ~observed.bool()
+    mean = result.draws.mean(0)[missing]
+    p = result.single[missing]
+    standard_error = (p * (1 - p) / n).sqrt()
+    assert ((mean - p).abs() <= 5 * standard_error + 1e-12).all()
+
+
 def test_imputation_is_seeded(
     model64: IWAEModel, x_binary: torch.Tensor, observed: torch.Tensor
 ) -> None:
