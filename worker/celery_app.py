@@ -46,7 +46,7 @@ import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.execution import unlist_model
+from worker.execution import discard_model
 from worker.jobs import JobStore, ReaperThread, open_job_store, worker_name
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -209,7 +209,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
         interval_s=settings.reaper_interval_s,
         resend_s=settings.resend_queued_s,
         report=lambda: app.job_store.report_worker(worker_name(), consumed_queues(settings)),
-        on_settled=lambda job_id: unlist_model(settings.models_dir / job_id),
+        on_settled=lambda job_id: discard_model(settings.models_dir / job_id),
         waiting=waiting_messages(settings),
     )
     reaper.start()

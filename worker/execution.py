@@ -17,10 +17,10 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
 - the lease was lost (this worker was paused or cut off past `job_lease_s` and the job went
   to another worker): the run stops and writes nothing more ("lost").
 
-A cancelled or failed job never keeps a `model.json`, so no model is listed for it. Recording
-the outcome is retried through a store outage (for up to `job_stall_s`); if it still cannot
-be recorded ("unrecorded"), the job stays running, its lease expires, and its next attempt
-resumes from the last checkpoint and records it.
+A cancelled or failed job never keeps a `model.json`, so no model is listed for it, nor its
+checkpoint (its folder is removed). Recording the outcome is retried through a store outage
+(for up to `job_stall_s`); if it still cannot be recorded ("unrecorded"), the job stays
+running, its lease expires, and its next attempt resumes from the last checkpoint and records it.
 
 A job that was interrupted resumes from `models/{job_id}/model.safetensors`, which
 `models.run.train_and_evaluate` reads when it exists.
@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -154,14 +155,16 @@ class _Run:
         return self.end("cancelled")
 
     def end(self, status: Outcome, **fields: Any) -> str:
-        """Record the outcome, retrying through a store outage; unlist a job that failed."""
-        if status != "succeeded" and (self.out_dir / MODEL_INFO_NAME).exists():
-            # Written by an earlier attempt whose finish was not recorded.
+        """Record the outcome, retrying through a store outage; discard the folder of a job
+        that did not succeed."""
+        if status != "succeeded" and self.out_dir.exists():
+            # Its checkpoint (and a model.json an earlier attempt wrote, its finish not
+            # recorded): nothing will resume or serve them.
             try:
-                self.keeper.fence(self.out_dir / MODEL_INFO_NAME)
+                self.keeper.fence(self.out_dir)
             except LeaseLost:
                 return "lost"
-            unlist_model(self.out_dir)
+            discard_model(self.out_dir)
         give_up = time.monotonic() + self.settings.job_stall_s
         while True:
             try:
@@ -251,9 +254,11 @@ def write_model_info(
     return path
 
 
-def unlist_model(out_dir: Path) -> None:
-    """Remove `model.json`, so that the model of a cancelled or failed job is not served."""
+def discard_model(out_dir: Path) -> None:
+    """Remove the folder of a cancelled or failed job: no model is listed or served for it
+    (`model.json` goes first), and its checkpoint no longer takes disk space for good."""
     (out_dir / MODEL_INFO_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 # An absolute path in a message: the folders before its last part are the server's layout.

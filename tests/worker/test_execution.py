@@ -132,7 +132,9 @@ def test_exception_fails_the_job_with_its_message(
     assert run_job(job_id, worker_settings, store) == "failed"
     record = store.get(job_id)
     assert (record.status, record.error) == ("failed", "RuntimeError: CUDA out of memory")
-    assert not (worker_settings.models_dir / job_id / "model.json").exists()
+    # Its checkpoint (written after step 1) is gone with its folder: disk does not fill up
+    # with the checkpoints of failed jobs.
+    assert not (worker_settings.models_dir / job_id).exists()
 
 
 def test_a_jobs_error_names_files_but_not_the_servers_folders(

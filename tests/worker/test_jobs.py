@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from worker.jobs import (
     JobStore,
     TooManyJobs,
 )
+from worker.jobs.record import WORKER_RETENTION_S
 
 CONFIG = {"k": 5, "epochs": 2}
 
@@ -398,3 +400,23 @@ def test_a_crash_between_the_file_stores_index_and_entry_writes_frees_its_slot(
     store.reap()
     assert store.counts()["queued"] == 0
     assert store.create(CONFIG).status == "queued"
+
+
+def test_workers_silent_for_a_day_are_forgotten(store: JobStore) -> None:
+    """Every worker process ever started stayed in the list (readiness, metrics) for good."""
+    store.report_worker("old:1", ["iwae.training"])
+    store.report_worker("recent:2", ["iwae.training"])
+    if isinstance(store, FileJobStore):
+        path = store.root / ".workers"
+        workers = json.loads(path.read_text())
+        workers["old:1"]["seen"] -= WORKER_RETENTION_S + 1
+        path.write_text(json.dumps(workers))
+    else:
+        key = f"{store.prefix}workers"
+        data = json.loads(store.client.hget(key, "old:1"))
+        data["seen"] -= WORKER_RETENTION_S + 1
+        store.client.hset(key, "old:1", json.dumps(data))
+    assert {w.name for w in store.workers()} == {"old:1", "recent:2"}
+
+    store.report_worker("recent:2", ["iwae.training"])
+    assert [w.name for w in store.workers()] == ["recent:2"]

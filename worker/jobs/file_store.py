@@ -33,6 +33,7 @@ from models.files import write_atomic
 from worker.jobs.record import (
     ACTIVE,
     STATUSES,
+    WORKER_RETENTION_S,
     Entry,
     Instant,
     JobNotFound,
@@ -208,8 +209,14 @@ class FileJobStore(JobStore):
         path = self.root / ".workers"
         with self._locked():
             workers = json.loads(path.read_text()) if path.exists() else {}
+            now = time.monotonic()
+            workers = {  # an earlier boot's workers are gone too
+                other: info
+                for other, info in workers.items()
+                if info.get("boot") == self._boot and info["seen"] >= now - WORKER_RETENTION_S
+            }
             data = workers.setdefault(name, {"outcomes": {}})
-            data.update(queues=queues, seen=time.monotonic(), boot=self._boot)
+            data.update(queues=queues, seen=now, boot=self._boot)
             if outcome is not None:
                 data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
             write_atomic(path, json.dumps(workers).encode())

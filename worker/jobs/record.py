@@ -175,6 +175,11 @@ class Lease:
 Heartbeat = Literal["held", "cancel", "lost"]
 
 
+# A worker silent this long is forgotten by the next report of any worker, so that the
+# `workers` list (readiness, metrics) does not grow with every worker process ever started.
+WORKER_RETENTION_S = 24 * 3600.0
+
+
 class WorkerInfo(BaseModel):
     """A worker process as it last reported itself (its reaper reports every pass)."""
 

@@ -28,6 +28,7 @@ import redis
 
 from worker.jobs.record import (
     ACTIVE,
+    WORKER_RETENTION_S,
     Entry,
     Instant,
     JobNotFound,
@@ -265,14 +266,23 @@ class RedisJobStore(JobStore):
             while True:
                 try:
                     pipe.watch(self._workers)
-                    raw = pipe.hget(self._workers, name)
+                    everyone = pipe.hgetall(self._workers)
                     seconds, micros = pipe.time()
+                    now = seconds + micros / 1e6
+                    raw = everyone.pop(name, None)
                     data = json.loads(raw) if raw else {"outcomes": {}}
-                    data.update(queues=queues, seen=seconds + micros / 1e6)
+                    data.update(queues=queues, seen=now)
                     if outcome is not None:
                         data["outcomes"][outcome] = data["outcomes"].get(outcome, 0) + 1
+                    gone = [
+                        other
+                        for other, info in everyone.items()
+                        if json.loads(info)["seen"] < now - WORKER_RETENTION_S
+                    ]
                     pipe.multi()
                     pipe.hset(self._workers, name, json.dumps(data))
+                    if gone:
+                        pipe.hdel(self._workers, *gone)
                     pipe.execute()
                     return
                 except redis.WatchError:
