@@ -6,6 +6,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,3 +421,39 @@ def test_workers_silent_for_a_day_are_forgotten(store: JobStore) -> None:
 
     store.report_worker("recent:2", ["iwae.training"])
     assert [w.name for w in store.workers()] == ["recent:2"]
+
+
+def test_listing_by_status_reads_the_jobs_of_that_status_only(store: JobStore) -> None:
+    """30 succeeded jobs, then one failed: listing the failed ones reads one record, not the
+    history (Redis: a sorted set per ended status; the file store scans its folder)."""
+    if isinstance(store, FileJobStore):
+        pytest.skip("the file store scans its folder: a single machine's history")
+    assert store.page(limit=10, status="failed") == ([], None)  # the one-time fill: nothing
+    for i in range(31):
+        lease = store.claim(store.create({"k": i}).job_id, "w:1")
+        store.finish(lease, "failed" if i == 30 else "succeeded")
+    fetched: list[int] = []
+    real_mget = store.client.mget
+
+    def counting_mget(keys: list[str]) -> Any:
+        fetched.append(len(keys))
+        return real_mget(keys)
+
+    store.client.mget = counting_mget  # type: ignore[method-assign]
+    [failed], cursor = store.page(limit=10, status="failed")
+    assert (failed.config, cursor) == ({"k": 30}, None)
+    assert sum(fetched) == 1
+    fetched.clear()
+    queued = store.create({"k": 99})
+    assert [r.job_id for r in store.page(limit=10, status="queued")[0]] == [queued.job_id]
+    assert sum(fetched) == 1
+
+
+def test_jobs_that_ended_before_the_status_sets_existed_are_listed(store: JobStore) -> None:
+    if isinstance(store, FileJobStore):
+        pytest.skip("Redis only")
+    for i in range(3):
+        store.finish(store.claim(store.create({"k": i}).job_id, "w:1"), "succeeded")
+    store.client.delete(*store.client.keys(f"{store.prefix}ended:*"))  # an older deployment
+
+    assert len(store.page(limit=10, status="succeeded")[0]) == 3

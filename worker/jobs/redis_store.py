@@ -7,7 +7,11 @@ Keys, all under the configured prefix `p` (default "iwae:"), in the broker's dat
 - `p jobs`: sorted set of job ids by creation time, for paging (expired ids are dropped
   when a page meets them).
 - `p active`: sorted set of the queued and running ids, which the reaper scans and
-  `max_active_jobs` bounds.
+  `max_active_jobs` bounds, and which `GET /jobs?status=queued|running` walks.
+- `p ended:{status}`: sorted set of the ids that ended in `status` (succeeded, failed,
+  cancelled) by creation time, so that `GET /jobs?status=` walks those jobs only, never the
+  whole history (expired ids are dropped when a page meets them). Filled once from `p jobs`
+  for records written before it existed (`p ended:indexed` marks that done).
 - `p counts`: hash of jobs by status (finished statuses count every job that ever ended so,
   records since expired included), kept by every change, so `/metrics` reads one key.
 - `p study:{id}`: a study (`StudyRecord`) as JSON, written with its jobs in one transaction;
@@ -80,6 +84,33 @@ class RedisJobStore(JobStore):
     @property
     def _workers(self) -> str:
         return f"{self.prefix}workers"
+
+    def _ended(self, status: str) -> str:
+        return f"{self.prefix}ended:{status}"
+
+    def _index_ended(self) -> None:
+        """Fill `p ended:{status}` from the whole history, once per database: the records
+        that ended before the per-status sets existed."""
+        marker = f"{self.prefix}ended:indexed"
+        if self.client.exists(marker):
+            return
+        cursor = None
+        while True:
+            records, cursor = self._walk(
+                self._index,
+                self._job,
+                lambda raw: Entry.model_validate_json(raw).record,
+                lambda record: record.status not in ACTIVE,
+                limit=500,
+                cursor=cursor,
+            )
+            with self.client.pipeline() as pipe:
+                for record in records:
+                    pipe.zadd(self._ended(record.status), {record.job_id: _created(record)})
+                pipe.execute()
+            if cursor is None:
+                break
+        self.client.set(marker, "1")
 
     def _study(self, study_id: str) -> str:
         return f"{self.prefix}study:{study_id}"
@@ -161,6 +192,7 @@ class RedisJobStore(JobStore):
                         pipe.hincrby(self._counts, status, 1)
                     if ended:
                         pipe.zrem(self._active, job_id)
+                        pipe.zadd(self._ended(status), {job_id: _created(entry.record)})
                         if self.retention_s is not None and entry.record.study_id is None:
                             pipe.expire(key, self._retention)
                     pipe.execute()
@@ -199,8 +231,14 @@ class RedisJobStore(JobStore):
     def _page(
         self, *, limit: int, cursor: str | None, status: JobStatus | None
     ) -> tuple[list[JobRecord], str | None]:
+        index = self._index
+        if status in ACTIVE:
+            index = self._active
+        elif status is not None:
+            self._index_ended()
+            index = self._ended(status)
         return self._walk(
-            self._index,
+            index,
             self._job,
             lambda raw: Entry.model_validate_json(raw).record,
             lambda record: status in (None, record.status),
@@ -312,6 +350,11 @@ class RedisJobStore(JobStore):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _created(record: JobRecord) -> float:
+    """A job's score in the sorted sets: its creation time."""
+    return record.created_at.timestamp()
 
 
 def _instant(t: float, up_s: float) -> Instant:
