@@ -2,7 +2,9 @@
 
 A model is the directory `IWAE_HOME/models/{model_id}/`; it is listed and served only once
 the worker has written its `model.json` (the job succeeded). Checkpoints load lazily, on
-first use, and the `cache_size` most recently used stay in memory (LRU). Safe to call from
+first use, and the `cache_size` most recently used stay in memory (LRU). Each `model.json`
+is read once and kept while its file is unchanged, so listing (every `/models` page, every
+request for the default model) costs a stat per model, not a read and a parse. Safe to call from
 many request threads at once: the cache is guarded by a lock, each model loads once even
 when many requests ask for it together, and loaded models are in eval mode, read-only.
 """
@@ -51,14 +53,26 @@ class ModelRegistry:
         self._cache: OrderedDict[str, tuple[int, ServedModel]] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._descriptions: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
 
     def list(self) -> list[dict[str, Any]]:
         """Every trained model's `model.json`, newest first."""
         found = []
+        seen: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
         for path in self.models_dir.glob(f"*/{DESCRIPTION}"):
-            description = self._read(path)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # unlisted meanwhile
+                continue
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            with self._lock:
+                known = self._descriptions.get(path)
+            description = known[1] if known is not None and known[0] == stamp else self._read(path)
             if description is not None:
-                found.append(description)
+                seen[path] = (stamp, description)
+                found.append(dict(description))  # a copy: callers may change theirs
+        with self._lock:
+            self._descriptions = seen  # the models gone since are forgotten
         return sorted(found, key=_order_key, reverse=True)
 
     def page(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -52,6 +53,31 @@ def test_pages_walk_every_model_once(models: ModelRegistry) -> None:
 
 def test_default_is_the_newest(models: ModelRegistry, loads: list[str]) -> None:
     assert models.load().model_id == IDS[-1]
+
+
+def test_listing_reads_each_description_once_while_it_is_unchanged(
+    models: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every /models page and every default-model request lists the models: a stat each,
+    not a read and a JSON parse of every model.json ever written."""
+    read: list[str] = []
+    real = ModelRegistry._read
+
+    def counting(path: Path) -> object:
+        read.append(path.parent.name)
+        return real(path)
+
+    monkeypatch.setattr(ModelRegistry, "_read", staticmethod(counting))
+    assert [m["model_id"] for m in models.list()] == IDS[::-1]
+    assert sorted(read) == IDS
+    read.clear()
+    models.resolve(None)
+    models.page(limit=1)
+    assert read == []
+    rewritten = models.models_dir / IDS[0] / "model.json"
+    rewritten.write_text(json.dumps({**json.loads(rewritten.read_text()), "note": "x"}))
+    assert next(m for m in models.list() if m["model_id"] == IDS[0])["note"] == "x"
+    assert read == [IDS[0]]
 
 
 def test_no_model_and_unknown_model(home: Path) -> None:
