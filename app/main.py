@@ -66,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.studies_dir,
         app.state.registry.checkpoint,
         lambda: load_mnist(settings.mnist_dir).test_images,
+        retention_s=settings.job_retention_s,
     )
     app.state.gate = InferenceGate(
         settings.inference_slots, settings.inference_queue, settings.inference_timeout_s

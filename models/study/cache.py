@@ -4,6 +4,8 @@ The service builds a study's report (`models.study.report.write_report`) when it
 asked for, from what its `ReportSource` says the cells are now, and keeps it under
 `root/{study_id}/{fingerprint}/`: the fingerprint changes when a cell changes status, and
 the next read builds the report again (progress of a running cell does not change it).
+Each build also deletes the folders of studies not built for `retention_s` (their records
+expire after as long), so the folder does not grow with every study ever reported.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ class StudyReports:
         root: Path,
         checkpoint: Callable[[str], Path | None],
         test_images: Callable[[], Tensor],
+        retention_s: float = float("inf"),
     ) -> None:
         self.root = Path(root)
+        self.retention_s = retention_s
         self.checkpoint = checkpoint
         self._load_test_images = test_images
         self._test_images: Tensor | None = None
@@ -112,11 +116,8 @@ class StudyReports:
                 raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        stale = time.time() - STALE_S
-        for old in target.parent.iterdir():  # earlier fingerprints, and crashed builds
-            with contextlib.suppress(FileNotFoundError):  # another process pruned it first
-                if old != target and old.stat().st_mtime < stale:
-                    shutil.rmtree(old, ignore_errors=True)
+        _prune(target.parent, time.time() - STALE_S, keep=target)  # earlier fingerprints
+        _prune(self.root, time.time() - self.retention_s, keep=target.parent)  # old studies
 
     def test_images(self) -> Tensor:
         """The MNIST test images `[10000, 784]`, read once."""
@@ -131,3 +132,11 @@ class StudyReports:
                         "read (see its log)"
                     ) from exc
             return self._test_images
+
+
+def _prune(folder: Path, before: float, keep: Path) -> None:
+    """Delete the entries of `folder` but `keep` last modified before `before` (a time)."""
+    for old in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # another process pruned it first
+            if old != keep and old.stat().st_mtime < before:
+                shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,8 @@ finish), as a worker would, so every status a study can show is reached without 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -457,6 +459,26 @@ def finish_with_model(
         metrics=metrics(loglik, snr, 1 / snr),
         model_id=job_id,
     )
+
+
+def test_a_build_deletes_the_reports_of_studies_not_built_for_the_retention(
+    client: TestClient, tiny_config: TrainConfig, test_images: list[int]
+) -> None:
+    """Report folders grew with every study ever reported; study records expire after
+    IWAE_JOB_RETENTION_S, and so do reports not built again for as long."""
+    reports = client.app.state.reports  # type: ignore[attr-defined]
+    reports.retention_s = 3600.0
+    old = reports.root / ("0" * 32)
+    (old / "fingerprint").mkdir(parents=True)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    recent = reports.root / ("1" * 32)
+    recent.mkdir()
+    study = post(client, ks=[1], objectives=["iwae"]).json()
+    finish_with_model(client, job_ids(study)[0], tiny_config, -100.0, 2.0)
+
+    assert client.get(f"/studies/{study['study_id']}/report").status_code == 200
+    assert not old.exists()
+    assert recent.exists()
 
 
 def test_the_report_shows_the_numbers_of_results_json_and_its_figures(
