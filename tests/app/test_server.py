@@ -66,7 +66,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
 def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
     seen = fake_serving()
     assert seen["address"] == ("127.0.0.1", 8123)
-    assert seen["options"] == server.UVICORN_OPTIONS  # bounded shutdown (test_job_events.py)
+    assert seen["options"] == server.UVICORN_OPTIONS  # bounded shutdown (test_events.py)
     assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
 
 
