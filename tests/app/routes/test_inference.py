@@ -8,7 +8,6 @@ import math
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,45 +102,6 @@ def test_newest_model_is_the_default(client: TestClient, add_model, tiny_model: 
     assert body["model_id"] == OTHER_ID
     chosen = client.get("/samples", params={"n": 1, "format": "json", "model_id": tiny_model})
     assert chosen.json()["model_id"] == tiny_model
-
-
-def test_a_corrupt_checkpoint_is_a_clear_server_error(
-    client: TestClient, home: Path, tiny_model: str
-) -> None:
-    (home / "models" / tiny_model / "model.safetensors").write_bytes(b"not a checkpoint")
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert "cannot be loaded" in response.json()["detail"]
-
-
-def test_an_unexpected_error_is_a_plain_500_and_its_details_are_logged(
-    client: TestClient,
-    tiny_model: str,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from app import inference
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("/srv/secret/model.bin via redis://10.0.0.7:6379")
-
-    monkeypatch.setattr(inference, "sample", fail)
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert response.json() == {"detail": "internal server error"}
-    assert "/srv/secret/model.bin" in caplog.text
-
-
-def test_a_server_error_names_no_file_of_the_server(
-    client: TestClient, home: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    checkpoint = home / "models" / tiny_model / "model.safetensors"
-    checkpoint.unlink()
-    checkpoint.mkdir()  # opening it fails with an OSError that names its path
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert response.json() == {"detail": f"model {tiny_model!r} cannot be loaded"}
-    assert str(checkpoint) in caplog.text, "the details go to the server's log"
 
 
 # --- reconstruct ----------------------------------------------------------------------
