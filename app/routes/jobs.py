@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from app import events
 from app.deps import QueueDep, StoreDep, require_token
+from app.params import Cursor
 from app.planning import train_config
-from app.schemas import CURSOR_PATTERN, ID_PATTERN, JobList, JobOut, JobStatus
+from app.schemas import ID_PATTERN, JobList, JobOut, JobStatus
 from app.schemas import error_responses as _errors
 from models.config import TrainConfig
 
@@ -61,10 +62,7 @@ def list_jobs(
         str | None, Query(pattern=ID_PATTERN, description="Only the cells of this study.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
-    cursor: Annotated[
-        str | None,
-        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
+    cursor: Cursor = None,
 ) -> JobList:
     """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
     jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status, study_id=study_id)
