@@ -42,15 +42,19 @@ def service_settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
 @pytest.fixture
 def redis_service(tmp_path: Path) -> Iterator[Service]:
     """Distributed mode on the test Redis database, with a key prefix of its own."""
+    yield from distributed_service(tmp_path)
+
+
+def distributed_service(tmp_path: Path, **changes: Any) -> Iterator[Service]:
+    """`redis_service`'s deployment, with settings `changes`."""
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
     try:
         client.ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); start redis-server")
     prefix = f"iwae-test-{uuid.uuid4().hex[:8]}:"
-    service = Service(
-        service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix), tmp_path
-    )
+    settings = service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix, **changes)
+    service = Service(settings, tmp_path)
     try:
         yield service
     finally:
