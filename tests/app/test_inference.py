@@ -11,13 +11,14 @@ import pytest
 
 from app import inference
 from app.registry import ModelRegistry, ServedModel
+from models.storage import FileStorage
 
 D = 784
 
 
 @pytest.fixture
 def served(home: Path, tiny_model: str) -> ServedModel:
-    return ModelRegistry(home / "models").load(tiny_model)
+    return ModelRegistry(FileStorage(home)).load(tiny_model)
 
 
 @pytest.fixture
