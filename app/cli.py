@@ -496,7 +496,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.estimators import evaluate
+    from models.evaluation import evaluate
     from models.run import CHECKPOINT_NAME
     from models.training import resolve_device
 
@@ -532,8 +532,8 @@ def _snr(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.estimators import gradient_snr_per_image, snr_slopes
     from models.run import CHECKPOINT_NAME
+    from models.snr import gradient_snr_per_image, snr_slopes
     from models.training import resolve_device
 
     path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model

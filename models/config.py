@@ -33,7 +33,7 @@ DEFAULT_ESS_TARGET = 0.15
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
 # torch.Generator.manual_seed takes any unsigned 64-bit value; JSON clients a signed one.
 MAX_SEED = 2**63 - 1
-# Fewer draws give no bias-corrected SNR (see models.estimators.SNRAccumulator).
+# Fewer draws give no bias-corrected SNR (see models.snr.SNRAccumulator).
 MIN_SNR_DRAWS = 8
 # Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9

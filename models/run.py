@@ -13,9 +13,10 @@ import torch
 
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate, gradient_snr
+from models.evaluation import evaluate
 from models.files import Fence, write_atomic
 from models.imputation import imputation_metrics
+from models.snr import gradient_snr
 from models.training import Progress, TrainCallback, train
 
 CHECKPOINT_NAME = "model.safetensors"
@@ -51,7 +52,7 @@ def train_and_evaluate(
     bias-corrected SNR of the encoder's and the decoder's gradient estimators of the job's
     objective and K at the trained parameters, from `snr_draws` gradients of the batch-mean
     surrogate on the first `SNR_IMAGES` of those images (`metrics["gradient_snr"]`, see
-    `models.estimators.gradient_snr`; Rainforth et al. 2018, section 3), phase "snr".
+    `models.snr.gradient_snr`; Rainforth et al. 2018, section 3), phase "snr".
 
     `seconds_per_epoch` and `images_per_s` are training wall time per epoch and training
     images per second of it, over all epochs (resumed runs included).

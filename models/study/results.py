@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.estimators import loglog_slope
+from models.snr import loglog_slope
 from models.study.grid import Cell
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -11,9 +11,10 @@ import torch
 from models.checkpoint import load_checkpoint, load_model
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate, gradient_snr
+from models.evaluation import evaluate
 from models.imputation import imputation_metrics
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
+from models.snr import gradient_snr
 from models.training import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
