@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.config import (
     DEFAULT_ALPHA,
@@ -37,6 +37,10 @@ from models.config import (
     preset_config,
 )
 from models.data import DataError
+
+if TYPE_CHECKING:
+    from models.progress import Progress
+    from models.study.grid import Cell
 
 _TRAIN_DEFAULTS = TrainConfig()
 # Gradient draws per study cell: enough for the bias-corrected median SNR of 20 images.
@@ -411,7 +415,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from models.study.grid import Cell, cell_config, expand_grid
+    from models.study.grid import cell_config, expand_grid
     from models.study.local import run_study, write_study
 
     cells = expand_grid(args.ks, args.objectives, args.seeds, max_cells=None)
@@ -423,13 +427,8 @@ def _study(args: argparse.Namespace) -> int:
     if args.submit is not None:
         return _submit_study(args)
     data = _load_data()
-    with _ProgressBar() as bar:
-
-        def on_cell_start(index: int, cell: Cell) -> None:
-            bar.reset()
-            print(f"cell {index + 1}/{len(cells)}: {cell.name}", file=sys.stderr)
-
-        outcomes = run_study(base, cells, data, args.out, [bar], on_cell_start)
+    with _ProgressBar(cells) as bar:
+        outcomes = run_study(base, cells, data, args.out, [bar])
     results = write_study(base, outcomes, data, args.out)
     for outcome in outcomes:
         if outcome.error is not None:
@@ -506,7 +505,7 @@ def _eval(args: argparse.Namespace) -> int:
     test_x = binarized_test_images(_load_data().test_images[: args.eval_size]).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
     with _ProgressBar() as bar:
-        metrics = evaluate(model, test_x, args.eval_k, generator=generator, on_progress=bar.on_eval)
+        metrics = evaluate(model, test_x, args.eval_k, generator=generator, callbacks=[bar])
     print(
         f"test log-likelihood: {metrics.test_loglik:.2f} ± {metrics.test_loglik_std_error:.2f}"
         f" nats per image (IWAE bound, k={args.eval_k}, {len(test_x)} test images, "
@@ -614,7 +613,11 @@ def _load_data():
 
 
 class _ProgressBar:
-    """A tqdm bar per phase (training epochs, evaluation) driven by the training callbacks."""
+    """A tqdm bar per phase (training epochs, evaluation), driven by the progress callbacks;
+    with a study's `cells`, a line naming each cell as it starts."""
+
+    def __init__(self, cells: Sequence[Cell] = ()) -> None:
+        self._cells = cells
 
     def __enter__(self) -> _ProgressBar:
         self._bar = None
@@ -624,12 +627,18 @@ class _ProgressBar:
     def __exit__(self, *exc: object) -> None:
         self.reset()
 
-    def __call__(self, progress) -> None:
+    def __call__(self, progress: Progress) -> None:
+        if progress.phase == "cell":
+            self.reset()
+            cell = self._cells[progress.done]
+            print(f"cell {progress.done + 1}/{progress.total}: {cell.name}", file=sys.stderr)
+            return
         key = (progress.phase, progress.epoch)
         if key != self._key:
             self._restart(
                 key,
-                progress.steps,
+                progress.total,
+                progress.unit,
                 {
                     "train": f"epoch {progress.epoch}/{progress.epochs}",
                     "impute": "imputing",
@@ -638,7 +647,7 @@ class _ProgressBar:
             )
         if progress.loss is not None:
             self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)
-        self._bar.update(progress.step - self._bar.n)  # redraws at most every mininterval
+        self._bar.update(progress.done - self._bar.n)  # redraws at most every mininterval
 
     def reset(self) -> None:
         """Close the current bar: the next progress starts a new one (a study's next cell)."""
@@ -647,12 +656,7 @@ class _ProgressBar:
         self._bar = None
         self._key = None
 
-    def on_eval(self, done: int, total: int) -> None:
-        if self._key is None:
-            self._restart(("eval", 0), total, "evaluating")
-        self._bar.update(done - self._bar.n)
-
-    def _restart(self, key, total: int, description: str) -> None:
+    def _restart(self, key, total: int, unit: str, description: str) -> None:
         from tqdm import tqdm
 
         self.reset()
@@ -660,7 +664,7 @@ class _ProgressBar:
         self._bar = tqdm(
             total=total,
             desc=description,
-            unit={"train": "step", "snr": "draw"}.get(key[0], "image"),
+            unit=unit,
             leave=True,
             file=sys.stderr,
             mininterval=0.5,

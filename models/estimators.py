@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from models.fastpath import fast_path
 from models.networks import IWAEModel
+from models.progress import Callback, PhaseClock, Stopped, notify
 
 # Elements of one chunk of decoder logits ([chunk, B, D]); bounds memory for any K.
 _CHUNK_ELEMENTS = 1 << 23
@@ -64,14 +65,15 @@ def log_likelihood(
     *,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
-    on_chunk: Callable[[int], None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> LogLikelihood:
     """Estimate log p(x) for x [B, D] with K importance samples, drawn in chunks.
 
     A streaming logsumexp of the weights and of their squares, and a running top-M of the
     log-weights for the Pareto fit, keep memory at one chunk however large K is.
-    `on_chunk(samples_done)` runs after every chunk but the last; an exception it raises
-    stops the estimate there (a caller's deadline or cancellation). An `IWAEModel` that the
+    `callbacks` see a "loglik" `Progress` (samples drawn of K) after every chunk but the
+    last; an exception one raises stops the estimate there (a caller's deadline or
+    cancellation), and so does returning True, which raises `Stopped`. An `IWAEModel` that the
     fast path covers (`models.fastpath`) draws its log-weights there on a CPU: the same
     draws and values, up to rounding.
     """
@@ -86,6 +88,7 @@ def log_likelihood(
     lse_w2 = x.new_full((batch,), -math.inf)  # log sum_k w_k^2
     sum_log_w = x.new_zeros(batch)
     top = x.new_full((0, batch), -math.inf)  # the largest log-weights so far, [<=M+1, B]
+    clock = PhaseClock("loglik")
     for start in range(0, k, chunk_size):
         log_w = model.log_weights(x, min(chunk_size, k - start), generator)  # [c, B]
         lse_w = torch.logaddexp(lse_w, torch.logsumexp(log_w, 0))
@@ -94,8 +97,8 @@ def log_likelihood(
         both = torch.cat([top, log_w])  # [<=M+1+c, B]
         top = both.topk(min(tail + 1, len(both)), dim=0).values
         done = start + log_w.shape[0]
-        if on_chunk is not None and done < k:
-            on_chunk(done)
+        if done < k and notify(callbacks, clock.event(done, k)):
+            raise Stopped(f"stopped after {done} of {k} samples")
     # Var(w) / mean(w)^2 = K sum w^2 / (sum w)^2 - 1, in logs for stability.
     relative_var = torch.expm1(math.log(k) + lse_w2 - 2.0 * lse_w).clamp_min(0.0)
     return LogLikelihood(

@@ -6,7 +6,7 @@ All values are in nats per image unless they say otherwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from models.estimators import log_likelihood
 from models.networks import IWAEModel
+from models.progress import Callback, PhaseClock, notify
 
 
 @torch.inference_mode()
@@ -79,19 +80,20 @@ def evaluate(
     *,
     batch_size: int = 100,
     generator: torch.Generator | None = None,
-    on_progress: Callable[[int, int], bool | None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> EvalMetrics | None:
     """Mean log-likelihood bound over x [N, D] with K samples per image, its diagnostics,
     and active units.
 
-    `on_progress(done, total)` runs after each batch; returning True stops the evaluation,
-    and then the result is None.
+    `callbacks` see an "eval" `Progress` (images scored) after each batch; when one returns
+    True the evaluation stops, and then the result is None.
     """
     estimates = []
+    clock = PhaseClock("eval")
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
         estimates.append(log_likelihood(model, batch, k, generator=generator))
-        if on_progress is not None and on_progress(start + len(batch), len(x)):
+        if notify(callbacks, clock.event(start + len(batch), len(x))):
             return None
     log_px, elbo_, std_error, ess, pareto_k = (
         torch.cat([getattr(e, name) for e in estimates])  # [N]

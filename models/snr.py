@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor
 from models.config import MIN_SNR_DRAWS, TrainConfig
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
+from models.progress import Callback, PhaseClock, notify
 
 
 @dataclass
@@ -119,20 +120,21 @@ def gradient_snr(
     *,
     draws: int = 1000,
     generator: torch.Generator | None = None,
-    on_progress: Callable[[int, int], bool | None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> GradientSNR | None:
     """SNR of the gradient estimator of `config.objective` at fixed parameters and data x [B, D].
 
     Each of the M=`draws` estimates is the gradient of the batch-mean surrogate with fresh
     importance samples for the same x; Rainforth et al. (2018) measure it with B=1.
-    `on_progress(done, draws)` runs after each draw; returning True stops the measurement,
-    and then the result is None.
+    `callbacks` see an "snr" `Progress` (gradient draws) after each draw; when one returns
+    True the measurement stops, and then the result is None.
     """
     networks = {
         "encoder": list(model.encoder_parameters()),
         "decoder": list(model.decoder_parameters()),
     }
     accumulators = {name: SNRAccumulator(draws) for name in networks}
+    clock = PhaseClock("snr")
     for draw in range(draws):
         model.zero_grad(set_to_none=True)
         backward(model, surrogates(model, x, config, generator))
@@ -140,7 +142,7 @@ def gradient_snr(
             accumulators[name].add(
                 torch.cat([_grad_or_zeros(p).flatten() for p in params])  # [P]
             )
-        if on_progress is not None and on_progress(draw + 1, draws):
+        if notify(callbacks, clock.event(draw + 1, draws)):
             model.zero_grad(set_to_none=True)
             return None
     model.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
 from models.estimators import log_likelihood
 from models.evaluation import evaluate
+from models.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,25 +256,31 @@ def test_streaming_sums_equal_the_direct_formulas(chunk_size: int | None) -> Non
         assert replay.requests == [7, 7, 7, 7, 2]
 
 
-def test_on_chunk_runs_between_chunks_with_the_samples_drawn() -> None:
+def test_callbacks_run_between_chunks_with_the_samples_drawn() -> None:
     replay = Replay(torch.zeros(30, 2, dtype=F64))
     seen: list[int] = []
-    log_likelihood(replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, on_chunk=seen.append)
+    log_likelihood(
+        replay,
+        torch.zeros(2, 4, dtype=F64),
+        30,
+        chunk_size=7,
+        callbacks=[lambda p: seen.append(p.done)],
+    )
     assert seen == [7, 14, 21, 28]  # not after the last chunk: the work is done
 
 
-def test_an_exception_from_on_chunk_stops_the_estimate_there() -> None:
+def test_an_exception_from_a_callback_stops_the_estimate_there() -> None:
     class Stop(Exception):
         pass
 
-    def stop_after_two(done: int) -> None:
-        if done >= 14:
+    def stop_after_two(progress: Progress) -> None:
+        if progress.done >= 14:
             raise Stop
 
     replay = Replay(torch.zeros(30, 2, dtype=F64))
     with pytest.raises(Stop):
         log_likelihood(
-            replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, on_chunk=stop_after_two
+            replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, callbacks=[stop_after_two]
         )
     assert replay.requests == [7, 7]
 

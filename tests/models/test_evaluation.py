@@ -12,6 +12,7 @@ import torch
 from models.config import ModelConfig
 from models.evaluation import active_units, evaluate
 from models.networks import IWAEModel
+from models.progress import Progress
 from tests.models.test_estimators import F64, LinearGaussian, generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,11 +24,11 @@ def test_evaluate_with_the_exact_posterior_gives_the_exact_mean_and_its_error() 
     truth = model.log_px(x)
     calls = []
 
-    def on_progress(done: int, total: int) -> bool:
-        calls.append((done, total))
+    def on_progress(progress: Progress) -> bool:
+        calls.append((progress.done, progress.total))
         return False
 
-    metrics = evaluate(model, x, 50, batch_size=3, on_progress=on_progress)  # type: ignore[arg-type]
+    metrics = evaluate(model, x, 50, batch_size=3, callbacks=[on_progress])  # type: ignore[arg-type]
 
     assert metrics is not None
     assert metrics.test_loglik == pytest.approx(truth.mean().item(), abs=1e-9)
@@ -46,12 +47,12 @@ def test_evaluate_with_the_exact_posterior_gives_the_exact_mean_and_its_error() 
 def test_evaluate_stops_when_progress_says_so() -> None:
     calls = []
 
-    def stop_after_second(done: int, total: int) -> bool:
-        calls.append(done)
+    def stop_after_second(progress: Progress) -> bool:
+        calls.append(progress.done)
         return len(calls) == 2
 
     x = torch.zeros(9, 3, dtype=F64)
-    result = evaluate(LinearGaussian(), x, 10, batch_size=2, on_progress=stop_after_second)  # type: ignore[arg-type]
+    result = evaluate(LinearGaussian(), x, 10, batch_size=2, callbacks=[stop_after_second])  # type: ignore[arg-type]
 
     assert result is None
     assert calls == [2, 4]
