@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-Phase = Literal["train", "eval", "impute", "snr", "loglik", "cell"]
+# The phases of one run (`models.run`), in order: what a job's record shows.
+RunPhase = Literal["train", "eval", "impute", "snr"]
+Phase = Literal[RunPhase, "loglik", "cell"]
 
 # What `done` and `total` count in each phase.
 UNITS: dict[Phase, str] = {
