@@ -158,7 +158,7 @@ class TrainConfig:
     ess_target: float | None = None
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
-    init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
+    init: Init = "burda"  # trained better in a short run: docs/science.md, "Reproducing Burda"
     snr_draws: int = 0
     cuda_graphs: bool = False
 
