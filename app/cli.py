@@ -195,9 +195,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, per_cell: bool = Tr
     parser.add_argument("--device", action=_Given, choices=DEVICES, default=_TRAIN_DEFAULTS.device)
 
 
-def _add_field(
-    parser: argparse.ArgumentParser, name: str, *, flag: str | None = None, **overrides: Any
-) -> None:
+def _add_field(parser: argparse.ArgumentParser, name: str, *, flag: str | None = None) -> None:
     """The option of TrainRequest's field `name` (`flag`: other than --field-name)."""
     field = TrainRequest.model_fields[name]
     dest = _DESTS.get(name, name)
@@ -211,7 +209,7 @@ def _add_field(
         options["required"] = True
     else:
         options["default"] = field.default
-    parser.add_argument(flag or "--" + dest.replace("_", "-"), **options | overrides)
+    parser.add_argument(flag or "--" + dest.replace("_", "-"), **options)
 
 
 def _option_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
