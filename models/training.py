@@ -1,10 +1,10 @@
 """The training loop: a plain function with callbacks, resumable from its checkpoints.
 
-Callbacks see a `Progress` after every step and may return True to stop the loop (the worker
-uses this for cancellation). Checkpoints are written at epoch ends; a run resumed from one
-continues exactly as an uninterrupted run would, because the checkpoint holds the weights,
-Adam's state and the generator that draws every shuffle, binarization, missing-pixel mask and
-importance sample.
+Callbacks see a "train" `Progress` (`models.progress`) after every step and may return True
+to stop the loop (the worker uses this for cancellation). Checkpoints are written at epoch
+ends; a run resumed from one continues exactly as an uninterrupted run would, because the
+checkpoint holds the weights, Adam's state and the generator that draws every shuffle,
+binarization, missing-pixel mask and importance sample.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,34 +28,13 @@ from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
+from models.progress import Callback, Progress, notify
 
 # Burda et al.: 3^i epochs at learning rate 1e-3 * 10^(-i/7), for i = 0..7.
 BURDA_STAGES = 8
 ADAM_EPS = 1e-4
 # Steps between reading the loss back from the device; a read forces a host synchronisation.
 _LOSS_SYNC_STEPS = 50
-
-
-@dataclass
-class Progress:
-    """What a callback sees. `step`/`steps` count within the phase (images during "eval"
-    and "impute", gradient draws during "snr").
-
-    `k` is the K the current training epoch uses (None in the phases after training).
-    """
-
-    phase: Literal["train", "eval", "impute", "snr"]
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float | None
-    images_per_s: float
-    eta_s: float | None
-    k: int | None = None
-
-
-TrainCallback = Callable[[Progress], bool | None]
 
 
 @dataclass
@@ -156,7 +134,7 @@ def train(
     train_images: Tensor,
     *,
     checkpoint_path: Path | None = None,
-    callbacks: Sequence[TrainCallback] = (),
+    callbacks: Sequence[Callback] = (),
     write: Write = write_atomic,
 ) -> TrainResult:
     """Train on `train_images` [N, D] (grey levels in [0, 1], binarized afresh each epoch).
@@ -318,7 +296,7 @@ def _train_epoch(
     steps_per_epoch: int,
     step: Callable[[Tensor, int], None],
     loss_sum: Tensor,
-    callbacks: Sequence[TrainCallback],
+    callbacks: Sequence[Callback],
 ) -> bool:
     """One pass over a fresh permutation and binarization; returns True when stopped.
 
@@ -346,17 +324,16 @@ def _train_epoch(
         remaining = (config.epochs - state.epoch) * steps_per_epoch - done
         progress = Progress(
             phase="train",
+            done=done,
+            total=steps_per_epoch,
             epoch=state.epoch + 1,
             epochs=config.epochs,
-            step=done,
-            steps=steps_per_epoch,
             loss=loss,
             images_per_s=rate * config.batch_size,
             eta_s=remaining / rate if rate > 0 else None,
             k=state.k,
         )
-        # Every callback sees every step, even when an earlier one asks to stop.
-        if any([callback(progress) for callback in callbacks]):
+        if notify(callbacks, progress):
             return True
     return False
 

@@ -30,7 +30,6 @@ storage (`IWAE_STORAGE_URL`), fenced twice: by the lease and by the storage itse
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -41,10 +40,10 @@ from typing import Any
 from models.config import TrainConfig
 from models.data import load_mnist
 from models.files import Write, write_atomic
+from models.progress import Progress
 from models.run import train_and_evaluate
 from models.storage import StaleWrite, Storage
 from models.storage.layout import MODEL_INFO_NAME
-from models.training import Progress
 from worker.job_files import JobFiles, unlist_model
 from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, Outcome, utcnow, worker_name
 from worker.lease import LeaseKeeper, LeaseLost
@@ -217,7 +216,7 @@ class ProgressReporter:
 
     def __call__(self, progress: Progress) -> bool:
         self.keeper.progressed()
-        self._pending = dataclasses.asdict(progress)
+        self._pending = progress_record(progress)
         if time.monotonic() - self._last_write >= self.interval_s:
             self.flush()
         return self.keeper.should_stop or self.stop.is_set()
@@ -235,6 +234,22 @@ class ProgressReporter:
             log.warning("job %s: cannot write progress", self.lease.job_id, exc_info=True)
         self._pending = None
         self._last_write = time.monotonic()
+
+
+def progress_record(progress: Progress) -> dict[str, Any]:
+    """The job record's `progress` (the API's `ProgressOut`), where `step` and `steps` are the
+    event's `done` and `total` in the phase's units."""
+    return {
+        "phase": progress.phase,
+        "epoch": progress.epoch,
+        "epochs": progress.epochs,
+        "step": progress.done,
+        "steps": progress.total,
+        "loss": progress.loss,
+        "images_per_s": progress.images_per_s,
+        "eta_s": progress.eta_s,
+        "k": progress.k,
+    }
 
 
 def write_model_info(

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.config import Device
 from models.storage import Storage, open_storage, parse_storage_url
 
 
@@ -104,7 +104,7 @@ class WorkerSettings(BaseSettings):
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes of a running job."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         default="auto",
         description="Device for jobs whose config says device='auto'; 'auto' picks CUDA when "
         "available. Chosen inside the task, never in a parent process.",

@@ -8,18 +8,18 @@ interrupted in training resumes from its last epoch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.data import Mnist
+from models.progress import Callback, Progress, notify
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
 from models.study.grid import Cell, cell_config, shared_config
 from models.study.report import write_report
 from models.study.results import CellOutcome, study_results
-from models.training import TrainCallback
 
 CELLS_DIR = "cells"
 
@@ -33,15 +33,14 @@ def run_study(
     cells: Sequence[Cell],
     data: Mnist,
     out_dir: Path,
-    callbacks: Sequence[TrainCallback] = (),
-    on_cell_start: Callable[[int, Cell], None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[CellOutcome]:
     """Train and evaluate every cell of the grid, in order; one outcome per cell.
 
-    `callbacks` see every cell's training and evaluation progress (`models.run`);
-    `on_cell_start(index, cell)` runs before each cell. A cell that raises is `failed`
-    with the error and the study goes on. When a callback stops a run, that cell is
-    `cancelled`, the later ones stay `queued`, and nothing more runs.
+    `callbacks` see a "cell" `Progress` as each cell starts (`done` = its index in `cells`),
+    then that cell's training and evaluation progress (`models.run`). A cell that raises is
+    `failed` with the error and the study goes on. When a callback asks to stop, that cell
+    is `cancelled`, the later ones stay `queued`, and nothing more runs.
     """
     configs = [cell_config(base, cell) for cell in cells]  # refuse a bad cell before training
     outcomes = []
@@ -51,8 +50,9 @@ def run_study(
         outcomes.append(outcome)
         if stopped:
             continue
-        if on_cell_start is not None:
-            on_cell_start(index, cell)
+        if notify(callbacks, Progress("cell", index, len(cells))):
+            stopped, outcome.status = True, "cancelled"
+            continue
         folder = cell_dir(out_dir, cell)
         try:
             metrics = _finished_metrics(folder, config)

@@ -135,9 +135,9 @@ def exposed_ports() -> set[int]:
 
 
 def ci_torch_version() -> str:
-    text = (ROOT / ".ci/run").read_text()
-    match = re.search(r"^python -m pip install [-\w ]*torch==([\w.+]+)$", text, re.MULTILINE)
-    assert match, ".ci/run installs a pinned torch first"
+    text = (ROOT / "dev").read_text()  # what .ci/run and the README's commands install
+    match = re.search(r"^\s*python -m pip install [-\w ]*torch==([\w.+]+)$", text, re.MULTILINE)
+    assert match, "./dev installs a pinned torch first"
     return match.group(1)
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from models.checkpoint import load_checkpoint
+from models.progress import Progress
 from models.study.grid import Cell, expand_grid
 from models.study.local import cell_dir, run_study
 
@@ -23,9 +24,11 @@ def test_each_cell_trains_once_and_measures_what_the_report_needs(tmp_path, base
     cells = expand_grid([1, 4], ["vae", "iwae"], [0], max_cells=None)
     started = []
 
-    outcomes = run_study(
-        base, cells, synthetic_mnist, tmp_path, on_cell_start=lambda i, c: started.append((i, c))
-    )
+    def on_cell_start(progress: Progress) -> None:
+        if progress.phase == "cell":
+            started.append((progress.done, cells[progress.done]))
+
+    outcomes = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[on_cell_start])
 
     assert started == list(enumerate(cells))
     assert [o.cell for o in outcomes] == cells
@@ -58,14 +61,18 @@ def test_finished_cells_are_reused_and_a_changed_config_runs_again(tmp_path, bas
     written = first.checkpoint.stat().st_mtime_ns
     seen = []
 
-    [again] = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[seen.append])
+    def record(progress: Progress) -> None:  # a cell's training and evaluation
+        if progress.phase != "cell":
+            seen.append(progress)
+
+    [again] = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[record])
 
     assert seen == []  # neither trained nor evaluated again
     assert first.checkpoint.stat().st_mtime_ns == written
     assert again.metrics == first.metrics
 
     [more] = run_study(
-        base.with_changes(epochs=2), cells, synthetic_mnist, tmp_path, callbacks=[seen.append]
+        base.with_changes(epochs=2), cells, synthetic_mnist, tmp_path, callbacks=[record]
     )
     # The second epoch resumes from the first.
     assert {p.epoch for p in seen if p.phase == "train"} == {2}

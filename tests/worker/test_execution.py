@@ -18,8 +18,8 @@ import pytest
 
 from models.config import TrainConfig
 from models.files import Write, write_atomic
+from models.progress import Progress
 from models.run import RunResult
-from models.training import Progress
 from worker import execution
 from worker.execution import run_job
 from worker.jobs import FileJobStore, JobStore, reap_once
@@ -52,7 +52,7 @@ class FakeTraining:
             self.on_step(i)
             if i == 1:
                 write(checkpoint, b"weights")
-            progress = Progress("train", 1, 2, i + 1, self.steps, 100.0 - i, 1000.0, 1.0)
+            progress = Progress("train", i + 1, self.steps, 1, 2, 100.0 - i, 1000.0, 1.0)
             self.seen.append(progress)
             if any([callback(progress) for callback in callbacks]):
                 return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
