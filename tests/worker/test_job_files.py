@@ -22,10 +22,10 @@ import redis
 
 from models.config import TrainConfig
 from models.files import Write, write_atomic
+from models.progress import Progress
 from models.run import RunResult
 from models.storage import FileStorage, Storage, open_storage
 from models.storage.layout import CHECKPOINT_NAME, METRICS_NAME, MODEL_INFO_NAME, model_key
-from models.progress import Progress
 from worker import execution
 from worker.execution import run_job
 from worker.jobs import FileJobStore, JobStore, Lease, RedisJobStore
