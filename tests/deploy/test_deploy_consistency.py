@@ -177,8 +177,11 @@ def test_torch_build_is_chosen_by_build_args_and_is_the_tested_release() -> None
     args = dockerfile_args()
     assert re.fullmatch(r"cu\d{3}|cpu", args["TORCH_VARIANT"])
     assert args["TORCH_VARIANT"].startswith("cu"), "the default image is the GPU worker's"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    assert args["TORCH_FIND_LINKS"] in {"", '""'}, "PyTorch's index unless a build says so"
     install = next(a for k, a in dockerfile() if k == "RUN" and "torch==" in a)
-    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in install
+    assert '--index-url "${TORCH_INDEX_URL}"' in install
+    assert "--find-links /tmp/torch-wheels" in install
     assert '"torch==${TORCH_VERSION}"' in install
 
     version = args["TORCH_VERSION"]
@@ -208,8 +211,10 @@ def test_build_context_is_exactly_what_the_dockerfile_copies() -> None:
     for keyword, arguments in dockerfile():
         if keyword == "COPY" and not arguments.startswith("--from"):
             *sources, _destination = arguments.split()
-            copied.update(source.rstrip("/") for source in sources)
-    assert copied == allowed
+            # ${TORCH_FIND_LINKS:-pyproject.toml}: a file that is there when the arg is unset
+            copied.update(re.sub(r"\$\{\w+:-(.*)\}", r"\1", s).rstrip("/") for s in sources)
+    # wheels/ is the folder TORCH_FIND_LINKS names where it is used (deploy/local-images.sh)
+    assert copied | {"wheels"} == allowed
     for source in copied:
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
     for pattern in ("**/*.safetensors", "**/*-ubyte", "**/*-ubyte.gz"):
@@ -270,7 +275,10 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
     assert "--maxmemory-policy noeviction" in command
     source, _, target = redis["volumes"][0].partition(":")
     assert target == "/data" and source in compose["volumes"], "AOF on a named volume"
-    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", redis["image"]), "an exact version"
+    # REDIS_IMAGE replaces it where the registry cannot be reached (deploy/local-images.sh)
+    image = re.fullmatch(r"\$\{REDIS_IMAGE:-(.*)\}", redis["image"])
+    assert image, redis["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", image.group(1)), "an exact version"
     check = redis["healthcheck"]
     assert "redis-cli ping" in " ".join(check["test"])
     assert go_duration_s(check["interval"]) <= 5
