@@ -37,6 +37,7 @@ from app.deps import (
     train_config,
     uploaded_digit,
     uploaded_masked_digit,
+    waiting_for,
 )
 from app.images import MaskedDigit, encode_imputation_strip, encode_png, encode_png_grid
 from app.metrics import CONTENT_TYPE
@@ -128,9 +129,11 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404), tags=["jobs"])
-def get_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """A job's status, progress, metrics and model id."""
-    return JobOut.of(store.get(job_id))
+def get_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> JobOut:
+    """A job's status, progress, metrics and model id; `waiting_for` says why a queued job
+    does not start (e.g. no GPU worker is up)."""
+    job = store.get(job_id)
+    return JobOut.of(job).model_copy(update={"waiting_for": waiting_for(settings, store, job)})
 
 
 @router.get(
