@@ -22,6 +22,7 @@ import pytest
 from deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
+    GPUS_COMPOSE_FILE,
     IWAE_NAME,
     LOCAL_URL,
     ROOT,
@@ -284,17 +285,17 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
     assert go_duration_s(check["interval"]) <= 5
 
 
-def test_worker_reserves_one_nvidia_gpu_and_stops_gracefully(compose: dict[str, Any]) -> None:
+def test_worker_reserves_gpu_0_and_stops_gracefully(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
     assert go_duration_s(worker["stop_grace_period"]) >= 60
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["healthcheck"] == {"disable": True}, "the worker serves no /healthz"
 
 
 def test_compose_settings_are_real_settings(compose: dict[str, Any]) -> None:
-    for name in (COMPOSE_FILE, CPU_COMPOSE_FILE):
+    for name in (COMPOSE_FILE, CPU_COMPOSE_FILE, GPUS_COMPOSE_FILE):
         unknown = set(IWAE_NAME.findall((ROOT / name).read_text())) - setting_env_names()
         assert not unknown, f"{name} sets variables no settings class reads: {unknown}"
     for service in IWAE_SERVICES:
@@ -391,6 +392,21 @@ def test_cpu_override_drops_the_gpu_and_builds_cpu_torch(compose_config: Compose
         assert cpu[name]["command"] == gpu[name]["command"]
     assert cpu["api"]["image"] == cpu["worker"]["image"]
     assert cpu["worker"]["environment"]["IWAE_DEVICE"] == "cpu"
+
+
+def test_gpus_override_runs_one_worker_per_gpu(compose_config: ComposeConfig) -> None:
+    """Each worker service reserves one GPU of its own and is otherwise the worker."""
+    services = compose_config(COMPOSE_FILE, GPUS_COMPOSE_FILE)["services"]
+    workers = {name: s for name, s in services.items() if s.get("command") == ["iwae", "worker"]}
+    assert len(workers) >= 2 and "worker" in workers
+    gpus = []
+    for name, service in workers.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device.keys() == {"driver", "device_ids", "capabilities"}, "no `count`"
+        gpus += device["device_ids"]
+        same = {k: v for k, v in service.items() if k != "deploy"}
+        assert same == {k: v for k, v in workers["worker"].items() if k != "deploy"}, name
+    assert sorted(gpus) == [str(i) for i in range(len(workers))], "GPUs 0..N-1, one each"
 
 
 def test_cpu_override_as_written_resets_the_deploy_section() -> None:
