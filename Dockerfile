@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for both processes of the service; only the command differs:
 #   api:    iwae serve --host 0.0.0.0 --port 8000   (the default CMD)
 #   worker: iwae worker
@@ -17,6 +15,9 @@
 #                  from the package index, for a machine that cannot reach PyTorch's index.
 #   PYTHON_IMAGE   the base of both stages: any Debian bookworm image with python3 3.11 and
 #                  its venv module (deploy/local-images.sh makes one from Debian's packages).
+#
+# No `# syntax=` line: BuildKit would fetch that frontend from Docker Hub, which a machine
+# without the public registry cannot reach; nothing here needs more than the built-in one.
 #
 # No dataset, checkpoint or job record is baked in: they live under IWAE_HOME and
 # IWAE_DATA_DIR, on volumes (see docker-compose.yml). The base is pinned to an exact
