@@ -9,6 +9,7 @@
 #   PYTHON_IMAGE=iwae-local/python:3.11-bookworm REDIS_IMAGE=iwae-local/redis:7-bookworm
 #   TORCH_FIND_LINKS=wheels   (this script hard-links the CPU torch wheel of pip's
 #                              find-links folder into ./wheels, inside the build context)
+# with the CPU override (docker-compose.cpu.yml: the wheel is the CPU build).
 # --print-env prints those lines as NAME=value, for a .env file or `export`.
 #
 # Needs root, a running dockerd and `debootstrap` (apt-get install -y docker.io debootstrap).
@@ -96,6 +97,6 @@ if ! compgen -G "$WHEELS/torch-${torch_version}+cpu-*.whl" >/dev/null; then
 fi
 
 if [ "${1:-}" = "--print-env" ]; then
-    printf 'PYTHON_IMAGE=%s\nREDIS_IMAGE=%s\nTORCH_VARIANT=cpu\nTORCH_FIND_LINKS=%s\n' \
+    printf 'PYTHON_IMAGE=%s\nREDIS_IMAGE=%s\nTORCH_FIND_LINKS=%s\n' \
         "$PYTHON_IMAGE" "$REDIS_IMAGE" "$WHEELS"
 fi
