@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ import pytest
 from deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
 
 from tests.app.digit import digit_png
+from tests.support import poll
 from tests.web.live_server import MNIST_DIR, free_port
 
 pytestmark = pytest.mark.compose
@@ -117,19 +119,11 @@ class Stack:
         return response.json()
 
     def poll(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
-        """`condition()` once truthy; a connection error counts as not yet (Redis restarts)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                value = condition()
-                if value:
-                    return value
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                logs = self.compose("logs", "--no-color", "--tail", "40")
-                pytest.fail(f"timed out after {timeout} s waiting for {what}\n{logs}")
-            time.sleep(0.5)
+        """`condition()` once truthy; a connection error counts as not yet."""
+        logs = partial(self.compose, "logs", "--no-color", "--tail", "40")
+        return poll(
+            what, condition, timeout, transient=(httpx.TransportError,), logs=logs, interval=0.5
+        )
 
     def ready(self, workers: int) -> dict[str, Any] | None:
         response = self.api.get("/readyz")

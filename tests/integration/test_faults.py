@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from models.checkpoint import load_checkpoint
+from tests import support
 from tests.integration.conftest import service_settings
 from tests.integration.service import TINY_CONFIG, Service
 from worker.celery_app import TRAIN_TASK, create_celery_app
@@ -112,19 +113,13 @@ def poll(
     what: str, condition: Callable[[], object], timeout: float, service: Service | None = None
 ) -> object:
     """`condition()` once truthy, riding out the Redis restart; fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except redis.RedisError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}\n{service and service.logs()}"
-            )
-        time.sleep(0.05)
+    return support.poll(
+        what,
+        condition,
+        timeout,
+        transient=(redis.RedisError,),
+        logs=lambda: service and service.logs(),
+    )
 
 
 def running_on(service: Service, job_ids: list[str], pids: set[int]) -> tuple[str, int] | None:
