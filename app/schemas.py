@@ -315,6 +315,11 @@ class JobOut(BaseModel):
     )
     model_id: str | None = Field(None, description="Set once a checkpoint exists.")
     error: str | None = Field(None, description="Why the job failed.")
+    waiting_for: str | None = Field(
+        None,
+        description="Why a queued job does not start: no live worker consumes its queue (a "
+        "job that asks for device 'cuda' waits for a GPU worker). Set by GET /jobs/{job_id}.",
+    )
     attempts: int = Field(0, description="How many times a worker started this job.")
     worker: str | None = Field(None, description="host:pid of the last worker to run it.")
     cancel_requested: bool = False
@@ -431,6 +436,10 @@ class ReadyOut(BaseModel):
         description="Live workers consuming the training queue; 0 means queued jobs wait "
         "(the API still serves trained models, so it stays ready).",
         examples=[2],
+    )
+    gpu_workers: int = Field(
+        description="Those of them with a GPU; 0 means jobs that ask for device 'cuda' wait.",
+        examples=[1],
     )
 
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app import events
-from app.deps import QueueDep, StoreDep, require_token
+from app.deps import QueueDep, SettingsDep, StoreDep, require_token
+from app.health import waiting_for
 from app.params import Cursor
 from app.planning import train_config
 from app.schemas import ID_PATTERN, JobList, JobOut, JobStatus
@@ -70,9 +71,11 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404))
-def get_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """A job's status, progress, metrics and model id."""
-    return JobOut.of(store.get(job_id))
+def get_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> JobOut:
+    """A job's status, progress, metrics and model id; `waiting_for` says why a queued job
+    does not start (e.g. no GPU worker is up)."""
+    job = store.get(job_id)
+    return JobOut.of(job).model_copy(update={"waiting_for": waiting_for(settings, store, job)})
 
 
 @router.get(

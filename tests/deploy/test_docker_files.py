@@ -15,6 +15,7 @@ import pytest
 from tests.deploy.deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
+    GPUS_COMPOSE_FILE,
     ROOT,
     copy_deploy_files,
     env_example_entries,
@@ -41,8 +42,8 @@ RUN cd /srv && pip install iwae-service
 
 @pytest.mark.parametrize(
     "files",
-    [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_COMPOSE_FILE)],
-    ids=["gpu", "cpu-override"],
+    [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_COMPOSE_FILE), (COMPOSE_FILE, GPUS_COMPOSE_FILE)],
+    ids=["gpu", "cpu-override", "gpus-override"],
 )
 def test_compose_config_is_valid(compose_binary: Path, tmp_path: Path, files: tuple) -> None:
     directory = copy_deploy_files(tmp_path)

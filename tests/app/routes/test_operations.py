@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.deps import job_store
+from models.config import TrainConfig
 
 
 def test_healthz(client: TestClient) -> None:
@@ -22,6 +23,7 @@ def test_readyz_when_storage_and_job_store_answer(client: TestClient) -> None:
         "status": "ready",
         "checks": {"storage": True, "job_store": True, "broker": True},
         "workers": 0,
+        "gpu_workers": 0,
     }
 
 
@@ -41,6 +43,37 @@ def test_readyz_and_metrics_tell_whether_a_worker_consumes_the_queue(client: Tes
     assert 'iwae_workers{queue="iwae.training.cuda"} 1.0' in text
     assert 'iwae_worker_messages{outcome="succeeded",worker="gpu-box:12"} 1.0' in text
     assert "iwae_queue_depth 1.0" in text
+
+
+def test_a_queued_job_says_which_worker_it_waits_for_and_readyz_counts_gpu_workers(
+    client: TestClient,
+) -> None:
+    store = client.app.state.store
+    cpu_job = client.post("/train", json={"k": 5}).json()["job_id"]
+    gpu_job = store.create(TrainConfig(k=5, device="cuda").to_dict()).job_id
+
+    def waiting() -> tuple[str | None, str | None]:
+        return tuple(client.get(f"/jobs/{j}").json()["waiting_for"] for j in (cpu_job, gpu_job))
+
+    def counts() -> tuple[int, int]:
+        ready = client.get("/readyz").json()
+        return ready["workers"], ready["gpu_workers"]
+
+    assert waiting() == (
+        "no worker is up: the job waits on the queue 'iwae.training' until one starts",
+        "no GPU worker is up: the job waits on the queue 'iwae.training.cuda' until one starts",
+    )
+    assert counts() == (0, 0)
+    store.report_worker("cpu-box:7", ["iwae.training"])
+    assert waiting() == (
+        None,
+        "no GPU worker is up: the job waits on the queue 'iwae.training.cuda' until one starts",
+    )
+    assert counts() == (1, 0)
+    store.report_worker("gpu-box:12", ["iwae.training", "iwae.training.cuda"])
+    assert waiting() == (None, None)
+    assert counts() == (2, 1)
+    assert client.get("/jobs").json()["jobs"][0]["waiting_for"] is None, "only on GET /jobs/{id}"
 
 
 def test_readyz_is_503_when_the_job_store_does_not_answer(client: TestClient) -> None:
