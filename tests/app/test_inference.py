@@ -58,8 +58,10 @@ def test_a_seeded_score_repeats_and_reports_each_chunk(
     served: ServedModel, digit: np.ndarray
 ) -> None:
     done: list[int] = []
-    score = inference.score(served, digit, 50, chunk_size=20, seed=3, on_chunk=done.append)
-    assert done == [20, 40]  # after every chunk but the last
+    score = inference.score(
+        served, digit, 50, chunk_size=20, seed=3, on_chunk=lambda p: done.append(p.done)
+    )
+    assert done == [20, 40]  # samples drawn, after every chunk but the last
     assert score == inference.score(served, digit, 50, chunk_size=20, seed=3)
     assert score.pareto_k is not None
     assert 1.0 <= score.ess <= 50.0

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
+from tests.deploy.deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
 
 from tests.app.digit import digit_png
 from tests.support import wait_until
