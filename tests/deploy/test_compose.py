@@ -27,11 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.deploy.deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
 
 from tests.app.digit import digit_png
-from tests.support import wait_until
-from tests.web.live_server import MNIST_DIR, free_port
+from tests.deploy.deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
+from tests.support import MNIST_DIR, free_port, wait_until
 
 pytestmark = pytest.mark.compose
 
