@@ -189,7 +189,7 @@ def train(
     generator = torch.Generator(device).manual_seed(config.seed)
     state = TrainState()
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = _restore(checkpoint_path, config, model, optimizer, generator, device)
+        state = restore_checkpoint(checkpoint_path, config, model, optimizer, generator, device)
     if state.k is None:
         state.k = initial_k(config)
 
@@ -361,7 +361,7 @@ def _train_epoch(
     return False
 
 
-def _restore(
+def restore_checkpoint(
     path: Path,
     config: TrainConfig,
     model: IWAEModel,
@@ -369,6 +369,7 @@ def _restore(
     generator: torch.Generator,
     device: torch.device,
 ) -> TrainState:
+    """Load `path` into the run's model, optimizer and generator; its `TrainState`."""
     checkpoint = load_checkpoint(path, device)
     if checkpoint.config.model != config.model:
         raise ValueError(
