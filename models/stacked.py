@@ -68,6 +68,10 @@ from models.training import (
     tf32_matmuls,
 )
 
+# Decoder rows of a group at most: members x K x batch. Each row holds two [D] buffers (16,384
+# rows: 100 MB in fp32), and from K=50 a member's products are large enough alone, so 3 seeds
+# at K=50 and batch 100 still stack while a K=5000 cell trains alone.
+MAX_GROUP_ROWS = 16_384
 # Steps between reading the members' losses back (a host synchronisation), as `train` does.
 _LOSS_SYNC_STEPS = 50
 
@@ -98,14 +102,19 @@ def stack_key(config: TrainConfig) -> tuple | None:
     )
 
 
-def stack_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
-    """Indices of `configs` grouped by `stack_key`, groups in order of their first member;
-    a config with no key is a group of its own."""
-    groups: dict[object, list[int]] = {}
+def stack_groups(configs: Sequence[TrainConfig], max_rows: int = MAX_GROUP_ROWS) -> list[list[int]]:
+    """Indices of `configs` grouped by `stack_key`, groups in order of their first member,
+    each of at most `max_rows` decoder rows (members x samples per image x batch; one member
+    at least); a config with no key is a group of its own."""
+    groups: dict[object, list[list[int]]] = {}
     for index, config in enumerate(configs):
         key = stack_key(config)
-        groups.setdefault(index if key is None else key, []).append(index)
-    return list(groups.values())
+        chunks = groups.setdefault(index if key is None else key, [[]])
+        rows = sampling_plan(config)[0] * config.batch_size
+        if chunks[-1] and (len(chunks[-1]) + 1) * rows > max_rows:
+            chunks.append([])
+        chunks[-1].append(index)
+    return sorted((chunk for chunks in groups.values() for chunk in chunks), key=min)
 
 
 @dataclass
@@ -219,11 +228,14 @@ class _Member:
         return not self.stopped and self.error is None and self.state.epoch < self.config.epochs
 
     def end_epoch(self) -> None:
-        """Record the finished epoch as `train` does, and write the checkpoint."""
+        """Record the finished epoch as `train` does, and write the checkpoint (a fence that
+        refuses the write raises, as in `train`)."""
         self.state.epoch += 1
         self.state.k_history.append(self.state.k)
         self.state.k = next_k(self.config, self.state.epoch, self.state.k, None)
-        if self.checkpoint is not None:
+        if self.checkpoint is None:
+            return
+        try:
             save_checkpoint(
                 self.checkpoint,
                 self.model,
@@ -233,6 +245,8 @@ class _Member:
                 self.generator,
                 fence=self.fence,
             )
+        except OSError as exc:  # this member fails; the group goes on without it
+            self.error = f"cannot write its checkpoint: {type(exc).__name__}: {exc}"
 
     def result(self, images_per_epoch: int) -> MemberResult:
         _own_storage(self.model)

@@ -117,6 +117,8 @@ def test_stack_groups_share_shapes_and_leave_the_rest_alone() -> None:
 
     assert stack_groups(configs) == [[0, 1, 4], [2], [3], [5], [6]]
     assert stack_key(configs[5]) is None
+    # 3 samples x batch 100 per member: two members fit in 600 rows, the third starts a group.
+    assert stack_groups(configs, max_rows=600) == [[0, 1], [2], [3], [4], [5], [6]]
     with pytest.raises(ValueError, match="one stack_key"):
         train_stacked([configs[0], configs[2]], torch.rand(10, 6))
 
