@@ -57,7 +57,7 @@ from models.networks import IWAEModel
 from models.objectives import sampling_plan, surrogates_of
 from models.training import (
     ADAM_EPS,
-    Progress,
+    LOSS_SYNC_STEPS,
     TrainCallback,
     TrainResult,
     flush_denormals,
@@ -65,6 +65,7 @@ from models.training import (
     learning_rate,
     resolve_device,
     restore_checkpoint,
+    step_progress,
     tf32_matmuls,
 )
 
@@ -72,8 +73,6 @@ from models.training import (
 # rows: 100 MB in fp32), and from K=50 a member's products are large enough alone, so 3 seeds
 # at K=50 and batch 100 still stack while a K=5000 cell trains alone.
 MAX_GROUP_ROWS = 16_384
-# Steps between reading the members' losses back (a host synchronisation), as `train` does.
-_LOSS_SYNC_STEPS = 50
 
 
 def stack_key(config: TrainConfig) -> tuple | None:
@@ -292,7 +291,7 @@ def _train_epoch(
         done = i + 1
         now = time.perf_counter()
         losses: list[float | None] = [None] * len(active)
-        if window == _LOSS_SYNC_STEPS or done == steps_per_epoch:
+        if window == LOSS_SYNC_STEPS or done == steps_per_epoch:
             losses = (loss_sums / window).tolist()
             loss_sums.zero_()
             window = 0
@@ -324,20 +323,7 @@ def _train_epoch(
 
 def _notify(member: _Member, done: int, steps: int, loss: float | None, elapsed: float) -> bool:
     """Tell the member's callbacks about its step; True when one asks it to stop."""
-    config, state = member.config, member.state
-    rate = done / elapsed if elapsed > 0 else 0.0
-    remaining = (config.epochs - state.epoch) * steps - done
-    progress = Progress(
-        phase="train",
-        epoch=state.epoch + 1,
-        epochs=config.epochs,
-        step=done,
-        steps=steps,
-        loss=loss,
-        images_per_s=rate * config.batch_size,
-        eta_s=remaining / rate if rate > 0 else None,
-        k=state.k,
-    )
+    progress = step_progress(member.config, member.state, done, steps, loss, elapsed)
     # Every callback sees every step, even when an earlier one asks to stop (as in `train`).
     return any([callback(progress) for callback in member.callbacks])
 

@@ -34,7 +34,7 @@ from models.objectives import backward, surrogates
 BURDA_STAGES = 8
 ADAM_EPS = 1e-4
 # Steps between reading the loss back from the device; a read forces a host synchronisation.
-_LOSS_SYNC_STEPS = 50
+LOSS_SYNC_STEPS = 50
 
 
 @dataclass
@@ -336,29 +336,42 @@ def _train_epoch(
         state.step += 1
         window += 1
         done = i + 1
-        if window == _LOSS_SYNC_STEPS or done == steps_per_epoch:
+        if window == LOSS_SYNC_STEPS or done == steps_per_epoch:
             loss = float(loss_sum) / window
             loss_sum.zero_()
             window = 0
         elapsed = time.perf_counter() - start
         state.train_seconds = seconds_before + elapsed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        remaining = (config.epochs - state.epoch) * steps_per_epoch - done
-        progress = Progress(
-            phase="train",
-            epoch=state.epoch + 1,
-            epochs=config.epochs,
-            step=done,
-            steps=steps_per_epoch,
-            loss=loss,
-            images_per_s=rate * config.batch_size,
-            eta_s=remaining / rate if rate > 0 else None,
-            k=state.k,
-        )
+        progress = step_progress(config, state, done, steps_per_epoch, loss, elapsed)
         # Every callback sees every step, even when an earlier one asks to stop.
         if any([callback(progress) for callback in callbacks]):
             return True
     return False
+
+
+def step_progress(
+    config: TrainConfig,
+    state: TrainState,
+    done: int,
+    steps: int,
+    loss: float | None,
+    elapsed: float,
+) -> Progress:
+    """What callbacks see after step `done` of `steps` in the epoch `state` is training,
+    `elapsed` seconds after the epoch began."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = (config.epochs - state.epoch) * steps - done
+    return Progress(
+        phase="train",
+        epoch=state.epoch + 1,
+        epochs=config.epochs,
+        step=done,
+        steps=steps,
+        loss=loss,
+        images_per_s=rate * config.batch_size,
+        eta_s=remaining / rate if rate > 0 else None,
+        k=state.k,
+    )
 
 
 def restore_checkpoint(
