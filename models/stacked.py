@@ -70,9 +70,11 @@ from models.training import (
 )
 
 # Decoder rows of a group at most: members x K x batch. Each row holds two [D] buffers (16,384
-# rows: 100 MB in fp32), and from K=50 a member's products are large enough alone, so 3 seeds
-# at K=50 and batch 100 still stack while a K=5000 cell trains alone.
-MAX_GROUP_ROWS = 16_384
+# rows: 100 MB in fp32), and from K=50 a member's products are large enough alone on a CPU, so
+# 3 seeds at K=50 and batch 100 still stack while a K=5000 cell trains alone. A GPU is filled
+# only by far larger products (a K=1 step is ~100 small kernels): there the cap is memory's,
+# 262,144 rows (1.6 GB), so the seed's whole K=100 group (6 cells, 60,000 rows) stacks.
+MAX_GROUP_ROWS = {"cpu": 16_384, "cuda": 262_144}
 
 
 def stack_key(config: TrainConfig) -> tuple | None:
@@ -101,16 +103,20 @@ def stack_key(config: TrainConfig) -> tuple | None:
     )
 
 
-def stack_groups(configs: Sequence[TrainConfig], max_rows: int = MAX_GROUP_ROWS) -> list[list[int]]:
+def stack_groups(
+    configs: Sequence[TrainConfig], max_rows: int | None = None
+) -> list[list[int]]:
     """Indices of `configs` grouped by `stack_key`, groups in order of their first member,
     each of at most `max_rows` decoder rows (members x samples per image x batch; one member
-    at least); a config with no key is a group of its own."""
+    at least; None: `MAX_GROUP_ROWS` of the configs' device); a config with no key is a group
+    of its own."""
     groups: dict[object, list[list[int]]] = {}
     for index, config in enumerate(configs):
         key = stack_key(config)
         chunks = groups.setdefault(index if key is None else key, [[]])
         rows = sampling_plan(config)[0] * config.batch_size
-        if chunks[-1] and (len(chunks[-1]) + 1) * rows > max_rows:
+        limit = max_rows or MAX_GROUP_ROWS[resolve_device(config.device).type]
+        if chunks[-1] and (len(chunks[-1]) + 1) * rows > limit:
             chunks.append([])
         chunks[-1].append(index)
     return sorted((chunk for chunks in groups.values() for chunk in chunks), key=min)
