@@ -23,7 +23,6 @@ from app.page import install_page
 from app.registry import ModelRegistry
 from app.routes import router
 from app.settings import Settings, get_settings
-from app.study_routes import router as study_router
 from models.data import load_mnist
 from models.study.cache import StudyReports
 from worker.jobs import open_job_store
@@ -56,13 +55,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     store = open_job_store(settings)
     app.state.store = store
+    storage = settings.open_storage()
     app.state.registry = ModelRegistry(
-        settings.models_dir, settings.model_cache_size, device=settings.inference_device
+        storage, settings.model_cache_size, device=settings.inference_device
     )
     # The report's reconstructions need test digits; the API never downloads them (the
     # workers have, into the same folder).
     app.state.reports = StudyReports(
-        settings.studies_dir,
+        storage,
+        settings.cache_dir,
         app.state.registry.checkpoint,
         lambda: load_mnist(settings.mnist_dir).test_images,
     )
@@ -92,6 +93,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees all
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(study_router)
     install_page(app)
     return app

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -109,11 +108,6 @@ class Settings(WorkerSettings):
         description="Deadline of one model call, its wait in the queue included; checked "
         "between chunks of importance samples, past it 503 with Retry-After.",
     )
-
-    @property
-    def studies_dir(self) -> Path:
-        """Where study reports are kept, built on read (`models.study.cache.StudyReports`)."""
-        return self.home / "studies"
 
     @property
     def inference_slots(self) -> int:

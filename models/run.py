@@ -14,12 +14,11 @@ import torch
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import evaluate, gradient_snr
-from models.files import Fence, write_atomic
+from models.files import Write, write_atomic
 from models.imputation import imputation_metrics
+from models.storage.layout import CHECKPOINT_NAME, METRICS_NAME
 from models.training import Progress, TrainCallback, train
 
-CHECKPOINT_NAME = "model.safetensors"
-METRICS_NAME = "metrics.json"
 # Test images the gradient SNR is measured on, as one batch (Rainforth et al. measure one
 # image at a time, as `iwae snr` does; a batch keeps a study cell's SNR from 100 draws less
 # dependent on which image it saw).
@@ -38,12 +37,12 @@ def train_and_evaluate(
     data: Mnist,
     out_dir: Path,
     callbacks: Sequence[TrainCallback] = (),
-    fence: Fence | None = None,
+    write: Write = write_atomic,
 ) -> RunResult:
     """Train (resuming from `out_dir`'s checkpoint if any), then score the test set.
 
     Writes `out_dir/model.safetensors` at every epoch end and `out_dir/metrics.json` at the
-    end, each through `fence` (see `models.files.write_atomic`). Evaluation uses the first
+    end, each through `write` (see `models.files.Write`). Evaluation uses the first
     `eval_size` test images, binarized with a fixed seed, in fp32 with `eval_k` importance
     samples; callbacks see its progress as phase "eval". Then the same images with their top
     half missing score the model's imputations with K=1 and the job's K against mean and zero
@@ -59,7 +58,7 @@ def train_and_evaluate(
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
     result = train(
-        config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks, fence=fence
+        config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks, write=write
     )
     if result.stopped:
         return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
@@ -127,5 +126,5 @@ def train_and_evaluate(
             if snr is None:
                 return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
             metrics["gradient_snr"] = snr.to_dict()
-    write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode(), fence=fence)
+    write(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode())
     return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)

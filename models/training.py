@@ -24,7 +24,7 @@ from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
 from models.cuda_graphs import StepGraph
 from models.fastpath import FastPath, fast_path
-from models.files import Fence
+from models.files import Write, write_atomic
 from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
 from models.networks import IWAEModel, burda_init
@@ -157,12 +157,12 @@ def train(
     *,
     checkpoint_path: Path | None = None,
     callbacks: Sequence[TrainCallback] = (),
-    fence: Fence | None = None,
+    write: Write = write_atomic,
 ) -> TrainResult:
     """Train on `train_images` [N, D] (grey levels in [0, 1], binarized afresh each epoch).
 
     Resumes from `checkpoint_path` when that file exists, and rewrites it at every epoch end
-    (through `fence`, see `models.files.write_atomic`). Under the `ess` K schedule the last
+    (through `write`, see `models.files.Write`). Under the `ess` K schedule the last
     `batch_size` images are held out to measure ESS/K.
     """
     device = resolve_device(config.device)
@@ -215,7 +215,7 @@ def train(
                 _end_epoch(config, model, generator, held_out, state)
                 if checkpoint_path is not None:
                     save_checkpoint(
-                        checkpoint_path, model, optimizer, config, state, generator, fence=fence
+                        checkpoint_path, model, optimizer, config, state, generator, write=write
                     )
     return TrainResult(
         model=model.eval(),

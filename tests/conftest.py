@@ -21,8 +21,24 @@ from fastapi.testclient import TestClient
 from models.checkpoint import TrainState, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.networks import IWAEModel
+from tests.s3_server import new_bucket, s3_env, s3_server
 
 TINY_MODEL_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API server on loopback (moto), shared by the session's tests."""
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://bucket/prefix` of a fresh bucket, with the AWS_* variables pointing at it."""
+    for name, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{new_bucket()}/iwae"
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ def train(self: Task, job_id: str) -> str:
     app = self.app
     if not isinstance(app, IwaeCelery):
         raise TypeError("the training task runs only in an app from worker.celery_app")
-    outcome = run_job(job_id, app.settings, app.job_store, stop=shutdown_requested)
+    outcome = run_job(
+        job_id, app.settings, app.job_store, stop=shutdown_requested, storage=app.storage
+    )
     try:
         if outcome == "released":  # this worker is stopping: hand the job to another one now
             send_training(app, job_id)

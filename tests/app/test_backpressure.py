@@ -19,6 +19,7 @@ from app import inference
 from app.backpressure import InferenceGate
 from app.errors import ClientDisconnected, DeadlineExceeded, Overloaded
 from tests.app.digit import digit_png
+from tests.support import wait_until
 
 
 async def connected() -> dict[str, Any]:
@@ -205,9 +206,8 @@ def test_past_the_queue_model_routes_answer_503_and_ops_routes_still_answer(
         running = pool.submit(client.get, "/samples")
         assert held.started.acquire(timeout=10)
         waiting = pool.submit(client.get, "/samples")
-        deadline = time.monotonic() + 10
-        while client.app.state.gate.admitted < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        gate = client.app.state.gate
+        wait_until(lambda: gate.admitted >= 2, "the second request at the gate", 10, interval=0.01)
 
         refused = client.get("/samples", params={"format": "json"})
         assert refused.status_code == 503
@@ -225,10 +225,10 @@ def test_a_refused_upload_is_never_decoded(
     held: Work,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from app import deps
+    from app import uploads
 
     decoded = []
-    monkeypatch.setattr(deps, "preprocess", lambda data, max_pixels: decoded.append(data))
+    monkeypatch.setattr(uploads, "preprocess", lambda data, max_pixels: decoded.append(data))
     client = make_client(inference_concurrency=1, inference_queue=0)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.get, "/samples")
@@ -259,7 +259,7 @@ def test_ops_routes_answer_while_the_default_thread_pool_is_exhausted(
 ) -> None:
     """An upload being decoded holds the only thread of FastAPI's pool: health, readiness
     and metrics must not wait for it (on a sync route they would queue behind it)."""
-    from app import deps
+    from app import uploads
 
     decoding, release = threading.Event(), threading.Event()
 
@@ -268,7 +268,7 @@ def test_ops_routes_answer_while_the_default_thread_pool_is_exhausted(
         release.wait(10)
         return np.zeros(784, np.float32)
 
-    monkeypatch.setattr(deps, "preprocess", slow_preprocess)
+    monkeypatch.setattr(uploads, "preprocess", slow_preprocess)
     limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
     client.portal.call(setattr, limiter, "total_tokens", 1)
     with ThreadPoolExecutor(4) as pool:

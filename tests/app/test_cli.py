@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from app.cli import build_parser, main
 from app.settings import get_settings
-from models.data import MNIST_FILES
+from tests.support import require_mnist
 
-MNIST_DIR = Path(
-    os.environ.get("IWAE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared/data/mnist"
-)
 TINY = ["--latent-dim", "2", "--hidden-dim", "16", "--device", "cpu"]
 
 
 @pytest.fixture
 def mnist_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not all((MNIST_DIR / f"{name}.gz").is_file() for name in MNIST_FILES):
-        pytest.skip(f"real MNIST not found in {MNIST_DIR} (set IWAE_DATA_DIR)")
-    monkeypatch.setenv("IWAE_DATA_DIR", str(MNIST_DIR))
+    monkeypatch.setenv("IWAE_DATA_DIR", str(require_mnist()))
     monkeypatch.setenv("IWAE_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
     yield

@@ -26,10 +26,10 @@ import pytest
 
 from models.config import TrainConfig
 from tests.app.digit import digit_png
+from tests.support import REPO_ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.load
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = 30
 CONCURRENCY = 2
 QUEUE = 2
@@ -40,12 +40,6 @@ HEALTHZ_BOUND_S = 1.0  # generous: CI is a loaded 2-core machine; queued, it wou
 def tiny_config() -> TrainConfig:
     """Overrides the shared tiny model: Burda's one-layer model, so k=100000 takes ~1 s."""
     return TrainConfig(k=1, device="cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -70,17 +64,19 @@ def server(home: Path, tiny_model: str, tmp_path: Path) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
+
+    def running() -> None:
+        assert process.poll() is None, (tmp_path / "server.log").read_text()
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start within 60 s"
-            time.sleep(0.1)
+        wait_until(
+            lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200,
+            "the server to start",
+            60,
+            interval=0.1,
+            retry_on=(httpx.TransportError,),
+            check=running,
+        )
         yield url
     finally:
         process.terminate()

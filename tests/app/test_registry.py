@@ -13,6 +13,7 @@ import pytest
 from app import registry as registry_module
 from app.errors import ModelNotFound, ModelUnavailable, NoModelTrained
 from app.registry import ModelRegistry
+from models.storage import FileStorage
 
 IDS = ["a" * 32, "b" * 32, "c" * 32]
 
@@ -22,7 +23,7 @@ def models(home: Path, add_model: Callable[..., Path]) -> ModelRegistry:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     for i, model_id in enumerate(IDS):
         add_model(model_id, seed=i, created_at=start + timedelta(hours=i))
-    return ModelRegistry(home / "models", cache_size=2)
+    return ModelRegistry(FileStorage(home), cache_size=2)
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_default_is_the_newest(models: ModelRegistry, loads: list[str]) -> None:
 
 
 def test_no_model_and_unknown_model(home: Path) -> None:
-    empty = ModelRegistry(home / "models")
+    empty = ModelRegistry(FileStorage(home))
     with pytest.raises(NoModelTrained, match="POST /train"):
         empty.load()
     with pytest.raises(ModelNotFound):

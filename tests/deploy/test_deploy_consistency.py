@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from deploy_files import (
+
+from tests.deploy.deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
     IWAE_NAME,

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-from deploy_files import (
+
+from tests.deploy.deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
     ROOT,

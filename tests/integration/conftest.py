@@ -19,21 +19,17 @@ import pytest
 import redis
 
 from tests.integration.service import Service
+from tests.support import require_mnist
 from worker.settings import WorkerSettings
 
 REDIS_URL = os.environ.get("IWAE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
-MNIST_DIR = Path(
-    os.environ.get("IWAE_DATA_DIR") or Path(__file__).resolve().parents[3] / "shared/data/mnist"
-)
 
 
 def service_settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
     """Short lease timings under `tmp_path`; `changes` override any field."""
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"real MNIST not found in {MNIST_DIR} (set IWAE_DATA_DIR)")
     values: dict[str, Any] = {
         "home": tmp_path / "home",
-        "data_dir": MNIST_DIR,
+        "data_dir": require_mnist(),
         "job_lease_s": 3.0,
         "heartbeat_interval_s": 1.0,
         "reaper_interval_s": 1.0,
@@ -46,15 +42,19 @@ def service_settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
 @pytest.fixture
 def redis_service(tmp_path: Path) -> Iterator[Service]:
     """Distributed mode on the test Redis database, with a key prefix of its own."""
+    yield from distributed_service(tmp_path)
+
+
+def distributed_service(tmp_path: Path, **changes: Any) -> Iterator[Service]:
+    """`redis_service`'s deployment, with settings `changes`."""
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
     try:
         client.ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); start redis-server")
     prefix = f"iwae-test-{uuid.uuid4().hex[:8]}:"
-    service = Service(
-        service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix), tmp_path
-    )
+    settings = service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix, **changes)
+    service = Service(settings, tmp_path)
     try:
         yield service
     finally:

@@ -6,32 +6,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.support import REPO_ROOT, TINY_CONFIG, wait_until
 from worker.jobs import JobRecord, JobStore, open_job_store
 from worker.queue import enqueue_training
 from worker.runner import settings_env
 from worker.settings import WorkerSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-# A few seconds of training on 2 CPU cores.
-TINY_CONFIG: dict[str, Any] = {
-    "k": 5,
-    "epochs": 2,
-    "batch_size": 100,
-    "train_size": 500,
-    "eval_size": 100,
-    "eval_k": 50,
-    "model": {"latent_dim": 3, "hidden_dim": 32},
-    "device": "cpu",
-}
 
 
 class Service:
@@ -85,19 +72,23 @@ class Service:
     ) -> T:
         """`read()` every 50 ms until `condition` holds for it; fails at the deadline, or
         when a worker that no test stopped has exited."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = read()
-            if condition(value):
-                return value
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"timed out after {timeout} s waiting for {what}: {value}\n{self.logs()}"
-                )
-            for worker in self.workers:
-                if worker.pid not in self.signalled and worker.poll() is not None:
-                    pytest.fail(f"worker exited with {worker.returncode}\n{self.logs()}")
-            time.sleep(0.05)
+        seen: list[T] = []
+
+        def holds() -> bool:
+            seen[:] = [read()]
+            return condition(seen[0])
+
+        def details() -> str:
+            return f"last read: {seen[0]}\n{self.logs()}"
+
+        wait_until(holds, what, timeout, check=self._check_workers, details=details)
+        return seen[0]
+
+    def _check_workers(self) -> None:
+        """Fails the test when a worker that no test stopped has exited."""
+        for worker in self.workers:
+            if worker.pid not in self.signalled and worker.poll() is not None:
+                pytest.fail(f"worker exited with {worker.returncode}\n{self.logs()}")
 
     def wait_finished(self, job_id: str, timeout: float = 60.0) -> JobRecord:
         return self.wait_for(job_id, lambda r: r.finished, timeout, "the job to finish")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,8 @@ import redis
 
 from models.checkpoint import load_checkpoint
 from tests.integration.conftest import service_settings
-from tests.integration.service import TINY_CONFIG, Service
+from tests.integration.service import Service
+from tests.support import TINY_CONFIG, free_port, wait_until
 from worker.celery_app import TRAIN_TASK, create_celery_app
 from worker.jobs import JobRecord
 
@@ -35,12 +35,6 @@ JOB = {**TINY_CONFIG, "k": 20, "epochs": 30, "train_size": 1000, "eval_size": 20
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (.*)$")
 STARTED = re.compile(r"job (\w+): started \(attempt \d+, fence (\d+)\)")
 WROTE = re.compile(r"job (\w+): fence (\d+) writes (\S+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:
@@ -60,15 +54,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until(client.ping, "redis-server to start", 10, retry_on=(redis.ConnectionError,))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -112,19 +98,8 @@ def poll(
     what: str, condition: Callable[[], object], timeout: float, service: Service | None = None
 ) -> object:
     """`condition()` once truthy, riding out the Redis restart; fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except redis.RedisError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"timed out after {timeout} s waiting for {what}\n{service and service.logs()}"
-            )
-        time.sleep(0.05)
+    details = None if service is None else service.logs
+    return wait_until(condition, what, timeout, retry_on=(redis.RedisError,), details=details)
 
 
 def running_on(service: Service, job_ids: list[str], pids: set[int]) -> tuple[str, int] | None:

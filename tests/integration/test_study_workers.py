@@ -12,7 +12,6 @@ is long enough (hundreds of steps) to be caught at it on a busy machine.
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,18 +22,18 @@ from app.main import create_app
 from app.settings import Settings
 from models.study.report import FIGURE_NAMES
 from tests.integration.service import Service
+from tests.support import TINY_NETWORK, wait_until
 
 pytestmark = pytest.mark.integration
 
 # A few seconds a cell on two busy cores, SNR included.
 CELL = {
+    **TINY_NETWORK,
     "epochs": 2,
     "batch_size": 50,
     "train_size": 200,
     "eval_size": 20,
     "eval_k": 10,
-    "latent_dim": 3,
-    "hidden_dim": 32,
     "snr_draws": 8,
 }
 # 3000 steps (seconds on an idle machine): still running when a test looks for it.
@@ -60,11 +59,13 @@ def start_workers(service: Service, n: int) -> None:
     """Start `n` workers and wait until each consumes the queue (Celery's "ready")."""
     for _ in range(n):
         service.start_worker()
-    deadline = time.monotonic() + 120
-    while service.log_text().count(" ready.") < n:
-        if time.monotonic() > deadline:
-            pytest.fail(f"workers not ready after 120 s\n{service.logs()}")
-        time.sleep(0.1)
+    wait_until(
+        lambda: service.log_text().count(" ready.") >= n,
+        f"{n} workers to be ready",
+        120,
+        interval=0.1,
+        details=service.logs,
+    )
 
 
 def wait_study(

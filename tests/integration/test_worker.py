@@ -15,7 +15,8 @@ import time
 import pytest
 
 from models.checkpoint import load_checkpoint
-from tests.integration.service import TINY_CONFIG, Service
+from tests.integration.service import Service
+from tests.support import TINY_CONFIG
 
 pytestmark = pytest.mark.integration
 

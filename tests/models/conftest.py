@@ -7,16 +7,15 @@ MNIST reads it from IWAE_DATA_DIR or ../shared/data/mnist and skips without it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 from models.config import ModelConfig, TrainConfig
-from models.data import MNIST_FILES, Mnist, load_mnist
+from models.data import Mnist, load_mnist
 from models.networks import IWAEModel
+from tests.support import require_mnist
 
 TINY_1 = ModelConfig(layers=1, latent_dim=2, hidden_dim=8, x_dim=6)
 TINY_2 = ModelConfig(layers=2, latent_dim=2, hidden_dim=4, x_dim=6)
@@ -90,18 +89,7 @@ def synthetic_mnist() -> Mnist:
     )
 
 
-def mnist_dir() -> Path:
-    configured = os.environ.get("IWAE_DATA_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[3] / "shared/data/mnist"
-
-
 @pytest.fixture(scope="session")
 def real_mnist_data() -> Mnist:
     """The real MNIST split; skips the test when the files are not there."""
-    directory = mnist_dir()
-    for name in MNIST_FILES:
-        if not any((directory / f).is_file() for f in (f"{name}.gz", name)):
-            pytest.skip(f"real MNIST not found: no {name}(.gz) in {directory} (set IWAE_DATA_DIR)")
-    return load_mnist(directory)
+    return load_mnist(require_mnist())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from models.data import (
     load_mnist,
     read_idx,
 )
+from tests.support import mnist_files
 
 IDX_TYPE_CODES = {
     np.dtype(np.uint8): 0x08,
@@ -570,32 +570,8 @@ def test_binarized_test_images_is_the_same_on_cuda() -> None:
 # --- the real MNIST files -----------------------------------------------------------------
 
 
-def real_data_dir() -> Path:
-    configured = os.environ.get("IWAE_DATA_DIR")
-    return Path(configured) if configured else Path(__file__).parents[3] / "shared/data/mnist"
-
-
-def real_files() -> dict[str, Path]:
-    """The shared folder's MNIST files by name (gz or raw); skips the test if any is absent."""
-    directory = real_data_dir()
-    found = {}
-    for name in MNIST_FILES:
-        candidates = [directory / f"{name}.gz", directory / name]
-        existing = [path for path in candidates if path.is_file()]
-        if not existing:
-            pytest.skip(f"real MNIST not found: no {name}(.gz) in {directory} (set IWAE_DATA_DIR)")
-        found[name] = existing[0]
-    return found
-
-
-@pytest.fixture(scope="module")
-def real_mnist() -> Mnist:
-    real_files()
-    return load_mnist(real_data_dir())
-
-
-def test_real_mnist_shapes_and_values(real_mnist: Mnist) -> None:
-    m = real_mnist
+def test_real_mnist_shapes_and_values(real_mnist_data: Mnist) -> None:
+    m = real_mnist_data
     assert m.train_images.shape == (60000, 784)
     assert m.test_images.shape == (10000, 784)
     assert m.train_labels.shape == (60000,)
@@ -617,20 +593,20 @@ def test_real_mnist_shapes_and_values(real_mnist: Mnist) -> None:
     ]  # fmt: skip
 
 
-def test_real_mnist_read_idx_agrees_with_load_mnist(real_mnist: Mnist) -> None:
-    labels = read_idx(real_files()["t10k-labels-idx1-ubyte"])
-    images = read_idx(real_files()["t10k-images-idx3-ubyte"])
+def test_real_mnist_read_idx_agrees_with_load_mnist(real_mnist_data: Mnist) -> None:
+    labels = read_idx(mnist_files()["t10k-labels-idx1-ubyte"])
+    images = read_idx(mnist_files()["t10k-images-idx3-ubyte"])
 
     assert labels.dtype == images.dtype == np.uint8
     assert images.shape == (10000, 28, 28)
-    assert torch.equal(real_mnist.test_labels, torch.from_numpy(labels.astype(np.int64)))
+    assert torch.equal(real_mnist_data.test_labels, torch.from_numpy(labels.astype(np.int64)))
     assert torch.equal(
-        real_mnist.test_images[0], torch.from_numpy(images[0].ravel() / 255.0).float()
+        real_mnist_data.test_images[0], torch.from_numpy(images[0].ravel() / 255.0).float()
     )
 
 
-def test_real_mnist_binarization(real_mnist: Mnist) -> None:
-    x = real_mnist.test_images
+def test_real_mnist_binarization(real_mnist_data: Mnist) -> None:
+    x = real_mnist_data.test_images
 
     fixed = binarized_test_images(x)
     fixed_again = binarized_test_images(x.clone())
@@ -648,9 +624,9 @@ def test_real_mnist_binarization(real_mnist: Mnist) -> None:
     assert torch.equal(fixed[x == 1], torch.ones_like(x[x == 1]))
 
 
-def test_real_mnist_download_path(tmp_path: Path, real_mnist: Mnist) -> None:
+def test_real_mnist_download_path(tmp_path: Path, real_mnist_data: Mnist) -> None:
     served = {}  # mirrors serve gzip: compress any raw file of the shared folder
-    for name, path in real_files().items():
+    for name, path in mnist_files().items():
         body = path.read_bytes()
         served[f"{name}.gz"] = body if body.startswith(b"\x1f\x8b") else gzip.compress(body)
     calls: list[str] = []
@@ -664,5 +640,5 @@ def test_real_mnist_download_path(tmp_path: Path, real_mnist: Mnist) -> None:
 
     assert len(calls) == 8  # every file: mirror A fails, mirror B serves it
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
-        assert torch.equal(getattr(downloaded, field), getattr(real_mnist, field))
+        assert torch.equal(getattr(downloaded, field), getattr(real_mnist_data, field))
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(served)

@@ -18,6 +18,7 @@ from models.checkpoint import load_checkpoint
 from models.config import ModelConfig, TrainConfig, preset_config
 from models.data import Mnist, binarized_test_images
 from models.estimators import log_likelihood
+from models.files import write_atomic
 from models.training import (
     Progress,
     burda_epochs,
@@ -196,21 +197,22 @@ def test_resuming_a_checkpoint_of_another_device_type_reseeds_the_generator(
     assert load_checkpoint(path).generator_state.numel() == 5056
 
 
-def test_a_fence_that_raises_keeps_the_previous_checkpoint(
+def test_a_refused_write_keeps_the_previous_checkpoint(
     train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
 ) -> None:
     path = tmp_path / "model.safetensors"
     allowed = [True]
     seen: list[Path] = []
 
-    def fence(target: Path) -> None:
+    def fenced_write(target: Path, data: bytes) -> None:
         seen.append(target)
         if not allowed.pop(0):
             raise RuntimeError("lease lost")
+        write_atomic(target, data)
 
     allowed.append(False)
     with pytest.raises(RuntimeError, match="lease lost"):
-        train(train_config, synthetic_mnist.train_images, checkpoint_path=path, fence=fence)
+        train(train_config, synthetic_mnist.train_images, checkpoint_path=path, write=fenced_write)
 
     assert seen == [path, path]
     assert load_checkpoint(path).state.epoch == 1  # the second epoch's write was refused

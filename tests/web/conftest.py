@@ -8,14 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from models.data import MNIST_FILES
-from tests.web.live_server import MNIST_DIR, LiveServer
+from tests.support import require_mnist
+from tests.web.live_server import LiveServer
 
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    if not all((MNIST_DIR / f"{name}.gz").is_file() for name in MNIST_FILES):
-        pytest.skip(f"real MNIST not found in {MNIST_DIR} (set IWAE_DATA_DIR)")
+    require_mnist()
     server = LiveServer(tmp_path_factory.mktemp("live") / "home")
     try:
         server.wait_ready()

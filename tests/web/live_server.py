@@ -7,10 +7,8 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,29 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MNIST_DIR = Path(os.environ.get("IWAE_DATA_DIR") or REPO_ROOT.parent / "shared/data/mnist")
-
-# Seconds of training on 2 CPU cores: 10 steps of a small model, a 100-image evaluation.
-TINY_JOB: dict[str, Any] = {
-    "k": 5,
-    "epochs": 2,
-    "batch_size": 100,
-    "train_size": 500,
-    "eval_size": 100,
-    "eval_k": 50,
-    "latent_dim": 8,
-    "hidden_dim": 64,
-}
-
+from tests.support import MNIST_DIR, REPO_ROOT, TINY_JOB, free_port, wait_until
 
 SERVE = "import sys; from app.cli import main; sys.exit(main())"  # `iwae`, wherever it is
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LiveServer:
@@ -77,18 +55,19 @@ class LiveServer:
         self.poll(lambda: self.client.get("/readyz").status_code == 200, timeout, "readyz")
 
     def poll(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            if self.process.poll() is not None:
-                pytest.fail(f"iwae serve exited with {self.process.returncode}\n{self.logs()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
-            time.sleep(0.1)
+        wait_until(
+            condition,
+            what,
+            timeout,
+            interval=0.1,
+            retry_on=(httpx.TransportError,),  # not listening yet
+            check=self._check_running,
+            details=self.logs,
+        )
+
+    def _check_running(self) -> None:
+        if self.process.poll() is not None:
+            pytest.fail(f"iwae serve exited with {self.process.returncode}\n{self.logs()}")
 
     def train(self, **changes: Any) -> str:
         response = self.client.post("/train", json={**TINY_JOB, **changes})

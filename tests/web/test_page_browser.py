@@ -11,14 +11,14 @@ from __future__ import annotations
 import base64
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.web.live_server import REPO_ROOT, TINY_JOB, LiveServer
+from tests.support import REPO_ROOT, TINY_JOB, wait_until
+from tests.web.live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -62,17 +62,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wait(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
     from selenium.common.exceptions import StaleElementReferenceException
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except StaleElementReferenceException:  # the page redrew the element: look again
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+    # StaleElementReference: the page redrew the element, so look again.
+    return wait_until(condition, what, timeout, retry_on=(StaleElementReferenceException,))
 
 
 def find(driver: Any, selector: str) -> Any:

@@ -1,7 +1,7 @@
 """run_job's outcomes, with the training pipeline replaced by a scripted fake.
 
 The fake calls the callbacks like the real loop (one `Progress` per step, stopping when one
-returns True), writes a checkpoint file (through the fence) after the second step, and
+returns True), writes a checkpoint file (through `write`) after the second step, and
 returns a `RunResult`.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from models.config import TrainConfig
-from models.files import Fence, write_atomic
+from models.files import Write, write_atomic
 from models.run import RunResult
 from models.training import Progress
 from worker import execution
@@ -44,14 +44,14 @@ class FakeTraining:
         data: Any,
         out_dir: Path,
         callbacks: Sequence[Any] = (),
-        fence: Fence | None = None,
+        write: Write = write_atomic,
     ) -> RunResult:
         self.configs.append(config)
         checkpoint = out_dir / "model.safetensors"
         for i in range(self.steps):
             self.on_step(i)
             if i == 1:
-                write_atomic(checkpoint, b"weights", fence=fence)
+                write(checkpoint, b"weights")
             progress = Progress("train", 1, 2, i + 1, self.steps, 100.0 - i, 1000.0, 1.0)
             self.seen.append(progress)
             if any([callback(progress) for callback in callbacks]):

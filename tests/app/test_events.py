@@ -8,7 +8,6 @@ see the stream stop when the client goes away.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from app.deps import job_store
 from app.main import create_app
 from app.schemas import JobOut
 from models.config import TrainConfig
+from tests.support import free_port, wait_until
 from worker.jobs import JobNotFound, JobRecord
 
 JOB_ID = "5d1c0ffee5d1c0ffee5d1c0ffee5d1c0"
@@ -191,18 +191,13 @@ class LiveApp:
     def __init__(self, app: Any) -> None:
         self.script = Script([record(step=1)])
         app.dependency_overrides[job_store] = lambda: self.script
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         options = {**server.UVICORN_OPTIONS, "log_level": "warning"}
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started, "uvicorn to start", 20, interval=0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -226,10 +221,7 @@ def test_the_stream_stops_when_the_client_goes_away(live_app: LiveApp) -> None:
     # The server notices at its next read: the request completes (and is counted) and
     # the store is no longer read.
     finished = 'iwae_http_requests_total{method="GET",route="/jobs/{job_id}/events",status="200"}'
-    deadline = time.monotonic() + 10
-    while finished not in httpx.get(live_app.url + "/metrics").text:
-        assert time.monotonic() < deadline, "the stream did not stop"
-        time.sleep(0.05)
+    wait_until(lambda: finished in httpx.get(live_app.url + "/metrics").text, "its end", 10)
     calls = live_app.script.calls
     time.sleep(10 * events.POLL_S)
     assert live_app.script.calls == calls

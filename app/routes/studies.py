@@ -1,4 +1,4 @@
-"""The REST API of K studies: a grid of training jobs, its results and its report.
+"""K studies: a grid of training jobs, its results and its report.
 
 A study's cells are ordinary training jobs, queued at once. Everything shown about a study
 is read from its cells' job records when asked; the report (HTML and PNG figures) is built
@@ -11,23 +11,14 @@ from __future__ import annotations
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import FileResponse
 
-from app.deps import (
-    InferenceDep,
-    QueueDep,
-    RegistryDep,
-    ReportsDep,
-    StoreDep,
-    StudyPlan,
-    require_token,
-    send_job,
-    study_plan,
-)
+from app.deps import InferenceDep, QueueDep, RegistryDep, ReportsDep, StoreDep, require_token
 from app.errors import FigureNotFound
+from app.params import Cursor, PageSize
+from app.planning import StudyPlan, study_plan
 from app.schemas import (
-    CURSOR_PATTERN,
     ID_PATTERN,
     RESULTS_EXAMPLE,
     StudyList,
@@ -57,7 +48,7 @@ _REPORT_ERRORS = error_responses(404, 409, 503)
 def create_study(
     plan: Annotated[StudyPlan, Depends(study_plan)],
     store: StoreDep,
-    enqueue: QueueDep,
+    send_job: QueueDep,
     registry: RegistryDep,
     response: Response,
 ) -> StudyOut:
@@ -71,21 +62,14 @@ def create_study(
     """
     study = store.create_study(plan.config.to_dict(), plan.cells)
     for cell in study.cells:
-        send_job(enqueue, cell.job_id)
+        send_job(cell.job_id)
     response.headers["Location"] = f"/studies/{study.study_id}"
     view = store.view(study)
     return StudyOut.of(view, view.results(registry.checkpoint))
 
 
 @router.get("/studies")
-def list_studies(
-    store: StoreDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
-    cursor: Annotated[
-        str | None,
-        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
-) -> StudyList:
+def list_studies(store: StoreDep, limit: PageSize = 100, cursor: Cursor = None) -> StudyList:
     """Studies with their status and cells by status, newest first, a page at a time."""
     studies, next_cursor = store.study_page(limit=limit, cursor=cursor)
     summaries = [StudySummaryOut.of(store.view(study)) for study in studies]
