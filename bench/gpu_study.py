@@ -52,7 +52,7 @@ from models.estimators import log_likelihood
 from models.networks import IWAEModel
 from models.stacked import stack_groups, train_stacked
 from models.study.grid import cell_config, expand_grid
-from models.study.local import cell_dir, run_study, write_study
+from models.study.local import run_study, write_study
 from models.training import resolve_device, train
 
 SEED_KS = (1, 5, 20, 30, 50, 100)

@@ -51,7 +51,7 @@ from models.checkpoint import TrainState, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.distributions import inverse_std
 from models.fastpath import _linears, _softplus_sums, _tanh_of_half, _with_ones_column
-from models.files import Fence
+from models.files import Write, write_atomic
 from models.k_schedule import initial_k, next_k
 from models.networks import IWAEModel
 from models.objectives import sampling_plan, surrogates_of
@@ -103,9 +103,7 @@ def stack_key(config: TrainConfig) -> tuple | None:
     )
 
 
-def stack_groups(
-    configs: Sequence[TrainConfig], max_rows: int | None = None
-) -> list[list[int]]:
+def stack_groups(configs: Sequence[TrainConfig], max_rows: int | None = None) -> list[list[int]]:
     """Indices of `configs` grouped by `stack_key`, groups in order of their first member,
     each of at most `max_rows` decoder rows (members x samples per image x batch; one member
     at least; None: `MAX_GROUP_ROWS` of the configs' device); a config with no key is a group
@@ -137,13 +135,14 @@ def train_stacked(
     *,
     checkpoint_paths: Sequence[Path | None] | None = None,
     callbacks: Sequence[Sequence[TrainCallback]] | None = None,
-    fences: Sequence[Fence | None] | None = None,
+    writes: Sequence[Write] | None = None,
 ) -> list[MemberResult]:
     """Train each of `configs` as `models.training.train` would, stacked in one process.
 
     All configs must share one `stack_key` (see `stack_groups`). The i-th member resumes from
-    and writes `checkpoint_paths[i]` (through `fences[i]`) and reports to `callbacks[i]`; a
-    callback returning True stops that member only. Returns one result per config, in order.
+    and writes `checkpoint_paths[i]` (through `writes[i]`, see `models.files.Write`) and
+    reports to `callbacks[i]`; a callback returning True stops that member only. Returns one
+    result per config, in order.
     """
     keys = {stack_key(c) for c in configs}
     if not configs or None in keys or len(keys) > 1:
@@ -151,7 +150,7 @@ def train_stacked(
     count = len(configs)
     paths = list(checkpoint_paths or [None] * count)
     member_callbacks = list(callbacks or [()] * count)
-    member_fences = list(fences or [None] * count)
+    member_writes = list(writes or [write_atomic] * count)
     first = configs[0]
     device = resolve_device(first.device)
     if first.precision == "tf32" and device.type != "cuda":
@@ -161,9 +160,9 @@ def train_stacked(
         raise ValueError(f"train_size={first.train_size} exceeds the {len(images)} images")
     pixel_mean = images.mean(0)  # [D]
     members = [
-        _Member.start(config, device, pixel_mean, path, calls, fence)
-        for config, path, calls, fence in zip(
-            configs, paths, member_callbacks, member_fences, strict=True
+        _Member.start(config, device, pixel_mean, path, calls, write)
+        for config, path, calls, write in zip(
+            configs, paths, member_callbacks, member_writes, strict=True
         )
     ]
     steps_per_epoch = -(-len(images) // first.batch_size)
@@ -191,7 +190,7 @@ class _Member:
     state: TrainState
     checkpoint: Path | None
     callbacks: Sequence[TrainCallback]
-    fence: Fence | None
+    write: Write
     stopped: bool = False
     error: str | None = None
     order: Tensor = field(default_factory=lambda: torch.empty(0))  # this epoch's permutation
@@ -204,7 +203,7 @@ class _Member:
         pixel_mean: Tensor,
         checkpoint: Path | None,
         callbacks: Sequence[TrainCallback],
-        fence: Fence | None,
+        write: Write,
     ) -> _Member:
         """The member as `train` sets up a run: its initial weights, Adam and generator,
         resumed from `checkpoint` when that file exists."""
@@ -214,7 +213,7 @@ class _Member:
         )
         generator = torch.Generator(device).manual_seed(config.seed)
         member = cls(
-            config, model, optimizer, generator, TrainState(), checkpoint, callbacks, fence
+            config, model, optimizer, generator, TrainState(), checkpoint, callbacks, write
         )
         if checkpoint is not None and Path(checkpoint).exists():
             try:
@@ -233,7 +232,7 @@ class _Member:
         return not self.stopped and self.error is None and self.state.epoch < self.config.epochs
 
     def end_epoch(self) -> None:
-        """Record the finished epoch as `train` does, and write the checkpoint (a fence that
+        """Record the finished epoch as `train` does, and write the checkpoint (a storage that
         refuses the write raises, as in `train`)."""
         self.state.epoch += 1
         self.state.k_history.append(self.state.k)
@@ -248,7 +247,7 @@ class _Member:
                 self.config,
                 self.state,
                 self.generator,
-                fence=self.fence,
+                write=self.write,
             )
         except OSError as exc:  # this member fails; the group goes on without it
             self.error = f"cannot write its checkpoint: {type(exc).__name__}: {exc}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import mnist_dir
+from tests.support import MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def gpu_study(monkeypatch: pytest.MonkeyPatch):
 
 def run_script(out: Path, *options: str) -> str:
     command = [sys.executable, "bench/gpu_study.py", "--out", str(out), "--tiny", *options]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IWAE_DATA_DIR": str(mnist_dir())}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "IWAE_DATA_DIR": str(MNIST_DIR)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
