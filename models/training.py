@@ -34,7 +34,7 @@ from models.progress import Callback, Progress, notify
 BURDA_STAGES = 8
 ADAM_EPS = 1e-4
 # Steps between reading the loss back from the device; a read forces a host synchronisation.
-_LOSS_SYNC_STEPS = 50
+LOSS_SYNC_STEPS = 50
 
 
 @dataclass
@@ -167,7 +167,7 @@ def train(
     generator = torch.Generator(device).manual_seed(config.seed)
     state = TrainState()
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = _restore(checkpoint_path, config, model, optimizer, generator, device)
+        state = restore_checkpoint(checkpoint_path, config, model, optimizer, generator, device)
     if state.k is None:
         state.k = initial_k(config)
 
@@ -314,31 +314,44 @@ def _train_epoch(
         state.step += 1
         window += 1
         done = i + 1
-        if window == _LOSS_SYNC_STEPS or done == steps_per_epoch:
+        if window == LOSS_SYNC_STEPS or done == steps_per_epoch:
             loss = float(loss_sum) / window
             loss_sum.zero_()
             window = 0
         elapsed = time.perf_counter() - start
         state.train_seconds = seconds_before + elapsed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        remaining = (config.epochs - state.epoch) * steps_per_epoch - done
-        progress = Progress(
-            phase="train",
-            done=done,
-            total=steps_per_epoch,
-            epoch=state.epoch + 1,
-            epochs=config.epochs,
-            loss=loss,
-            images_per_s=rate * config.batch_size,
-            eta_s=remaining / rate if rate > 0 else None,
-            k=state.k,
-        )
+        progress = step_progress(config, state, done, steps_per_epoch, loss, elapsed)
         if notify(callbacks, progress):
             return True
     return False
 
 
-def _restore(
+def step_progress(
+    config: TrainConfig,
+    state: TrainState,
+    done: int,
+    steps: int,
+    loss: float | None,
+    elapsed: float,
+) -> Progress:
+    """What callbacks see after step `done` of `steps` in the epoch `state` is training,
+    `elapsed` seconds after the epoch began."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = (config.epochs - state.epoch) * steps - done
+    return Progress(
+        phase="train",
+        done=done,
+        total=steps,
+        epoch=state.epoch + 1,
+        epochs=config.epochs,
+        loss=loss,
+        images_per_s=rate * config.batch_size,
+        eta_s=remaining / rate if rate > 0 else None,
+        k=state.k,
+    )
+
+
+def restore_checkpoint(
     path: Path,
     config: TrainConfig,
     model: IWAEModel,
@@ -346,6 +359,7 @@ def _restore(
     generator: torch.Generator,
     device: torch.device,
 ) -> TrainState:
+    """Load `path` into the run's model, optimizer and generator; its `TrainState`."""
     checkpoint = load_checkpoint(path, device)
     if checkpoint.config.model != config.model:
         raise ValueError(

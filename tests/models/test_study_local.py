@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 
 from models.checkpoint import load_checkpoint
 from models.progress import Progress
-from models.study.grid import Cell, expand_grid
+from models.run import train_and_evaluate
+from models.stacked import train_stacked
+from models.study.grid import Cell, cell_config, expand_grid
 from models.study.local import cell_dir, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +33,8 @@ def test_each_cell_trains_once_and_measures_what_the_report_needs(tmp_path, base
 
     outcomes = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[on_cell_start])
 
-    assert started == list(enumerate(cells))
+    # Cells of one K share their shapes: K=1's two objectives train as a group, then K=4's.
+    assert started == [(i, cells[i]) for i in (0, 2, 1, 3)]
     assert [o.cell for o in outcomes] == cells
     for outcome in outcomes:
         assert outcome.status == "succeeded" and outcome.error is None
@@ -101,6 +105,36 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, base, synthe
     assert failed.status == "failed" and failed.metrics is None
     assert failed.error.startswith(("FileExistsError", "NotADirectoryError"))
     assert succeeded.status == "succeeded"
+
+
+def test_seeds_train_as_one_group_and_each_cell_ends_as_alone(tmp_path, base, synthetic_mnist):
+    cells = expand_grid([2], ["iwae", "iwae-dreg"], [0, 1], max_cells=None)
+
+    with mock.patch("models.study.local.train_stacked", wraps=train_stacked) as stacked:
+        outcomes = run_study(base, cells, synthetic_mnist, tmp_path / "study")
+
+    configs = stacked.call_args.args[0]
+    assert [(c.objective, c.seed) for c in configs] == [(c.objective, c.seed) for c in cells]
+    for cell, outcome in zip(cells, outcomes, strict=True):
+        alone = train_and_evaluate(
+            cell_config(base, cell), synthetic_mnist, tmp_path / "alone" / cell.name
+        )
+        assert outcome.status == "succeeded"
+        assert outcome.metrics["steps"] == alone.metrics["steps"]
+        assert math.isclose(
+            outcome.metrics["test_loglik"], alone.metrics["test_loglik"], rel_tol=1e-5
+        )
+
+
+def test_a_cell_that_cannot_write_fails_alone_in_its_group(tmp_path, base, synthetic_mnist):
+    cells = [Cell("iwae", 2, 0), Cell("iwae", 2, 1)]
+    cell_dir(tmp_path, cells[0]).parent.mkdir(parents=True)
+    cell_dir(tmp_path, cells[0]).write_text("in the way")
+
+    failed, succeeded = run_study(base, cells, synthetic_mnist, tmp_path)
+
+    assert failed.status == "failed" and "cannot write its checkpoint" in failed.error
+    assert succeeded.status == "succeeded" and succeeded.metrics["epochs"] == 1
 
 
 def test_alpha_reaches_the_vr_iwae_cells_only(tmp_path, base, synthetic_mnist):
