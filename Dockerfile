@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for both processes of the service; only the command differs:
 #   api:    iwae serve --host 0.0.0.0 --port 8000   (the default CMD)
 #   worker: iwae worker
@@ -11,6 +9,15 @@
 #                  image, for the api alone or a host without a GPU). It names the wheel index
 #                  https://download.pytorch.org/whl/${TORCH_VARIANT}.
 #   TORCH_VERSION  the PyTorch release: the one CI tests with (.ci/run installs the same).
+#   TORCH_INDEX_URL  where that build comes from (default: PyTorch's index for TORCH_VARIANT).
+#   TORCH_FIND_LINKS a folder inside the build context that holds the torch wheel (allowed in
+#                  .dockerignore: wheels/); when set, torch comes from it and its dependencies
+#                  from the package index, for a machine that cannot reach PyTorch's index.
+#   PYTHON_IMAGE   the base of both stages: any Debian bookworm image with python3 3.11 and
+#                  its venv module (deploy/local-images.sh makes one from Debian's packages).
+#
+# No `# syntax=` line: BuildKit would fetch that frontend from Docker Hub, which a machine
+# without the public registry cannot reach; nothing here needs more than the built-in one.
 #
 # No dataset, checkpoint or job record is baked in: they live under IWAE_HOME and
 # IWAE_DATA_DIR, on volumes (see docker-compose.yml). The base is pinned to an exact
@@ -23,20 +30,26 @@ FROM ${PYTHON_IMAGE} AS builder
 
 ARG TORCH_VARIANT=cu126
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ARG TORCH_FIND_LINKS=""
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# PyTorch first, from its own index, so that the project's `torch` range is already met and
-# pip never picks a different build of it from PyPI. This layer is the big one (several GB
-# for CUDA), and it is cached across changes to the code.
-RUN pip install --no-cache-dir \
-        --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" \
-        "torch==${TORCH_VERSION}"
+# PyTorch first, from its own index (or the wheel folder), so that the project's `torch`
+# range is already met and pip never picks a different build of it from PyPI. This layer is
+# the big one (several GB for CUDA), and it is cached across changes to the code.
+# Without TORCH_FIND_LINKS the COPY brings a file that is always there, and nothing uses it.
+COPY ${TORCH_FIND_LINKS:-pyproject.toml} /tmp/torch-wheels/
+RUN if [ -n "${TORCH_FIND_LINKS}" ]; then \
+        pip install --no-cache-dir --find-links /tmp/torch-wheels "torch==${TORCH_VERSION}"; \
+    else \
+        pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -7,9 +7,9 @@ its own pool, lets `queue` more wait for a slot, and refuses the rest with `Over
 (503 with Retry-After). A request is admitted before its upload is decoded or its model
 loaded, so a refused one costs neither. Each call has a deadline, its wait included, and
 stops when its client disconnects: both are checked between chunks of work through
-`InferenceCall.check`, which the model code calls (`models.estimators.log_likelihood`'s
-`on_chunk`). Health and metrics routes never come here and never use the default thread
-pool, so they answer whatever the load.
+`InferenceCall.check`, which the model code calls (a callback of
+`models.estimators.log_likelihood`). Health and metrics routes never come here and never
+use the default thread pool, so they answer whatever the load.
 
 The counters are touched only on the event loop, so they need no lock.
 """

@@ -14,33 +14,26 @@ Data comes from IWAE_DATA_DIR (default IWAE_HOME/data, downloaded there when mis
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from models.config import (
-    DEFAULT_ALPHA,
-    DEFAULT_ESS_TARGET,
-    DEFAULT_K_MIN,
-    K_SCHEDULES,
-    MISSING_PATTERNS,
-    OBJECTIVES,
-    PRECISIONS,
-    PRESETS,
-    VR_OBJECTIVES,
-    ModelConfig,
-    TrainConfig,
-    preset_config,
-)
+from pydantic.fields import FieldInfo
+
+from app.schemas import StudyRequest, TrainRequest
+from models.config import DEVICES, OBJECTIVES, TrainConfig, over_preset, preset_config
 from models.data import DataError
+from models.study.grid import CELL_FIELDS, STUDY_SNR_DRAWS, base_cell
+
+if TYPE_CHECKING:
+    from models.progress import Progress
+    from models.study.grid import Cell
 
 _TRAIN_DEFAULTS = TrainConfig()
-# Gradient draws per study cell: enough for the bias-corrected median SNR of 20 images.
-STUDY_SNR_DRAWS = 100
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="train a model in the foreground, then evaluate it on the test set",
     )
-    train.add_argument("--k", type=int, required=True, help="importance samples per image")
+    _add_field(train, "k")
     _add_training_arguments(train)
     train.add_argument(
         "--out",
@@ -75,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and gradient SNR against K); or --submit it to a running service",
     )
     study.add_argument("--ks", type=int, nargs="+", default=[1, 5, 50])
-    study.add_argument("--objectives", choices=OBJECTIVES, nargs="+", default=["vae", "iwae"])
-    study.add_argument("--seeds", type=int, nargs="+", default=[0])
+    grid = StudyRequest.model_fields
+    study.add_argument(
+        "--objectives", choices=OBJECTIVES, nargs="+", default=grid["objectives"].default
+    )
+    study.add_argument("--seeds", type=int, nargs="+", default=grid["seeds"].default)
     _add_training_arguments(study, per_cell=False)
     study.set_defaults(snr_draws=STUDY_SNR_DRAWS)
     study.add_argument(
@@ -108,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a model.safetensors file or the folder holding it",
     )
-    _add_eval_arguments(evaluate, k_flag="--k", eval_size=10_000)
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_field(evaluate, "eval_k", flag="--k")
+    _add_field(evaluate, "eval_size")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
     evaluate.add_argument("--seed", type=int, default=0)
 
     snr = commands.add_parser(
@@ -132,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="gradient estimator (default: the one the model was trained with)",
     )
-    snr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    snr.add_argument("--device", choices=DEVICES, default="auto")
     snr.add_argument("--seed", type=int, default=0)
 
     impute = commands.add_parser(
@@ -155,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("--n", type=int, default=8, help="multiple imputations to draw")
     impute.add_argument("--seed", type=int, default=0)
     impute.add_argument("--out", type=Path, default=Path("imputed.png"), help="the PNG strip")
-    impute.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    impute.add_argument("--device", choices=DEVICES, default="cpu")
 
     serve = commands.add_parser(
         "serve",
@@ -170,211 +167,96 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Given(argparse.Action):
-    """Stores the value and records its name in `namespace.given`, so that values given on
-    the command line override a preset while the defaults do not."""
+    """Stores the value (a flag's `const`) and records its name in `namespace.given`, so that
+    values given on the command line override a preset while the defaults do not."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
+# Options whose name is not their TrainRequest field's.
+_DESTS = {"learning_rate": "lr"}
+# TrainRequest fields with an option of their own in each command (k: `train --k`, a study's
+# --ks), and the TrainConfig field that requests leave to the workers.
+_OWN_OPTION = ("preset", "k")
+_LOCAL_ONLY = "device"
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser, per_cell: bool = True) -> None:
-    """Options of a training run other than K (shared by `train` and `study`); without
-    `per_cell`, also without the objective and the seed (a study's grid sets them)."""
-    d = _TRAIN_DEFAULTS
-    add = functools.partial(parser.add_argument, action=_Given)
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="burda: Burda et al.'s training (batch 20, --init burda, --schedule burda, 3280 "
-        "epochs, evaluation of all 10,000 test images at k=5000); options given "
-        "explicitly override it",
-    )
-    if per_cell:
-        add("--objective", choices=OBJECTIVES, default=d.objective)
-    add("--m", type=int, default=d.m, help="groups of k samples for miwae/piwae")
-    add("--beta", type=float, default=d.beta, help="ELBO weight of ciwae")
-    add(
-        "--alpha",
-        type=float,
-        default=None,
-        help=f"VR-IWAE alpha in [0, 1) of vr-iwae and vr-iwae-dreg (default {DEFAULT_ALPHA})",
-    )
-    add(
-        "--k-schedule",
-        choices=K_SCHEDULES,
-        default=d.k_schedule,
-        help="K per epoch: fixed, linear (k-min to k), ess (steered by held-out ESS/K)",
-    )
-    add(
-        "--k-min",
-        type=int,
-        default=None,
-        help=f"smallest K of the linear and ess schedules (default {DEFAULT_K_MIN})",
-    )
-    add(
-        "--ess-target",
-        type=float,
-        default=None,
-        help=f"ESS/K target of the ess schedule (default {DEFAULT_ESS_TARGET})",
-    )
-    add("--epochs", type=int, default=d.epochs)
-    add("--batch-size", type=int, default=d.batch_size)
-    add(
-        "--lr",
-        type=float,
-        default=d.learning_rate,
-        help="Adam learning rate (the first stage's with --schedule burda)",
-    )
-    add(
-        "--schedule",
-        choices=("constant", "burda"),
-        default=d.schedule,
-        help="burda: 3^i epochs at lr * 10^(-i/7), i = 0..7 (3280 epochs)",
-    )
-    add(
-        "--init",
-        choices=("burda", "torch"),
-        default=d.init,
-        help="burda: Glorot-uniform weights, zero biases, output bias = logit of the mean "
-        "training pixel (the authors' code); torch: PyTorch's nn.Linear default",
-    )
-    add(
-        "--layers",
-        type=int,
-        choices=(1, 2),
-        default=d.model.layers,
-        help="stochastic layers (Burda's two MNIST architectures)",
-    )
-    add("--latent-dim", type=int, default=d.model.latent_dim)
-    add(
-        "--hidden-dim",
-        type=int,
-        default=None,
-        help="hidden width (default 200 with 1 layer, 100 with 2)",
-    )
-    add(
-        "--z1-dim",
-        type=int,
-        default=None,
-        help="with --layers 2: width of z1 (default: --hidden-dim, the paper's 100)",
-    )
-    add(
-        "--hidden2-dim",
-        type=int,
-        default=None,
-        help="with --layers 2: hidden width between z1 and z2 (default: --latent-dim, the "
-        "paper's 50); the authors' code used --hidden-dim 200 --z1-dim 100 --hidden2-dim 100",
-    )
-    add(
-        "--train-size",
-        type=int,
-        default=None,
-        help="use the first N training images (default all 60000)",
-    )
-    _add_eval_arguments(parser, k_flag="--eval-k", eval_size=d.eval_size)
-    if per_cell:
-        add("--seed", type=int, default=d.seed)
-    add(
-        "--snr-draws",
-        type=int,
-        default=d.snr_draws,
-        help="after the evaluation, the encoder's and decoder's gradient SNR from this many "
-        "gradient draws (0 skips it)",
-    )
-    add("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    add(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help="training arithmetic (tf32: fp32 with TF32 matrix products, needs a CUDA GPU); "
-        "evaluation always runs in fp32",
-    )
-    parser.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="replay each full-batch training step as a CUDA graph (needs a CUDA GPU)",
-    )
-    parser.add_argument(
-        "--missing-rate",
-        type=float,
-        default=d.missing_rate,
-        help="train on incomplete images: the fraction of pixels (mcar) or of images "
-        "(top-half, random-square) with missing pixels, in [0, 0.9]",
-    )
-    parser.add_argument(
-        "--missing-pattern",
-        choices=MISSING_PATTERNS,
-        default=d.missing_pattern,
-        help="which pixels go missing when --missing-rate > 0",
-    )
+    """An option for every POST /train field but K, made from the request schema's field
+    (type or choices, range, default, description); without `per_cell`, also without the
+    objective and the seed (a study's grid sets them). Then --device, which the service's
+    workers choose."""
+    _add_field(parser, "preset")
+    for name in TrainRequest.model_fields:
+        if name not in _OWN_OPTION and (per_cell or name not in CELL_FIELDS):
+            _add_field(parser, name)
+    parser.add_argument("--device", action=_Given, choices=DEVICES, default=_TRAIN_DEFAULTS.device)
 
 
-# The TrainConfig fields that `_add_training_arguments` sets; each option's dest is the
-# field's name, except --lr's.
-_TRAIN_FIELDS = (
-    "objective",
-    "m",
-    "beta",
-    "alpha",
-    "k_schedule",
-    "k_min",
-    "ess_target",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "schedule",
-    "init",
-    "train_size",
-    "eval_size",
-    "eval_k",
-    "seed",
-    "snr_draws",
-    "device",
-    "precision",
-    "cuda_graphs",
-    "missing_rate",
-    "missing_pattern",
-)
-_MODEL_OPTIONS = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
+def _add_field(parser: argparse.ArgumentParser, name: str, *, flag: str | None = None) -> None:
+    """The option of TrainRequest's field `name` (`flag`: other than --field-name)."""
+    field = TrainRequest.model_fields[name]
+    dest = _DESTS.get(name, name)
+    kind, choices = _option_type(field.annotation)
+    options: dict[str, Any] = {"dest": dest, "action": _Given, "help": _help(field)}
+    if kind is bool:
+        options |= {"nargs": 0, "const": True}
+    else:
+        options |= {"type": kind, "choices": choices}
+    if field.is_required():
+        options["required"] = True
+    else:
+        options["default"] = field.default
+    parser.add_argument(flag or "--" + dest.replace("_", "-"), **options)
+
+
+def _option_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
+    """(type, choices) of a field's annotation: `int | None` is int, `Literal[...]` its values."""
+    if get_origin(annotation) in (Union, UnionType):
+        [annotation] = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def _help(field: FieldInfo) -> str:
+    """The field's description (argparse's %-escaped) and its range."""
+    bounds = {
+        name: getattr(m, name)
+        for m in field.metadata
+        for name in ("ge", "gt", "le", "lt")
+        if hasattr(m, name)
+    }
+    text = (field.description or "").replace("`", "").replace("%", "%%")
+    if bounds:
+        low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds.get('gt', '-inf')}"
+        high = f"{bounds['le']}]" if "le" in bounds else f"{bounds.get('lt', 'inf')})"
+        text += f" Range {low}, {high}."
+    return text
 
 
 def _training_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields the options give (under a preset, only those given explicitly)."""
-    dests = {name: "lr" if name == "learning_rate" else name for name in _TRAIN_FIELDS}
-    values = {name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)}
-    if args.preset is not None:  # the preset's values, unless given on the command line
-        given = getattr(args, "given", set())
-        values = {
-            name: v
-            for name, v in values.items()
-            if dests[name] in given or name not in PRESETS[args.preset]
-        }
-    return values
+    """The TrainConfig fields (the model's flat) that the options give, K aside."""
+    names = [n for n in TrainRequest.model_fields if n not in _OWN_OPTION] + [_LOCAL_ONLY]
+    return {
+        name: getattr(args, _DESTS.get(name, name))
+        for name in names
+        if hasattr(args, _DESTS.get(name, name))
+    }
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """The fields given on the command line (those that override a preset)."""
+    names = {_DESTS.get(name, name): name for name in TrainRequest.model_fields}
+    return {names.get(dest, dest) for dest in getattr(args, "given", ())}
 
 
 def _config(args: argparse.Namespace, k: int, **cell: Any) -> TrainConfig:
-    model = ModelConfig(**{name: getattr(args, name) for name in _MODEL_OPTIONS})
-    return preset_config(args.preset, k=k, model=model, **_training_values(args), **cell)
-
-
-def _add_eval_arguments(parser: argparse.ArgumentParser, *, k_flag: str, eval_size: int) -> None:
-    parser.add_argument(
-        k_flag,
-        dest="eval_k",
-        type=int,
-        action=_Given,
-        default=_TRAIN_DEFAULTS.eval_k,
-        help="importance samples per test image for the log-likelihood",
-    )
-    parser.add_argument(
-        "--eval-size",
-        type=int,
-        action=_Given,
-        default=eval_size,
-        help="test images to score (0 skips the evaluation)",
-    )
+    given = _given(args) | {"k", *cell}
+    return preset_config(args.preset, given=given, k=k, **_training_values(args), **cell)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,25 +293,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from models.study.grid import Cell, cell_config, expand_grid
+    from models.study.grid import cell_config, expand_grid
     from models.study.local import run_study, write_study
 
     cells = expand_grid(args.ks, args.objectives, args.seeds, max_cells=None)
-    # The base carries alpha only for a VR-IWAE objective; cell_config passes it on to those.
-    objective = next((o for o in args.objectives if o in VR_OBJECTIVES), args.objectives[0])
-    base = _config(args, max(args.ks), objective=objective, seed=args.seeds[0])
+    grid = base_cell(args.ks, args.objectives, args.seeds, args.alpha)
+    base = _config(args, grid.pop("k"), **grid)
     for cell in cells:
         cell_config(base, cell)  # refuse a bad cell before any training or submission
     if args.submit is not None:
         return _submit_study(args)
     data = _load_data()
-    with _ProgressBar() as bar:
-
-        def on_cell_start(index: int, cell: Cell) -> None:
-            bar.reset()
-            print(f"cell {index + 1}/{len(cells)}: {cell.name}", file=sys.stderr)
-
-        outcomes = run_study(base, cells, data, args.out, [bar], on_cell_start)
+    with _ProgressBar(cells) as bar:
+        outcomes = run_study(base, cells, data, args.out, [bar])
     results = write_study(base, outcomes, data, args.out)
     for outcome in outcomes:
         if outcome.error is not None:
@@ -452,15 +328,14 @@ def _submit_study(args: argparse.Namespace) -> int:
 
     if "device" in getattr(args, "given", set()):
         raise ValueError("--device applies to a local study; the service's workers choose")
-    values = _training_values(args)
-    values.pop("device", None)
+    values = over_preset(args.preset, _training_values(args), _given(args))
+    values.pop(_LOCAL_ONLY)
     body = {
         "ks": args.ks,
         "objectives": args.objectives,
         "seeds": args.seeds,
         **({} if args.preset is None else {"preset": args.preset}),
         **values,
-        **{name: getattr(args, name) for name in _MODEL_OPTIONS},
     }
     token = args.token
     if token is None and get_settings().api_token is not None:
@@ -496,7 +371,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.estimators import evaluate
+    from models.evaluation import evaluate
     from models.run import CHECKPOINT_NAME
     from models.training import resolve_device
 
@@ -506,7 +381,7 @@ def _eval(args: argparse.Namespace) -> int:
     test_x = binarized_test_images(_load_data().test_images[: args.eval_size]).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
     with _ProgressBar() as bar:
-        metrics = evaluate(model, test_x, args.eval_k, generator=generator, on_progress=bar.on_eval)
+        metrics = evaluate(model, test_x, args.eval_k, generator=generator, callbacks=[bar])
     print(
         f"test log-likelihood: {metrics.test_loglik:.2f} ± {metrics.test_loglik_std_error:.2f}"
         f" nats per image (IWAE bound, k={args.eval_k}, {len(test_x)} test images, "
@@ -532,8 +407,8 @@ def _snr(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.estimators import gradient_snr_per_image, snr_slopes
     from models.run import CHECKPOINT_NAME
+    from models.snr import gradient_snr_per_image, snr_slopes
     from models.training import resolve_device
 
     path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
@@ -614,7 +489,11 @@ def _load_data():
 
 
 class _ProgressBar:
-    """A tqdm bar per phase (training epochs, evaluation) driven by the training callbacks."""
+    """A tqdm bar per phase (training epochs, evaluation), driven by the progress callbacks;
+    with a study's `cells`, a line naming each cell as it starts."""
+
+    def __init__(self, cells: Sequence[Cell] = ()) -> None:
+        self._cells = cells
 
     def __enter__(self) -> _ProgressBar:
         self._bar = None
@@ -624,12 +503,18 @@ class _ProgressBar:
     def __exit__(self, *exc: object) -> None:
         self.reset()
 
-    def __call__(self, progress) -> None:
+    def __call__(self, progress: Progress) -> None:
+        if progress.phase == "cell":
+            self.reset()
+            cell = self._cells[progress.done]
+            print(f"cell {progress.done + 1}/{progress.total}: {cell.name}", file=sys.stderr)
+            return
         key = (progress.phase, progress.epoch)
         if key != self._key:
             self._restart(
                 key,
-                progress.steps,
+                progress.total,
+                progress.unit,
                 {
                     "train": f"epoch {progress.epoch}/{progress.epochs}",
                     "impute": "imputing",
@@ -638,7 +523,7 @@ class _ProgressBar:
             )
         if progress.loss is not None:
             self._bar.set_postfix(loss=f"{progress.loss:.2f}", refresh=False)
-        self._bar.update(progress.step - self._bar.n)  # redraws at most every mininterval
+        self._bar.update(progress.done - self._bar.n)  # redraws at most every mininterval
 
     def reset(self) -> None:
         """Close the current bar: the next progress starts a new one (a study's next cell)."""
@@ -647,12 +532,7 @@ class _ProgressBar:
         self._bar = None
         self._key = None
 
-    def on_eval(self, done: int, total: int) -> None:
-        if self._key is None:
-            self._restart(("eval", 0), total, "evaluating")
-        self._bar.update(done - self._bar.n)
-
-    def _restart(self, key, total: int, description: str) -> None:
+    def _restart(self, key, total: int, unit: str, description: str) -> None:
         from tqdm import tqdm
 
         self.reset()
@@ -660,7 +540,7 @@ class _ProgressBar:
         self._bar = tqdm(
             total=total,
             desc=description,
-            unit={"train": "step", "snr": "draw"}.get(key[0], "image"),
+            unit=unit,
             leave=True,
             file=sys.stderr,
             mininterval=0.5,

@@ -90,12 +90,6 @@ class TooManyStreams(RuntimeError):
 
     retry_after_s = 5
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"{limit} event streams are open, the most this server keeps (IWAE_MAX_EVENT_"
-            "STREAMS); retry later, or poll GET /jobs/{job_id}"
-        )
-
 
 class DeadlineExceeded(Overloaded):
     """A model call ran past IWAE_INFERENCE_TIMEOUT_S; it stopped at the next chunk."""

@@ -126,7 +126,10 @@ class EventStreams:
     ) -> StreamingResponse:
         """The stream of the job whose record is `first`; `TooManyStreams` past the limit."""
         if self.open >= self.limit:
-            raise TooManyStreams(self.limit)
+            raise TooManyStreams(
+                f"{self.limit} event streams are open, the most this server keeps "
+                "(IWAE_MAX_EVENT_STREAMS); retry later, or poll GET /jobs/{job_id}"
+            )
         self.open += 1
         stream = job_events(read, first, is_disconnected, max_s=self.max_s, limiter=self.limiter)
         return _CountedStream(stream, self._closed)

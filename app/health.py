@@ -18,7 +18,7 @@ from app.deps import SettingsDep, StoreDep
 from app.errors import NotReady
 from app.schemas import ReadyOut
 from app.settings import Settings
-from worker.jobs import JobStore, WorkerInfo
+from worker.jobs import JobRecord, JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,31 @@ def _readiness(settings: Settings, store: JobStore) -> ReadyOut:
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         raise NotReady(f"not ready: {', '.join(failing)} unreachable")
-    return ReadyOut(checks=checks, workers=len(live_workers(settings, store)))
+    return ReadyOut(
+        checks=checks,
+        workers=len(live_workers(settings, store)),
+        gpu_workers=len(live_workers(settings, store, settings.queue_for("cuda"))),
+    )
 
 
-def live_workers(settings: Settings, store: JobStore) -> list[WorkerInfo]:
-    """Workers that reported within three reaper intervals and consume the training queue."""
+def live_workers(settings: Settings, store: JobStore, queue: str | None = None) -> list[WorkerInfo]:
+    """Workers that reported within three reaper intervals and consume `queue` (default: the
+    training queue; a GPU worker also consumes the CUDA jobs' queue)."""
     window = 3 * settings.reaper_interval_s
-    return [w for w in store.workers() if w.seen_s_ago <= window and settings.queue in w.queues]
+    queue = queue or settings.queue
+    return [w for w in store.workers() if w.seen_s_ago <= window and queue in w.queues]
+
+
+def waiting_for(settings: Settings, store: JobStore, job: JobRecord) -> str | None:
+    """Why a queued job is not picked up: no live worker consumes its queue (a job that asks
+    for device 'cuda' waits for a GPU worker); None otherwise."""
+    if job.status != "queued":
+        return None
+    queue = settings.queue_for(job.config.get("device"))
+    if live_workers(settings, store, queue):
+        return None
+    kind = "GPU worker" if queue != settings.queue else "worker"
+    return f"no {kind} is up: the job waits on the queue {queue!r} until one starts"
 
 
 JobGauges = tuple[dict[str, int] | None, list[WorkerInfo] | None]

@@ -18,6 +18,7 @@ import torch
 from app.registry import ServedModel
 from models.estimators import log_likelihood
 from models.imputation import impute as impute_missing
+from models.progress import Callback
 
 D = 784
 
@@ -86,11 +87,12 @@ def score(
     *,
     chunk_size: int | None = None,
     seed: int | None = None,
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callback | None = None,
 ) -> Score:
     """K-sample importance-weighted estimate of log p(x) for one binarized digit `[784]`.
 
-    `on_chunk` runs between chunks of samples and may raise to stop (deadline, disconnect).
+    `on_chunk` sees a "loglik" `Progress` between chunks of samples and may raise to stop
+    (deadline, disconnect).
     """
     with torch.inference_mode():
         x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
@@ -100,7 +102,7 @@ def score(
             k,
             generator=_generator(served, seed),
             chunk_size=chunk_size,
-            on_chunk=on_chunk,
+            callbacks=() if on_chunk is None else (on_chunk,),
         )  # fields [1]
         return Score(
             log_likelihood=float(result.log_px[0]),

@@ -57,13 +57,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.models_dir.mkdir(parents=True, exist_ok=True)
     store = open_job_store(settings)
     app.state.store = store
+    storage = settings.open_storage()
     app.state.registry = ModelRegistry(
-        settings.models_dir, settings.model_cache_size, device=settings.inference_device
+        storage, settings.model_cache_size, device=settings.inference_device
     )
     # The report's reconstructions need test digits; the API never downloads them (the
     # workers have, into the same folder).
     app.state.reports = StudyReports(
-        settings.studies_dir,
+        storage,
+        settings.cache_dir,
         app.state.registry.checkpoint,
         lambda: load_mnist(settings.mnist_dir).test_images,
         retention_s=settings.job_retention_s,

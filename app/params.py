@@ -1,6 +1,7 @@
-"""Query parameters whose limits are settings: how many digits to draw, and the importance
-samples of a log-likelihood or an imputation. Over its setting, a value gets the same 422
-that `Query(le=...)` gives for a fixed limit.
+"""Query parameters shared by routes: page cursors, the seed, and those whose limits are
+settings (how many digits to draw, the importance samples of a log-likelihood or an
+imputation). Over its setting, a value gets the same 422 that `Query(le=...)` gives for a
+fixed limit.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from fastapi import Query
 from fastapi.exceptions import RequestValidationError
 
 from app.deps import SettingsDep
-from app.schemas import MAX_SEED
+from app.schemas import CURSOR_PATTERN, MAX_SEED, MODEL_CURSOR_PATTERN
+
+_NEXT = "`next_cursor` of the previous page."
+# The page cursors of the job store (jobs, studies) and of the model registry.
+Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=_NEXT)]
+ModelCursor = Annotated[str | None, Query(pattern=MODEL_CURSOR_PATTERN, description=_NEXT)]
+
+PageSize = Annotated[int, Query(ge=1, le=1000, description="At most this many.")]
 
 Seed = Annotated[
     int | None,

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from app.deps import SettingsDep
 from app.schemas import StudyRequest, TrainRequest
 from app.settings import Settings
-from models.config import VR_OBJECTIVES, TrainConfig
+from models.config import TrainConfig
 from models.cost import train_cost
-from models.study.grid import cell_config, expand_grid
+from models.study.grid import base_cell, cell_config, expand_grid
 from worker.jobs import GridPoint
 
 
@@ -128,9 +128,7 @@ def _base_config(body: StudyRequest) -> TrainConfig:  # type: ignore[valid-type]
     """The config every cell starts from: the request's POST /train fields, with the largest
     K (so k_min is checked against it) and an objective that takes the request's alpha."""
     fields = body.model_dump(exclude_unset=True, include=set(TrainRequest.model_fields))
-    objective = body.objectives[0]
-    if body.alpha is not None:
-        objective = next((o for o in body.objectives if o in VR_OBJECTIVES), objective)
-    request = TrainRequest(**fields, k=max(body.ks), objective=objective, seed=body.seeds[0])
+    grid = base_cell(body.ks, body.objectives, body.seeds, body.alpha)
+    request = TrainRequest(**fields, **grid)
     base = TrainConfig.from_dict(request.to_config())
     return base.with_changes(snr_draws=body.snr_draws)

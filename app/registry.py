@@ -1,12 +1,13 @@
 """The model registry: which trained models exist, and a bounded cache of loaded ones.
 
-A model is the directory `IWAE_HOME/models/{model_id}/`; it is listed and served only once
-the worker has written its `model.json` (the job succeeded). Checkpoints load lazily, on
-first use, and the `cache_size` most recently used stay in memory (LRU). Each `model.json`
-is read once and kept while its file is unchanged, so listing (every `/models` page, every
-request for the default model) costs a stat per model, not a read and a parse. Safe to call from
-many request threads at once: the cache is guarded by a lock, each model loads once even
-when many requests ask for it together, and loaded models are in eval mode, read-only.
+A model is the folder `models/{model_id}/` of the model storage (`IWAE_STORAGE_URL`: by
+default `IWAE_HOME/models/{model_id}/`); it is listed and served only once the worker has
+written its `model.json` (the job succeeded). Descriptions are re-read only when the stored
+object changed; checkpoints load lazily, on first use, from a local copy (an object store's
+download is cached on this host until the object changes), and the `cache_size` most
+recently used stay in memory (LRU). Safe to call from many request threads at once: the
+cache is guarded by a lock, each model loads once even when many requests ask for it
+together, and loaded models are in eval mode, read-only.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from app.schemas import ID_PATTERN
 from models.checkpoint import load_model
 from models.config import TrainConfig
 from models.networks import IWAEModel
+from models.storage import ObjectInfo, Storage
+from models.storage.layout import CHECKPOINT_NAME, MODEL_INFO_NAME, MODELS, listed_model, model_key
 
-CHECKPOINT = "model.safetensors"
-DESCRIPTION = "model.json"
 _ID = re.compile(ID_PATTERN)
 
 
@@ -46,33 +47,23 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, cache_size: int = 4, device: str = "cpu") -> None:
-        self.models_dir = Path(models_dir)
+    def __init__(self, storage: Storage, cache_size: int = 4, device: str = "cpu") -> None:
+        self.storage = storage
         self.cache_size = cache_size
         self.device = device
-        self._cache: OrderedDict[str, tuple[int, ServedModel]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[str, ServedModel]] = OrderedDict()
+        self._descriptions: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
-        self._descriptions: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
 
     def list(self) -> list[dict[str, Any]]:
         """Every trained model's `model.json`, newest first."""
         found = []
-        seen: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
-        for path in self.models_dir.glob(f"*/{DESCRIPTION}"):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # unlisted meanwhile
-                continue
-            stamp = (stat.st_mtime_ns, stat.st_size)
-            with self._lock:
-                known = self._descriptions.get(path)
-            description = known[1] if known is not None and known[0] == stamp else self._read(path)
+        for info in self.storage.list(f"{MODELS}/"):
+            model_id = listed_model(info.key)
+            description = None if model_id is None else self._read(model_id, info)
             if description is not None:
-                seen[path] = (stamp, description)
-                found.append(dict(description))  # a copy: callers may change theirs
-        with self._lock:
-            self._descriptions = seen  # the models gone since are forgotten
+                found.append(description)
         return sorted(found, key=_order_key, reverse=True)
 
     def page(
@@ -88,19 +79,21 @@ class ModelRegistry:
 
     def describe(self, model_id: str) -> dict[str, Any]:
         """One model's `model.json`; `ModelNotFound` when it does not exist (yet)."""
-        description = self._read(self._directory(model_id) / DESCRIPTION)
+        key = model_key(self._checked(model_id), MODEL_INFO_NAME)
+        info = self.storage.stat(key)
+        description = None if info is None else self._read(model_id, info)
         if description is None:
             raise ModelNotFound(f"no trained model with id {model_id!r}")
         return description
 
     def checkpoint(self, model_id: str) -> Path | None:
-        """The checkpoint of a listed model; None when the model is not listed."""
+        """The checkpoint of a listed model, as a local file; None when the model is not
+        listed."""
         try:
             self.describe(model_id)
         except ModelNotFound:
             return None
-        path = self._directory(model_id) / CHECKPOINT
-        return path if path.is_file() else None
+        return self.storage.fetch(model_key(model_id, CHECKPOINT_NAME))
 
     def resolve(self, model_id: str | None) -> str:
         """`model_id` itself, or the newest model's when None; errors when there is none."""
@@ -119,11 +112,11 @@ class ModelRegistry:
     def load(self, model_id: str | None = None) -> ServedModel:
         """The model `model_id` (default: the newest), from the cache or its checkpoint."""
         model_id = self.resolve(model_id)
-        path = self._directory(model_id) / CHECKPOINT
-        try:
-            stamp = path.stat().st_mtime_ns
-        except FileNotFoundError as exc:
-            raise ModelUnavailable(f"model {model_id!r} has no checkpoint file") from exc
+        key = model_key(model_id, CHECKPOINT_NAME)
+        info = self.storage.stat(key)
+        if info is None:
+            raise ModelUnavailable(f"model {model_id!r} has no checkpoint file")
+        stamp = info.stamp
         with self._lock:
             served = self._cached(model_id, stamp)
             if served is not None:
@@ -135,8 +128,11 @@ class ModelRegistry:
             if served is not None:
                 return served
             try:
+                path = self.storage.fetch(key)
+                if path is None:
+                    raise FileNotFoundError(key)
                 model, config = load_model(path, device=self.device)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            except Exception as exc:  # a torn file, or a store that cannot be reached
                 # The cause names files on the server: logged by the handler, never sent.
                 raise ModelUnavailable(f"model {model_id!r} cannot be loaded") from exc
             served = ServedModel(model_id=model_id, model=model.eval(), config=config)
@@ -152,7 +148,7 @@ class ModelRegistry:
         with self._lock:
             return list(self._cache)
 
-    def _cached(self, model_id: str, stamp: int) -> ServedModel | None:
+    def _cached(self, model_id: str, stamp: str) -> ServedModel | None:
         """Cache hit when the checkpoint file has not changed since it was loaded."""
         hit = self._cache.get(model_id)
         if hit is None or hit[0] != stamp:
@@ -160,21 +156,34 @@ class ModelRegistry:
         self._cache.move_to_end(model_id)
         return hit[1]
 
-    def _directory(self, model_id: str) -> Path:
+    @staticmethod
+    def _checked(model_id: str) -> str:
         if not _ID.match(model_id):
             raise ModelNotFound(f"no trained model with id {model_id!r}")
-        return self.models_dir / model_id
+        return model_id
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any] | None:
-        try:
-            description = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None  # absent, or being written: not listed until it is whole
-        if not isinstance(description, dict):
-            return None
-        description.setdefault("model_id", path.parent.name)
+    def _read(self, model_id: str, info: ObjectInfo) -> dict[str, Any] | None:
+        """The `model.json` `info` describes, read again only when it changed."""
+        with self._lock:
+            seen = self._descriptions.get(model_id)
+        if seen is not None and seen[0] == info.stamp:
+            return seen[1]
+        description = _parse(self.storage.get(info.key), model_id)
+        with self._lock:
+            self._descriptions[model_id] = (info.stamp, description)
         return description
+
+
+def _parse(data: bytes | None, model_id: str) -> dict[str, Any] | None:
+    """A `model.json`, or None when it is absent or not whole (not listed until it is)."""
+    try:
+        description = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    if not isinstance(description, dict):
+        return None
+    description.setdefault("model_id", model_id)
+    return description
 
 
 def _order_key(description: dict[str, Any]) -> str:

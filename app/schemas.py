@@ -11,10 +11,10 @@ from models.config import (
     DEFAULT_ALPHA,
     DEFAULT_ESS_TARGET,
     DEFAULT_K_MIN,
+    MAX_K,
     MAX_MISSING_RATE,
     MAX_SEED,
     MIN_SNR_DRAWS,
-    PRESETS,
     Init,
     KSchedule,
     MissingPattern,
@@ -26,7 +26,9 @@ from models.config import (
     TrainConfig,
     preset_config,
 )
-from models.study.grid import MAX_K, MAX_KS, MAX_SEEDS
+from models.progress import RunPhase
+from models.status import StudyStatus
+from models.study.grid import CELL_FIELDS, MAX_KS, MAX_SEEDS, STUDY_SNR_DRAWS
 from worker.jobs import JobStatus, StudyView
 
 # Job and model ids name directories under IWAE_HOME: no separators, no leading dot.
@@ -37,7 +39,6 @@ ImageFormat = Literal["png", "json"]
 
 _TRAIN = TrainConfig()  # defaults come from the one config that travels with checkpoints
 _MODEL = ModelConfig()
-_MODEL_FIELDS = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
 
 
 class TrainRequest(BaseModel):
@@ -52,7 +53,7 @@ class TrainRequest(BaseModel):
         "explicitly override the preset's.",
         examples=[None],
     )
-    k: int = Field(ge=1, le=5000, description="Importance samples per data point.", examples=[5])
+    k: int = Field(ge=1, le=MAX_K, description="Importance samples per data point.", examples=[5])
     objective: Objective = Field(
         _TRAIN.objective,
         description="Training objective: `vae` is the ELBO; `iwae` the K-sample bound; "
@@ -96,7 +97,7 @@ class TrainRequest(BaseModel):
     k_min: int | None = Field(
         None,
         ge=1,
-        le=5000,
+        le=MAX_K,
         description=f"Smallest K of the `linear` and `ess` schedules (at most k); null: "
         f"{DEFAULT_K_MIN}. Refused for `fixed`.",
         examples=[DEFAULT_K_MIN],
@@ -185,7 +186,7 @@ class TrainRequest(BaseModel):
     eval_k: int = Field(
         _TRAIN.eval_k,
         ge=1,
-        le=5000,
+        le=MAX_K,
         description="Importance samples for the final log-likelihood.",
         examples=[5000],
     )
@@ -242,17 +243,13 @@ class TrainRequest(BaseModel):
         """The job's `TrainConfig` as a dict: the preset's values under the fields given."""
         values = self.model_dump()
         preset = values.pop("preset")
-        if preset is not None:
-            for name in PRESETS[preset].keys() - self.model_fields_set:
-                del values[name]
-        model = ModelConfig(**{name: values.pop(name) for name in _MODEL_FIELDS})
-        return preset_config(preset, model=model, **values).to_dict()
+        return preset_config(preset, given=self.model_fields_set, **values).to_dict()
 
 
 class ProgressOut(BaseModel):
     """Where a running job stands; updated after every training step."""
 
-    phase: Literal["train", "eval", "impute", "snr"] | None = Field(
+    phase: RunPhase | None = Field(
         None,
         description="`train`, then `eval` (test log-likelihood), then `impute` (the "
         "imputation metric), then `snr` (gradient SNR, when `snr_draws` > 0).",
@@ -318,6 +315,11 @@ class JobOut(BaseModel):
     )
     model_id: str | None = Field(None, description="Set once a checkpoint exists.")
     error: str | None = Field(None, description="Why the job failed.")
+    waiting_for: str | None = Field(
+        None,
+        description="Why a queued job does not start: no live worker consumes its queue (a "
+        "job that asks for device 'cuda' waits for a GPU worker). Set by GET /jobs/{job_id}.",
+    )
     attempts: int = Field(0, description="How many times a worker started this job.")
     worker: str | None = Field(None, description="host:pid of the last worker to run it.")
     cancel_requested: bool = False
@@ -435,6 +437,10 @@ class ReadyOut(BaseModel):
         "(the API still serves trained models, so it stays ready).",
         examples=[2],
     )
+    gpu_workers: int = Field(
+        description="Those of them with a GPU; 0 means jobs that ask for device 'cuda' wait.",
+        examples=[1],
+    )
 
 
 class ErrorOut(BaseModel):
@@ -448,10 +454,6 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 # --- studies ------------------------------------------------------------------------------
 
-# The grid's axes; every other field of a study request is a TrainRequest field.
-GRID_FIELDS = ("k", "objective", "seed")
-STUDY_SNR_DRAWS = 100
-StudyStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 CellStatus = Literal[JobStatus, "missing"]
 
 
@@ -496,7 +498,8 @@ StudyRequest = create_model(
     **{
         name: (field.annotation, field)
         for name, field in TrainRequest.model_fields.items()
-        if name not in GRID_FIELDS and name not in _StudyGrid.model_fields
+        # The grid's axes (`CELL_FIELDS`) are lists above; every other field is TrainRequest's.
+        if name not in CELL_FIELDS and name not in _StudyGrid.model_fields
     },
 )
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -145,11 +144,6 @@ class Settings(WorkerSettings):
         description="Connections and requests `iwae serve` handles at once (uvicorn's "
         "limit_concurrency); past it new ones get 503 at once.",
     )
-
-    @property
-    def studies_dir(self) -> Path:
-        """Where study reports are kept, built on read (`models.study.cache.StudyReports`)."""
-        return self.home / "studies"
 
     @property
     def inference_slots(self) -> int:

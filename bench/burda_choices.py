@@ -28,6 +28,7 @@ from models import training
 from models.config import TrainConfig
 from models.data import binarized_test_images, load_mnist
 from models.estimators import log_likelihood
+from models.progress import Progress
 
 BATCH = 20
 
@@ -66,8 +67,8 @@ def main() -> None:
                 )
                 losses: list[float] = []
 
-                def on_step(p: training.Progress, losses: list[float] = losses) -> None:
-                    if p.step == p.steps and p.loss is not None:
+                def on_step(p: Progress, losses: list[float] = losses) -> None:
+                    if p.done == p.total and p.loss is not None:
                         losses.append(p.loss)
 
                 training.ADAM_EPS = adam_eps

@@ -75,7 +75,7 @@ def _picture(model, x: torch.Tensor, k: int, path: Path) -> None:
         rows += [shown, result.single[i], *result.draws[:, i], x[i]]
     grid = encode_png_grid(torch.stack(rows).numpy(), cols=6)
     image = Image.open(io.BytesIO(grid))
-    # Twice the size, nearest neighbour, so that pixels stay sharp in the README.
+    # Twice the size, nearest neighbour, so that pixels stay sharp in docs/results.md.
     image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST).save(path)
 
 

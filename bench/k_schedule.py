@@ -35,9 +35,10 @@ from bench_args import add_data_dir_argument
 
 from models.config import ModelConfig, TrainConfig
 from models.data import binarized_test_images, load_mnist
-from models.estimators import evaluate
+from models.evaluation import evaluate
 from models.k_schedule import linear_k
-from models.training import Progress, train
+from models.progress import Progress
+from models.training import train
 
 
 class Budget:

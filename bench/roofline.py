@@ -199,7 +199,7 @@ class _Reference:
 
 
 def eval_seconds(model: IWAEModel, x: torch.Tensor, k: int, fast: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds to score x [N, D] in batches of B, as `estimators.evaluate` does."""
+    """(wall, CPU) seconds to score x [N, D] in batches of B, as `evaluation.evaluate` does."""
     scored = model if fast else _Reference(model)
     generator = torch.Generator(x.device).manual_seed(0)
 

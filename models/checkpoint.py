@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from models.config import TrainConfig
-from models.files import Fence, write_atomic
+from models.files import Write, write_atomic
 from models.networks import IWAEModel
 
 _FORMAT = "iwae-checkpoint/1"
@@ -56,9 +56,9 @@ def save_checkpoint(
     state: TrainState,
     generator: torch.Generator,
     *,
-    fence: Fence | None = None,
+    write: Write = write_atomic,
 ) -> None:
-    """Write everything a resumed run needs to `path`, atomically (through `fence`)."""
+    """Write everything a resumed run needs to `path`, atomically (through `write`)."""
     tensors = {f"model.{name}": t.detach().cpu() for name, t in model.state_dict().items()}
     optim = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -77,7 +77,7 @@ def save_checkpoint(
         "optim_scalars": json.dumps(scalars),
     }
     tensors = {name: t.contiguous() for name, t in tensors.items()}
-    write_atomic(Path(path), save(tensors, metadata=metadata), fence=fence)
+    write(Path(path), save(tensors, metadata=metadata))
 
 
 def _read(

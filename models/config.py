@@ -7,6 +7,7 @@ JSON next to the weights (see `models.checkpoint`) and read back with `from_dict
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
@@ -24,6 +25,7 @@ MissingPattern = Literal["mcar", "top-half", "random-square"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEVICES: tuple[str, ...] = get_args(Device)
 # Objectives of the VR-IWAE family, the only ones that take `alpha`, and its default.
 VR_OBJECTIVES = ("vr-iwae", "vr-iwae-dreg")
 DEFAULT_ALPHA = 0.5
@@ -31,12 +33,18 @@ DEFAULT_K_MIN = 1
 # About ESS/K of 50 samples on MNIST in the first epochs (see models.k_schedule).
 DEFAULT_ESS_TARGET = 0.15
 MISSING_PATTERNS: tuple[str, ...] = get_args(MissingPattern)
+# The largest K a job trains (`k`, `k_min`) or evaluates (`eval_k`) with, and a study's cells.
+MAX_K = 5000
 # torch.Generator.manual_seed takes any unsigned 64-bit value; JSON clients a signed one.
 MAX_SEED = 2**63 - 1
-# Fewer draws give no bias-corrected SNR (see models.estimators.SNRAccumulator).
+# Fewer draws give no bias-corrected SNR (see models.snr.SNRAccumulator).
 MIN_SNR_DRAWS = 8
 # Above 90% missing, too little of each image is left to learn from.
 MAX_MISSING_RATE = 0.9
+
+# The `ModelConfig` fields a request or a command line sets (flat, beside the TrainConfig
+# fields); `x_dim` is MNIST's 784.
+MODEL_FIELDS: tuple[str, ...] = ("layers", "latent_dim", "hidden_dim", "z1_dim", "hidden2_dim")
 
 # Burda et al. (2015), section 5: hidden width per architecture when none is given.
 _DEFAULT_HIDDEN = {1: 200, 2: 100}
@@ -150,7 +158,7 @@ class TrainConfig:
     ess_target: float | None = None
     missing_rate: float = 0.0
     missing_pattern: MissingPattern = "mcar"
-    init: Init = "burda"  # it trained better in a short run: README, "Reproducing Burda et al."
+    init: Init = "burda"  # trained better in a short run: docs/science.md, "Reproducing Burda"
     snr_draws: int = 0
     cuda_graphs: bool = False
 
@@ -254,8 +262,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(preset: Preset | None, **fields: Any) -> TrainConfig:
-    """A `TrainConfig` from `preset`'s values with the explicitly given `fields` on top."""
+def preset_config(
+    preset: Preset | None, *, given: Collection[str] | None = None, **fields: Any
+) -> TrainConfig:
+    """A `TrainConfig` from `preset`'s values with `fields` on top: the one merge behind
+    POST /train, POST /studies and the command line.
+
+    `fields` may name the `MODEL_FIELDS` flat, as requests and options do. With `given` (the
+    names set explicitly), the other `fields` are defaults that fill in what the preset does
+    not set: the preset's own values win over them.
+    """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if given is not None:
+        fields = over_preset(preset, fields, given)
+    model = {name: fields.pop(name) for name in MODEL_FIELDS if name in fields}
+    if model:
+        fields["model"] = ModelConfig(**model)
     return TrainConfig(**{**PRESETS.get(preset or "", {}), **fields})
+
+
+def over_preset(
+    preset: Preset | None, fields: dict[str, Any], given: Collection[str]
+) -> dict[str, Any]:
+    """`fields` without those that `preset` sets and that were not `given` explicitly."""
+    values = PRESETS.get(preset or "", {})
+    return {name: v for name, v in fields.items() if name in given or name not in values}

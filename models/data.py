@@ -4,7 +4,7 @@
 their decompressed bytes against the published MNIST values and, only when asked to (a
 `download_dir`), fetches missing files from public mirrors. Images come back as
 `[N, D]` float32 grey levels in [0, 1] (D = 784); the models see Bernoulli draws of them:
-`binarize` gives a fresh draw each call (dynamic binarization, for training) and
+`binarize_stochastic` gives a fresh draw each call (dynamic binarization, for training) and
 `binarized_test_images` one fixed draw so that evaluations are comparable.
 """
 
@@ -156,7 +156,7 @@ def load_mnist(
     return Mnist(train_images, train_labels, test_images, test_labels)
 
 
-def binarize(images: Tensor, generator: torch.Generator) -> Tensor:
+def binarize_stochastic(images: Tensor, generator: torch.Generator) -> Tensor:
     """A fresh Bernoulli draw of each pixel: dynamic binarization.
 
     images: [..., D] probabilities in [0, 1]. generator: on the same device as `images`.

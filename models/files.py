@@ -5,15 +5,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-Fence = Callable[[Path], None]
+Write = Callable[[Path, bytes], None]
+"""How a run stores one of its files: `write(path, data)` replaces `path` with `data`
+atomically, or raises to refuse. `write_atomic` by default; the worker's stores the file in
+the job's storage under the fence of its claim (`worker.job_files`)."""
 
 
-def write_atomic(path: Path, data: bytes, *, fence: Fence | None = None) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never a mix.
-
-    `fence(path)` is called once the data is on disk, just before it replaces the old file;
-    it raises to cancel the write (a worker that may have lost its job must not write).
-    """
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -21,8 +20,6 @@ def write_atomic(path: Path, data: bytes, *, fence: Fence | None = None) -> None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if fence is not None:
-            fence(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

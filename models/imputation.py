@@ -30,6 +30,7 @@ from torch import Tensor
 
 from models.missing import EVAL_PATTERN, eval_observed
 from models.networks import IWAEModel
+from models.progress import Callback, PhaseClock, notify
 
 # Probabilities are clipped to [EPS, 1 - EPS] in the cross-entropy, so that a hard 0/1 guess
 # (zero imputation) costs log(1/EPS) = 6.9 nats per wrong pixel instead of infinity.
@@ -129,7 +130,7 @@ def imputation_metrics(
     ks: Sequence[int],
     *,
     generator: torch.Generator | None = None,
-    on_progress: Callable[[int, int], bool | None] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict | None:
     """Single-imputation quality on binary held-out images x [N, D], top half missing.
 
@@ -138,14 +139,16 @@ def imputation_metrics(
     each K in `ks`, and two baselines on the same pixels, mean imputation (`pixel_mean` [D],
     each pixel's mean over the training images) and zero imputation (every missing pixel
     black, what the encoder sees). Each gets its accuracy (p >= 0.5 against the pixel) and
-    binary cross-entropy (nats per missing pixel) over the missing pixels. `on_progress(done,
-    total)` runs after each batch of images; returning True stops, and then the result is None.
+    binary cross-entropy (nats per missing pixel) over the missing pixels. `callbacks` see an
+    "impute" `Progress` (images imputed, over all of `ks`) after each batch of images; when one
+    returns True the scoring stops, and then the result is None.
     """
     observed = eval_observed(*x.shape, device=x.device, dtype=x.dtype)  # [N, D]
     missing = 1.0 - observed
     total = len(ks) * len(x)
     done = 0
     scores = {}
+    clock = PhaseClock("impute")
     for k in ks:
         batch = max(1, _CHUNK_ELEMENTS // (k * x.shape[1]))
         singles = []
@@ -153,7 +156,7 @@ def imputation_metrics(
             part = slice(start, start + batch)
             singles.append(impute(model, x[part], observed[part], k, 0, generator).single)
             done += len(singles[-1])
-            if on_progress is not None and on_progress(done, total):
+            if notify(callbacks, clock.event(done, total)):
                 return None
         scores[str(k)] = _score(torch.cat(singles), x, missing)
     return {

@@ -11,7 +11,7 @@
 
   ESS/K is measured with the ceiling `k`, not with the current K, on purpose: for a fixed
   model ESS/K falls as K grows (on MNIST after one epoch: 0.60, 0.34, 0.26, 0.16 at K = 2,
-  5, 10, 50; see README), and at K = 1 it is 1 by definition, so measured at the current K
+  5, 10, 50; see docs/science.md), and at K = 1 it is 1 by definition, so measured at the current K
   the rule would be a positive feedback that runs to `k` or `k_min` and stays there.
   Measured at `k` it tracks how well q matches the posterior, whatever K the last epoch
   trained with.

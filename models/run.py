@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,14 @@ import torch
 
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate, gradient_snr
-from models.files import Fence, write_atomic
+from models.evaluation import evaluate
+from models.files import Write, write_atomic
 from models.imputation import imputation_metrics
-from models.training import Progress, TrainCallback, train
+from models.progress import Callback, after_training
+from models.snr import gradient_snr
+from models.storage.layout import CHECKPOINT_NAME, METRICS_NAME
+from models.training import train
 
-CHECKPOINT_NAME = "model.safetensors"
-METRICS_NAME = "metrics.json"
 # Test images the gradient SNR is measured on, as one batch (Rainforth et al. measure one
 # image at a time, as `iwae snr` does; a batch keeps a study cell's SNR from 100 draws less
 # dependent on which image it saw).
@@ -37,13 +37,13 @@ def train_and_evaluate(
     config: TrainConfig,
     data: Mnist,
     out_dir: Path,
-    callbacks: Sequence[TrainCallback] = (),
-    fence: Fence | None = None,
+    callbacks: Sequence[Callback] = (),
+    write: Write = write_atomic,
 ) -> RunResult:
     """Train (resuming from `out_dir`'s checkpoint if any), then score the test set.
 
     Writes `out_dir/model.safetensors` at every epoch end and `out_dir/metrics.json` at the
-    end, each through `fence` (see `models.files.write_atomic`). Evaluation uses the first
+    end, each through `write` (see `models.files.Write`). Evaluation uses the first
     `eval_size` test images, binarized with a fixed seed, in fp32 with `eval_k` importance
     samples; callbacks see its progress as phase "eval". Then the same images with their top
     half missing score the model's imputations with K=1 and the job's K against mean and zero
@@ -51,7 +51,7 @@ def train_and_evaluate(
     bias-corrected SNR of the encoder's and the decoder's gradient estimators of the job's
     objective and K at the trained parameters, from `snr_draws` gradients of the batch-mean
     surrogate on the first `SNR_IMAGES` of those images (`metrics["gradient_snr"]`, see
-    `models.estimators.gradient_snr`; Rainforth et al. 2018, section 3), phase "snr".
+    `models.snr.gradient_snr`; Rainforth et al. 2018, section 3), phase "snr".
 
     `seconds_per_epoch` and `images_per_s` are training wall time per epoch and training
     images per second of it, over all epochs (resumed runs included).
@@ -59,7 +59,7 @@ def train_and_evaluate(
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
     result = train(
-        config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks, fence=fence
+        config, data.train_images, checkpoint_path=checkpoint, callbacks=callbacks, write=write
     )
     if result.stopped:
         return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
@@ -77,29 +77,9 @@ def train_and_evaluate(
         device = next(result.model.parameters()).device
         test_x = binarized_test_images(data.test_images[: config.eval_size]).to(device)
         generator = torch.Generator(device).manual_seed(config.seed)
-
-        def reporter(phase: str) -> Callable[[int, int], bool]:
-            """Progress of one evaluation phase, timed from now, for the callbacks."""
-            started = time.perf_counter()
-
-            def on_progress(done: int, total: int) -> bool:
-                rate = done / (time.perf_counter() - started)
-                progress = Progress(
-                    phase=phase,
-                    epoch=result.epochs_done,
-                    epochs=config.epochs,
-                    step=done,
-                    steps=total,
-                    loss=None,
-                    images_per_s=rate,
-                    eta_s=(total - done) / rate,
-                )
-                return any([callback(progress) for callback in callbacks])
-
-            return on_progress
-
+        stamped = after_training(callbacks, result.epochs_done, config.epochs)
         evaluation = evaluate(
-            result.model, test_x, config.eval_k, generator=generator, on_progress=reporter("eval")
+            result.model, test_x, config.eval_k, generator=generator, callbacks=stamped
         )
         if evaluation is None:
             return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
@@ -110,7 +90,7 @@ def train_and_evaluate(
             data.train_images[: config.train_size].mean(0).to(device),  # [D]
             sorted({1, config.k}),
             generator=torch.Generator(device).manual_seed(config.seed),
-            on_progress=reporter("impute"),
+            callbacks=stamped,
         )
         if imputation is None:
             return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
@@ -122,10 +102,10 @@ def train_and_evaluate(
                 config,
                 draws=config.snr_draws,
                 generator=torch.Generator(device).manual_seed(config.seed),
-                on_progress=reporter("snr"),
+                callbacks=stamped,
             )
             if snr is None:
                 return RunResult(stopped=True, metrics=None, checkpoint=checkpoint)
             metrics["gradient_snr"] = snr.to_dict()
-    write_atomic(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode(), fence=fence)
+    write(out_dir / METRICS_NAME, json.dumps(metrics, indent=2).encode())
     return RunResult(stopped=False, metrics=metrics, checkpoint=checkpoint)

@@ -1,10 +1,10 @@
 """The training loop: a plain function with callbacks, resumable from its checkpoints.
 
-Callbacks see a `Progress` after every step and may return True to stop the loop (the worker
-uses this for cancellation). Checkpoints are written at epoch ends; a run resumed from one
-continues exactly as an uninterrupted run would, because the checkpoint holds the weights,
-Adam's state and the generator that draws every shuffle, binarization, missing-pixel mask and
-importance sample.
+Callbacks see a "train" `Progress` (`models.progress`) after every step and may return True
+to stop the loop (the worker uses this for cancellation). Checkpoints are written at epoch
+ends; a run resumed from one continues exactly as an uninterrupted run would, because the
+checkpoint holds the weights, Adam's state and the generator that draws every shuffle,
+binarization, missing-pixel mask and importance sample.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,39 +23,18 @@ from models.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from models.config import TrainConfig
 from models.cuda_graphs import StepGraph
 from models.fastpath import FastPath, fast_path
-from models.files import Fence
+from models.files import Write, write_atomic
 from models.k_schedule import held_out_ess, initial_k, next_k
 from models.missing import draw_observed
 from models.networks import IWAEModel, burda_init
 from models.objectives import backward, surrogates
+from models.progress import Callback, Progress, notify
 
 # Burda et al.: 3^i epochs at learning rate 1e-3 * 10^(-i/7), for i = 0..7.
 BURDA_STAGES = 8
 ADAM_EPS = 1e-4
 # Steps between reading the loss back from the device; a read forces a host synchronisation.
-_LOSS_SYNC_STEPS = 50
-
-
-@dataclass
-class Progress:
-    """What a callback sees. `step`/`steps` count within the phase (images during "eval"
-    and "impute", gradient draws during "snr").
-
-    `k` is the K the current training epoch uses (None in the phases after training).
-    """
-
-    phase: Literal["train", "eval", "impute", "snr"]
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float | None
-    images_per_s: float
-    eta_s: float | None
-    k: int | None = None
-
-
-TrainCallback = Callable[[Progress], bool | None]
+LOSS_SYNC_STEPS = 50
 
 
 @dataclass
@@ -156,13 +134,13 @@ def train(
     train_images: Tensor,
     *,
     checkpoint_path: Path | None = None,
-    callbacks: Sequence[TrainCallback] = (),
-    fence: Fence | None = None,
+    callbacks: Sequence[Callback] = (),
+    write: Write = write_atomic,
 ) -> TrainResult:
     """Train on `train_images` [N, D] (grey levels in [0, 1], binarized afresh each epoch).
 
     Resumes from `checkpoint_path` when that file exists, and rewrites it at every epoch end
-    (through `fence`, see `models.files.write_atomic`). Under the `ess` K schedule the last
+    (through `write`, see `models.files.Write`). Under the `ess` K schedule the last
     `batch_size` images are held out to measure ESS/K.
     """
     device = resolve_device(config.device)
@@ -189,7 +167,7 @@ def train(
     generator = torch.Generator(device).manual_seed(config.seed)
     state = TrainState()
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = _restore(checkpoint_path, config, model, optimizer, generator, device)
+        state = restore_checkpoint(checkpoint_path, config, model, optimizer, generator, device)
     if state.k is None:
         state.k = initial_k(config)
 
@@ -215,7 +193,7 @@ def train(
                 _end_epoch(config, model, generator, held_out, state)
                 if checkpoint_path is not None:
                     save_checkpoint(
-                        checkpoint_path, model, optimizer, config, state, generator, fence=fence
+                        checkpoint_path, model, optimizer, config, state, generator, write=write
                     )
     return TrainResult(
         model=model.eval(),
@@ -318,7 +296,7 @@ def _train_epoch(
     steps_per_epoch: int,
     step: Callable[[Tensor, int], None],
     loss_sum: Tensor,
-    callbacks: Sequence[TrainCallback],
+    callbacks: Sequence[Callback],
 ) -> bool:
     """One pass over a fresh permutation and binarization; returns True when stopped.
 
@@ -336,32 +314,44 @@ def _train_epoch(
         state.step += 1
         window += 1
         done = i + 1
-        if window == _LOSS_SYNC_STEPS or done == steps_per_epoch:
+        if window == LOSS_SYNC_STEPS or done == steps_per_epoch:
             loss = float(loss_sum) / window
             loss_sum.zero_()
             window = 0
         elapsed = time.perf_counter() - start
         state.train_seconds = seconds_before + elapsed
-        rate = done / elapsed if elapsed > 0 else 0.0
-        remaining = (config.epochs - state.epoch) * steps_per_epoch - done
-        progress = Progress(
-            phase="train",
-            epoch=state.epoch + 1,
-            epochs=config.epochs,
-            step=done,
-            steps=steps_per_epoch,
-            loss=loss,
-            images_per_s=rate * config.batch_size,
-            eta_s=remaining / rate if rate > 0 else None,
-            k=state.k,
-        )
-        # Every callback sees every step, even when an earlier one asks to stop.
-        if any([callback(progress) for callback in callbacks]):
+        progress = step_progress(config, state, done, steps_per_epoch, loss, elapsed)
+        if notify(callbacks, progress):
             return True
     return False
 
 
-def _restore(
+def step_progress(
+    config: TrainConfig,
+    state: TrainState,
+    done: int,
+    steps: int,
+    loss: float | None,
+    elapsed: float,
+) -> Progress:
+    """What callbacks see after step `done` of `steps` in the epoch `state` is training,
+    `elapsed` seconds after the epoch began."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = (config.epochs - state.epoch) * steps - done
+    return Progress(
+        phase="train",
+        done=done,
+        total=steps,
+        epoch=state.epoch + 1,
+        epochs=config.epochs,
+        loss=loss,
+        images_per_s=rate * config.batch_size,
+        eta_s=remaining / rate if rate > 0 else None,
+        k=state.k,
+    )
+
+
+def restore_checkpoint(
     path: Path,
     config: TrainConfig,
     model: IWAEModel,
@@ -369,6 +359,7 @@ def _restore(
     generator: torch.Generator,
     device: torch.device,
 ) -> TrainState:
+    """Load `path` into the run's model, optimizer and generator; its `TrainState`."""
     checkpoint = load_checkpoint(path, device)
     if checkpoint.config.model != config.model:
         raise ValueError(

@@ -7,12 +7,14 @@ embedded file store under tmp_path, and queued jobs go to a list instead of Cele
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -21,8 +23,25 @@ from fastapi.testclient import TestClient
 from models.checkpoint import TrainState, save_checkpoint
 from models.config import ModelConfig, TrainConfig
 from models.networks import IWAEModel
+from tests.local_redis import HOST, redis_on
+from tests.s3_server import new_bucket, s3_env, s3_server
 
 TINY_MODEL_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API server on loopback (moto), shared by the session's tests."""
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`s3://bucket/prefix` of a fresh bucket, with the AWS_* variables pointing at it."""
+    for name, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(name, value)
+    return f"s3://{new_bucket()}/iwae"
 
 
 @pytest.fixture
@@ -168,3 +187,14 @@ def make_client(
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     """An API client with default settings, an empty home and the fake queue."""
     return make_client()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_for_the_suite() -> Iterator[None]:
+    """A Redis where the tests look for one, started for the session when none answers
+    there (tests/local_redis.py), so that the Redis tests run rather than skip."""
+    url = urlsplit(os.environ.get("IWAE_TEST_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    with contextlib.ExitStack() as servers:
+        for port in {6379, url.port or 6379} if url.hostname == HOST else {6379}:
+            servers.enter_context(redis_on(port))
+        yield

@@ -1,4 +1,4 @@
-"""The README agrees with the code: its configuration table and its commands."""
+"""The README and docs/ agree with the code: the configuration table and the commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 from app.cli import build_parser
 from app.settings import Settings
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+# The README and the docs that the rest of it moved to (docs/api.md, science.md, ...).
+DOCS = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 ROW = re.compile(r"^\| `(IWAE_[A-Z_]+)` \| `([^`]*)` \| (.+) \|$", re.MULTILINE)
 
 
@@ -28,11 +31,11 @@ def test_configuration_table_lists_every_setting_with_its_default():
     assert documented == expected
 
 
-CODE_BLOCKS = "\n".join(re.findall(r"^```bash\n(.*?)^```", README, re.MULTILINE | re.DOTALL))
+CODE_BLOCKS = "\n".join(re.findall(r"^```bash\n(.*?)^```", DOCS, re.MULTILINE | re.DOTALL))
 COMMANDS = re.findall(r"(?:^|\s)iwae ([a-z]+[^\n#&|]*)", CODE_BLOCKS, re.MULTILINE)
 
 
-def test_the_readme_shows_the_service_commands():
+def test_the_readme_and_docs_show_the_service_commands():
     assert {c.split()[0] for c in COMMANDS} >= {"serve", "worker"}
 
 

@@ -46,7 +46,8 @@ import torch
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.execution import discard_model
+from models.storage import Storage
+from worker.job_files import discard_model
 from worker.jobs import JobStore, ReaperThread, open_job_store, worker_name
 from worker.settings import WorkerSettings, get_worker_settings
 
@@ -71,6 +72,11 @@ class IwaeCelery(Celery):
     def job_store(self) -> JobStore:
         """This process's job store, opened on first use."""
         return open_job_store(self.settings)
+
+    @cached_property
+    def storage(self) -> Storage:
+        """Where this process stores models (`IWAE_STORAGE_URL`)."""
+        return self.settings.open_storage()
 
 
 def create_celery_app(settings: WorkerSettings) -> IwaeCelery:
@@ -209,7 +215,7 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
         interval_s=settings.reaper_interval_s,
         resend_s=settings.resend_queued_s,
         report=lambda: app.job_store.report_worker(worker_name(), consumed_queues(settings)),
-        on_settled=lambda job_id: discard_model(settings.models_dir / job_id),
+        on_settled=lambda job_id: discard_model(app.storage, job_id),
         waiting=waiting_messages(settings),
     )
     reaper.start()

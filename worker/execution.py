@@ -6,7 +6,7 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
   live lease, or finished, or cancelled): the message is dropped ("dropped");
 - the claim fails (store unreachable): "unclaimed"; the job stays queued and the reaper
   sends its message again after `resend_queued_s`;
-- training succeeds: `models/{job_id}/model.json` is written (atomically, fenced), then the
+- training succeeds: the job's `model.json` is written (atomically, fenced), then the
   job is `succeeded` with its metrics; only then is the model listed and served;
 - training raises: the job is `failed` with the error, and the worker takes the next job;
 - a cancel was requested (seen by the heartbeat): the loop stops at its next step and the
@@ -18,39 +18,39 @@ The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
   to another worker): the run stops and writes nothing more ("lost").
 
 A cancelled or failed job never keeps a `model.json`, so no model is listed for it, nor its
-checkpoint (its folder is removed). Recording the outcome is retried through a store outage
+checkpoint (its files are deleted). Recording the outcome is retried through a store outage
 (for up to `job_stall_s`); if it still cannot be recorded ("unrecorded"), the job stays
 running, its lease expires, and its next attempt resumes from the last checkpoint and records it.
 
-A job that was interrupted resumes from `models/{job_id}/model.safetensors`, which
-`models.run.train_and_evaluate` reads when it exists.
+A job that was interrupted resumes from its last checkpoint, which
+`models.run.train_and_evaluate` reads when it exists. Every file goes through the job's
+storage (`IWAE_STORAGE_URL`), fenced twice: by the lease and by the storage itself
+(`worker.job_files`); a write the storage refuses ends the attempt as "lost".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
-import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from models.config import TrainConfig
 from models.data import load_mnist
-from models.files import write_atomic
-from models.run import CHECKPOINT_NAME, train_and_evaluate
-from models.training import Progress
+from models.files import Write, write_atomic
+from models.progress import Progress
+from models.run import train_and_evaluate
+from models.storage import StaleWrite, Storage
+from models.storage.layout import MODEL_INFO_NAME
+from worker.job_files import JobFiles
 from worker.jobs import ClaimRefused, JobNotFound, JobStore, Lease, Outcome, utcnow, worker_name
 from worker.lease import LeaseKeeper, LeaseLost, Watchdog
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-MODEL_INFO_NAME = "model.json"
 
 
 def run_job(
@@ -59,13 +59,16 @@ def run_job(
     store: JobStore,
     *,
     stop: threading.Event | None = None,
+    storage: Storage | None = None,
     watchdog: Watchdog | None = None,
 ) -> str:
     """Run the job if it can be claimed; returns the outcome, for logs and tests:
     "dropped", "unclaimed", "succeeded", "failed", "cancelled", "released", "lost" or
-    "unrecorded". A `watchdog` ends the process when training hangs (`worker.lease`).
+    "unrecorded". `storage` defaults to the one `settings` name; a `watchdog` ends the
+    process when training hangs (`worker.lease`).
     """
     stop = stop or threading.Event()
+    storage = storage or settings.open_storage()
     try:
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
@@ -76,10 +79,11 @@ def run_job(
         return "unclaimed"
     log.info("job %s: started (attempt %d, fence %d)", job_id, lease.record.attempts, lease.fence)
     with LeaseKeeper(store, lease, settings, watchdog) as keeper:
-        run = _Run(lease, settings, store, keeper, stop)
+        run = _Run(lease, settings, store, storage, keeper, stop)
         try:
             outcome = run.train()
-        except LeaseLost:
+        except (LeaseLost, StaleWrite) as exc:
+            log.error("job %s: %s; stopping, writing nothing more", job_id, exc)
             outcome = "lost"
         except Exception as exc:
             if keeper.lost.is_set():
@@ -99,6 +103,7 @@ class _Run:
         lease: Lease,
         settings: WorkerSettings,
         store: JobStore,
+        storage: Storage,
         keeper: LeaseKeeper,
         stop: threading.Event,
     ) -> None:
@@ -107,7 +112,9 @@ class _Run:
         self.store = store
         self.keeper = keeper
         self.stop = stop
-        self.out_dir = settings.models_dir / lease.job_id
+        self.files = JobFiles(
+            storage, lease.job_id, lease.fence, keeper.fence, settings.models_dir / lease.job_id
+        )
 
     def train(self) -> str:
         config = TrainConfig.from_dict(self.lease.record.config)
@@ -116,15 +123,19 @@ class _Run:
         reporter = ProgressReporter(
             self.store,
             self.lease,
-            self.out_dir / CHECKPOINT_NAME,
+            self.files,
             self.keeper,
             self.stop,
             self.settings.progress_interval_s,
         )
         data = load_mnist(self.settings.mnist_dir, download_dir=self.settings.download_dir)
-        result = train_and_evaluate(
-            config, data, self.out_dir, callbacks=[reporter], fence=self.keeper.fence
-        )
+        out_dir = self.files.prepare()
+        try:
+            result = train_and_evaluate(
+                config, data, out_dir, callbacks=[reporter], write=self.files.write
+            )
+        finally:
+            self.files.cleanup()
         if self.keeper.lost.is_set():
             return "lost"
         reporter.flush()
@@ -132,11 +143,11 @@ class _Run:
             return self._stopped()
         metrics = result.metrics or {}
         write_model_info(
-            self.out_dir,
+            out_dir,
             job_id=self.lease.job_id,
             config=config,
             metrics=metrics,
-            fence=self.keeper.fence,
+            write=self.files.write,
         )
         return self.end("succeeded", metrics=metrics, model_id=self.lease.job_id)
 
@@ -155,16 +166,13 @@ class _Run:
         return self.end("cancelled")
 
     def end(self, status: Outcome, **fields: Any) -> str:
-        """Record the outcome, retrying through a store outage; discard the folder of a job
-        that did not succeed."""
-        if status != "succeeded" and self.out_dir.exists():
-            # Its checkpoint (and a model.json an earlier attempt wrote, its finish not
-            # recorded): nothing will resume or serve them.
+        """Record the outcome, retrying through a store outage; discard the files of a job
+        that did not succeed (`JobFiles.discard`)."""
+        if status != "succeeded":
             try:
-                self.keeper.fence(self.out_dir)
-            except LeaseLost:
+                self.files.discard()
+            except (LeaseLost, StaleWrite):
                 return "lost"
-            discard_model(self.out_dir)
         give_up = time.monotonic() + self.settings.job_stall_s
         while True:
             try:
@@ -184,7 +192,7 @@ class ProgressReporter:
     """The training callback: progress to the job store (throttled), stop when asked.
 
     Writes at most once per `interval_s` (always the first step, and `flush()` writes the
-    last one seen), sets the job's `model_id` once the checkpoint file exists, tells the
+    last one seen), sets the job's `model_id` once it has a checkpoint, tells the
     lease keeper that training progresses, and returns True (stop) when a cancel was
     requested, the lease was lost, the attempt ran too long or the worker is stopping. It
     reads those from events set by the heartbeat: no store call per step.
@@ -194,7 +202,7 @@ class ProgressReporter:
         self,
         store: JobStore,
         lease: Lease,
-        checkpoint: Path,
+        files: JobFiles,
         keeper: LeaseKeeper,
         stop: threading.Event,
         interval_s: float,
@@ -202,7 +210,7 @@ class ProgressReporter:
         self.stop = stop
         self.store = store
         self.lease = lease
-        self.checkpoint = checkpoint
+        self.files = files
         self.keeper = keeper
         self.interval_s = interval_s
         self._last_write = float("-inf")
@@ -211,7 +219,7 @@ class ProgressReporter:
 
     def __call__(self, progress: Progress) -> bool:
         self.keeper.progressed()
-        self._pending = dataclasses.asdict(progress)
+        self._pending = progress_record(progress)
         if time.monotonic() - self._last_write >= self.interval_s:
             self.flush()
         return self.keeper.should_stop or self.stop.is_set()
@@ -220,7 +228,7 @@ class ProgressReporter:
         if self._pending is None:
             return
         model_id = None
-        if not self._model_id_set and self.checkpoint.exists():
+        if not self._model_id_set and self.files.has_checkpoint:
             model_id = self.lease.job_id
         try:
             if self.store.update_progress(self.lease, self._pending, model_id=model_id):
@@ -231,16 +239,32 @@ class ProgressReporter:
         self._last_write = time.monotonic()
 
 
+def progress_record(progress: Progress) -> dict[str, Any]:
+    """The job record's `progress` (the API's `ProgressOut`), where `step` and `steps` are the
+    event's `done` and `total` in the phase's units."""
+    return {
+        "phase": progress.phase,
+        "epoch": progress.epoch,
+        "epochs": progress.epochs,
+        "step": progress.done,
+        "steps": progress.total,
+        "loss": progress.loss,
+        "images_per_s": progress.images_per_s,
+        "eta_s": progress.eta_s,
+        "k": progress.k,
+    }
+
+
 def write_model_info(
     out_dir: Path,
     *,
     job_id: str,
     config: TrainConfig,
     metrics: dict[str, Any],
-    fence: Callable[[Path], None] | None = None,
+    write: Write = write_atomic,
 ) -> Path:
-    """`model.json`, whose presence makes the model listed and served (`fence` as in
-    `models.files.write_atomic`).
+    """`model.json`, whose presence makes the model listed and served (stored through
+    `write`, a `models.files.Write`).
     """
     info = {
         "model_id": job_id,
@@ -250,15 +274,8 @@ def write_model_info(
         "created_at": utcnow().isoformat(),
     }
     path = out_dir / MODEL_INFO_NAME
-    write_atomic(path, json.dumps(info, indent=2).encode(), fence=fence)
+    write(path, json.dumps(info, indent=2).encode())
     return path
-
-
-def discard_model(out_dir: Path) -> None:
-    """Remove the folder of a cancelled or failed job: no model is listed or served for it
-    (`model.json` goes first), and its checkpoint no longer takes disk space for good."""
-    (out_dir / MODEL_INFO_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 # An absolute path in a message: the folders before its last part are the server's layout.

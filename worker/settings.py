@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.config import Device
+from models.storage import Storage, open_storage, parse_storage_url
 
 
 class WorkerSettings(BaseSettings):
@@ -33,6 +35,13 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="Folder with the four MNIST files; None means home/data, where they are "
         "downloaded when missing.",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Where models (checkpoints, model.json, metrics) and study reports are "
+        "kept: unset or file:///path is a folder (unset: home), s3://bucket/prefix an "
+        "S3-compatible object store (credentials and endpoint from the AWS_* variables, e.g. "
+        "AWS_ENDPOINT_URL); every worker and the API must name the same one.",
     )
     broker_url: str | None = Field(
         default=None,
@@ -95,13 +104,19 @@ class WorkerSettings(BaseSettings):
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="Minimum time between progress writes of a running job."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         default="auto",
         description="Device for jobs whose config says device='auto'; 'auto' picks CUDA when "
         "available. Chosen inside the task, never in a parent process.",
     )
 
-    @field_validator("broker_url", "data_dir", mode="before")
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        parse_storage_url(value)  # raises on a scheme we cannot store to
+        return value
+
+    @field_validator("broker_url", "data_dir", "storage_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -143,6 +158,15 @@ class WorkerSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of what an object store holds (checkpoints the API serves)."""
+        return self.home / "cache"
+
+    def open_storage(self) -> Storage:
+        """The model storage `storage_url` names (no I/O until it is used)."""
+        return open_storage(self.storage_url, self.home, self.cache_dir)
 
     @property
     def jobs_dir(self) -> Path:

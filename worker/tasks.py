@@ -33,7 +33,12 @@ def train(self: Task, job_id: str) -> str:
         raise TypeError("the training task runs only in an app from worker.celery_app")
     # A hung training run ends this process, for its supervisor to start a fresh worker.
     outcome = run_job(
-        job_id, app.settings, app.job_store, stop=shutdown_requested, watchdog=Watchdog()
+        job_id,
+        app.settings,
+        app.job_store,
+        stop=shutdown_requested,
+        storage=app.storage,
+        watchdog=Watchdog(),
     )
     try:
         if outcome == "released":  # this worker is stopping: hand the job to another one now

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app import events
-from app.deps import QueueDep, StoreDep, require_token
+from app.deps import QueueDep, SettingsDep, StoreDep, require_token
+from app.health import waiting_for
+from app.params import Cursor
 from app.planning import train_config
-from app.schemas import CURSOR_PATTERN, ID_PATTERN, JobList, JobOut, JobStatus
+from app.schemas import ID_PATTERN, JobList, JobOut, JobStatus
 from app.schemas import error_responses as _errors
 from models.config import TrainConfig
 
@@ -61,10 +63,7 @@ def list_jobs(
         str | None, Query(pattern=ID_PATTERN, description="Only the cells of this study.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
-    cursor: Annotated[
-        str | None,
-        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
+    cursor: Cursor = None,
 ) -> JobList:
     """Jobs, newest first, a page at a time: pass `next_cursor` back for the next page."""
     jobs, next_cursor = store.page(limit=limit, cursor=cursor, status=status, study_id=study_id)
@@ -72,9 +71,11 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", responses=_errors(404))
-def get_job(job_id: JobId, store: StoreDep) -> JobOut:
-    """A job's status, progress, metrics and model id."""
-    return JobOut.of(store.get(job_id))
+def get_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> JobOut:
+    """A job's status, progress, metrics and model id; `waiting_for` says why a queued job
+    does not start (e.g. no GPU worker is up)."""
+    job = store.get(job_id)
+    return JobOut.of(job).model_copy(update={"waiting_for": waiting_for(settings, store, job)})
 
 
 @router.get(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 
 from app.deps import RegistryDep
-from app.schemas import ID_PATTERN, MODEL_CURSOR_PATTERN, ModelList, ModelOut
+from app.params import ModelCursor, PageSize
+from app.schemas import ID_PATTERN, ModelList, ModelOut
 from app.schemas import error_responses as _errors
 
 router = APIRouter(tags=["models"])
@@ -17,12 +18,7 @@ ModelId = Annotated[str, Path(pattern=ID_PATTERN, description="An id from GET /m
 
 @router.get("/models")
 def list_models(
-    registry: RegistryDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
-    cursor: Annotated[
-        str | None,
-        Query(pattern=MODEL_CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
+    registry: RegistryDep, limit: PageSize = 100, cursor: ModelCursor = None
 ) -> ModelList:
     """Trained models with their config and final metrics, newest first, a page at a time."""
     models, next_cursor = registry.page(limit=limit, cursor=cursor)

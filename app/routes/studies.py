@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import FileResponse
 
 from app.deps import InferenceDep, QueueDep, RegistryDep, ReportsDep, StoreDep, require_token
 from app.errors import FigureNotFound
+from app.params import Cursor, PageSize
 from app.planning import StudyPlan, study_plan
 from app.schemas import (
-    CURSOR_PATTERN,
     ID_PATTERN,
     RESULTS_EXAMPLE,
     StudyList,
@@ -69,14 +69,7 @@ def create_study(
 
 
 @router.get("/studies")
-def list_studies(
-    store: StoreDep,
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 100,
-    cursor: Annotated[
-        str | None,
-        Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page."),
-    ] = None,
-) -> StudyList:
+def list_studies(store: StoreDep, limit: PageSize = 100, cursor: Cursor = None) -> StudyList:
     """Studies with their status and cells by status, newest first, a page at a time."""
     studies, next_cursor = store.study_page(limit=limit, cursor=cursor)
     summaries = [StudySummaryOut.of(store.view(study)) for study in studies]

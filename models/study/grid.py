@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.config import MAX_SEED, OBJECTIVES, VR_OBJECTIVES, TrainConfig
+from models.config import MAX_K, MAX_SEED, OBJECTIVES, VR_OBJECTIVES, TrainConfig
 
 MAX_KS = 12
-MAX_K = 5000
 MAX_SEEDS = 10
+# Gradient draws per cell: enough for the bias-corrected median SNR of 20 images.
+STUDY_SNR_DRAWS = 100
 # The fields of a TrainConfig that the grid sets per cell.
 CELL_FIELDS = ("objective", "k", "seed")
 
@@ -71,6 +72,19 @@ def _check_list(field: str, values: Sequence[object], most: int) -> None:
     repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
     if repeated:
         raise StudyGridError(f"{field}: repeated {', '.join(repeated)}")
+
+
+def base_cell(
+    ks: Sequence[int], objectives: Sequence[str], seeds: Sequence[int], alpha: float | None
+) -> dict[str, Any]:
+    """The grid's fields of the config every cell starts from (`cell_config`'s `base`): the
+    largest K, so that `k_min` is checked against it, the first seed, and the first
+    objective, or the grid's first VR-IWAE objective when an `alpha` is given (the others
+    refuse one)."""
+    objective = objectives[0]
+    if alpha is not None:
+        objective = next((o for o in objectives if o in VR_OBJECTIVES), objective)
+    return {"k": max(ks), "objective": objective, "seed": seeds[0]}
 
 
 def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.estimators import loglog_slope
+from models.snr import loglog_slope
+from models.status import STATUSES, StudyStatus
 from models.study.grid import Cell
-
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-STUDY_STATUSES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
 
 # The metrics of a cell kept in results.json (the per-epoch histories are left out).
 CELL_METRICS = (
@@ -56,7 +54,7 @@ class CellOutcome:
     checkpoint: Path | None = None
 
 
-def study_status(statuses: Sequence[str]) -> str:
+def study_status(statuses: Sequence[str]) -> StudyStatus:
     """The study's status from its cells' job statuses.
 
     queued while no cell has started; running while any cell is unfinished and one has

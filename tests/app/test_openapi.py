@@ -3,6 +3,7 @@
 The requests are derived from the schema itself (each path and query parameter, each
 request body's media type), so a new route is checked without a new test. This is the
 property a schema fuzzer such as schemathesis checks, without its network or its run time.
+The document lists every route, and every request field has a description and an example.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from app.schemas import TrainRequest
 
 MAX_BODY = 4096
 TINY_MODEL_ID = "0123456789abcdef0123456789abcdef"
@@ -103,3 +106,69 @@ def test_a_json_body_that_is_not_utf8_is_documented_on_post_train(client: TestCl
     assert response.status_code == 400
     responses = client.get("/openapi.json").json()["paths"]["/train"]["post"]["responses"]
     assert "400" in responses and "413" in responses
+
+
+def test_docs_render(client: TestClient) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert "swagger" in response.text.lower()
+    assert client.get("/redoc").status_code == 200
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    expected = {
+        ("post", "/train"),
+        ("get", "/jobs"),
+        ("get", "/jobs/{job_id}"),
+        ("get", "/jobs/{job_id}/events"),
+        ("post", "/jobs/{job_id}/cancel"),
+        ("get", "/models"),
+        ("get", "/models/{model_id}"),
+        ("get", "/samples"),
+        ("post", "/reconstruct"),
+        ("post", "/loglik"),
+        ("post", "/impute"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+        ("post", "/studies"),
+        ("get", "/studies"),
+        ("get", "/studies/{study_id}"),
+        ("get", "/studies/{study_id}/results.json"),
+        ("get", "/studies/{study_id}/report"),
+        ("get", "/studies/{study_id}/figures/{name}.png"),
+        ("post", "/studies/{study_id}/cancel"),
+    }
+    assert {(m, p) for p, methods in paths.items() for m in methods} == expected
+    assert "202" in paths["/train"]["post"]["responses"]
+    assert {"202", "422", "429"} <= set(paths["/studies"]["post"]["responses"])
+    assert "multipart/form-data" in paths["/loglik"]["post"]["requestBody"]["content"]
+
+
+def test_every_train_field_has_a_description_and_an_example(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainRequest"]
+    assert set(schema["properties"]) == set(TrainRequest.model_fields)
+    for name, prop in schema["properties"].items():
+        assert prop.get("examples"), f"{name} has no example"
+        assert prop.get("description"), f"{name} has no description"
+    assert schema["required"] == ["k"]
+    assert schema["additionalProperties"] is False
+
+
+def test_a_study_takes_every_train_field_but_the_grid_s_each_described(
+    client: TestClient,
+) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    study = schemas["StudyRequest"]
+    grid = {"ks", "objectives", "seeds"}
+    assert (
+        set(study["properties"])
+        == set(TrainRequest.model_fields) - {"k", "objective", "seed"} | grid
+    )
+    for name, prop in study["properties"].items():
+        assert prop.get("examples"), f"{name} has no example"
+        assert prop.get("description"), f"{name} has no description"
+    assert study["required"] == ["ks"]
+    assert study["additionalProperties"] is False
+    assert study["properties"]["snr_draws"]["default"] == 100  # on for studies only

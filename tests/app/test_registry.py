@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import pytest
 from app import registry as registry_module
 from app.errors import ModelNotFound, ModelUnavailable, NoModelTrained
 from app.registry import ModelRegistry
+from models.storage import FileStorage
 
 IDS = ["a" * 32, "b" * 32, "c" * 32]
 
@@ -23,7 +23,7 @@ def models(home: Path, add_model: Callable[..., Path]) -> ModelRegistry:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     for i, model_id in enumerate(IDS):
         add_model(model_id, seed=i, created_at=start + timedelta(hours=i))
-    return ModelRegistry(home / "models", cache_size=2)
+    return ModelRegistry(FileStorage(home), cache_size=2)
 
 
 @pytest.fixture
@@ -55,33 +55,8 @@ def test_default_is_the_newest(models: ModelRegistry, loads: list[str]) -> None:
     assert models.load().model_id == IDS[-1]
 
 
-def test_listing_reads_each_description_once_while_it_is_unchanged(
-    models: ModelRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every /models page and every default-model request lists the models: a stat each,
-    not a read and a JSON parse of every model.json ever written."""
-    read: list[str] = []
-    real = ModelRegistry._read
-
-    def counting(path: Path) -> object:
-        read.append(path.parent.name)
-        return real(path)
-
-    monkeypatch.setattr(ModelRegistry, "_read", staticmethod(counting))
-    assert [m["model_id"] for m in models.list()] == IDS[::-1]
-    assert sorted(read) == IDS
-    read.clear()
-    models.resolve(None)
-    models.page(limit=1)
-    assert read == []
-    rewritten = models.models_dir / IDS[0] / "model.json"
-    rewritten.write_text(json.dumps({**json.loads(rewritten.read_text()), "note": "x"}))
-    assert next(m for m in models.list() if m["model_id"] == IDS[0])["note"] == "x"
-    assert read == [IDS[0]]
-
-
 def test_no_model_and_unknown_model(home: Path) -> None:
-    empty = ModelRegistry(home / "models")
+    empty = ModelRegistry(FileStorage(home))
     with pytest.raises(NoModelTrained, match="POST /train"):
         empty.load()
     with pytest.raises(ModelNotFound):

@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 
 from app import server
 from app.errors import UnsafeExposure
-from app.settings import get_settings
 
 
 class FakeWorker:
@@ -75,7 +74,7 @@ def fake_serving(monkeypatch: pytest.MonkeyPatch, make_settings) -> Callable[...
 def test_embedded_mode_starts_and_stops_a_local_worker(fake_serving) -> None:
     seen = fake_serving()
     assert seen["address"] == ("127.0.0.1", 8123)
-    # Bounded shutdown (test_job_events.py) and connections (IWAE_HTTP_CONCURRENCY).
+    # Bounded shutdown (test_events.py) and connections (IWAE_HTTP_CONCURRENCY).
     assert seen["options"] == {**server.UVICORN_OPTIONS, "limit_concurrency": 1024}
     assert len(seen["workers"]) == 1 and seen["workers"][0].stopped
 
@@ -173,14 +172,6 @@ def test_stop_worker_kills_a_worker_that_ignores_sigterm() -> None:
     server.stop_worker(stubborn, grace_s=0.5)
     assert stubborn.returncode is not None
     assert time.monotonic() - start < 5
-
-
-def test_get_settings_is_cached_and_resettable(monkeypatch: pytest.MonkeyPatch) -> None:
-    get_settings.cache_clear()
-    monkeypatch.setenv("IWAE_MAX_SAMPLES", "7")
-    assert get_settings() is get_settings()
-    assert get_settings().max_samples == 7
-    get_settings.cache_clear()
 
 
 def test_the_real_queue_gets_the_apps_settings(

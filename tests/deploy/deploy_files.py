@@ -22,8 +22,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = "docker-compose.yml"
 CPU_COMPOSE_FILE = "docker-compose.cpu.yml"
+GPUS_COMPOSE_FILE = "docker-compose.gpus.yml"
 # What `docker compose config` needs to see of the repository.
-DEPLOY_FILES = ("Dockerfile", ".dockerignore", COMPOSE_FILE, CPU_COMPOSE_FILE, ".env.example")
+DEPLOY_FILES = (
+    "Dockerfile",
+    ".dockerignore",
+    COMPOSE_FILE,
+    CPU_COMPOSE_FILE,
+    GPUS_COMPOSE_FILE,
+    ".env.example",
+)
 # `http://127.0.0.1:8000/healthz` inside a healthcheck command.
 LOCAL_URL = re.compile(r"https?://(?:127\.0\.0\.1|localhost):(\d+)(/[\w/.-]*)")
 IWAE_NAME = re.compile(r"\bIWAE_[A-Z0-9_]+\b")

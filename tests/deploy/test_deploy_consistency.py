@@ -19,9 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from deploy_files import (
+
+from tests.deploy.deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
+    GPUS_COMPOSE_FILE,
     IWAE_NAME,
     LOCAL_URL,
     ROOT,
@@ -134,9 +136,9 @@ def exposed_ports() -> set[int]:
 
 
 def ci_torch_version() -> str:
-    text = (ROOT / ".ci/run").read_text()
-    match = re.search(r"^python -m pip install [-\w ]*torch==([\w.+]+)$", text, re.MULTILINE)
-    assert match, ".ci/run installs a pinned torch first"
+    text = (ROOT / "dev").read_text()  # what .ci/run and the README's commands install
+    match = re.search(r"^\s*python -m pip install [-\w ]*torch==([\w.+]+)$", text, re.MULTILINE)
+    assert match, "./dev installs a pinned torch first"
     return match.group(1)
 
 
@@ -177,8 +179,11 @@ def test_torch_build_is_chosen_by_build_args_and_is_the_tested_release() -> None
     args = dockerfile_args()
     assert re.fullmatch(r"cu\d{3}|cpu", args["TORCH_VARIANT"])
     assert args["TORCH_VARIANT"].startswith("cu"), "the default image is the GPU worker's"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    assert args["TORCH_FIND_LINKS"] in {"", '""'}, "PyTorch's index unless a build says so"
     install = next(a for k, a in dockerfile() if k == "RUN" and "torch==" in a)
-    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in install
+    assert '--index-url "${TORCH_INDEX_URL}"' in install
+    assert "--find-links /tmp/torch-wheels" in install
     assert '"torch==${TORCH_VERSION}"' in install
 
     version = args["TORCH_VERSION"]
@@ -208,8 +213,10 @@ def test_build_context_is_exactly_what_the_dockerfile_copies() -> None:
     for keyword, arguments in dockerfile():
         if keyword == "COPY" and not arguments.startswith("--from"):
             *sources, _destination = arguments.split()
-            copied.update(source.rstrip("/") for source in sources)
-    assert copied == allowed
+            # ${TORCH_FIND_LINKS:-pyproject.toml}: a file that is there when the arg is unset
+            copied.update(re.sub(r"\$\{\w+:-(.*)\}", r"\1", s).rstrip("/") for s in sources)
+    # wheels/ is the folder TORCH_FIND_LINKS names where it is used (deploy/local-images.sh)
+    assert copied | {"wheels"} == allowed
     for source in copied:
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
     for pattern in ("**/*.safetensors", "**/*-ubyte", "**/*-ubyte.gz"):
@@ -270,23 +277,26 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
     assert "--maxmemory-policy noeviction" in command
     source, _, target = redis["volumes"][0].partition(":")
     assert target == "/data" and source in compose["volumes"], "AOF on a named volume"
-    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", redis["image"]), "an exact version"
+    # REDIS_IMAGE replaces it where the registry cannot be reached (deploy/local-images.sh)
+    image = re.fullmatch(r"\$\{REDIS_IMAGE:-(.*)\}", redis["image"])
+    assert image, redis["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", image.group(1)), "an exact version"
     check = redis["healthcheck"]
     assert "redis-cli ping" in " ".join(check["test"])
     assert go_duration_s(check["interval"]) <= 5
 
 
-def test_worker_reserves_one_nvidia_gpu_and_stops_gracefully(compose: dict[str, Any]) -> None:
+def test_worker_reserves_gpu_0_and_stops_gracefully(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
     assert go_duration_s(worker["stop_grace_period"]) >= 60
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["healthcheck"] == {"disable": True}, "the worker serves no /healthz"
 
 
 def test_compose_settings_are_real_settings(compose: dict[str, Any]) -> None:
-    for name in (COMPOSE_FILE, CPU_COMPOSE_FILE):
+    for name in (COMPOSE_FILE, CPU_COMPOSE_FILE, GPUS_COMPOSE_FILE):
         unknown = set(IWAE_NAME.findall((ROOT / name).read_text())) - setting_env_names()
         assert not unknown, f"{name} sets variables no settings class reads: {unknown}"
     for service in IWAE_SERVICES:
@@ -383,6 +393,21 @@ def test_cpu_override_drops_the_gpu_and_builds_cpu_torch(compose_config: Compose
         assert cpu[name]["command"] == gpu[name]["command"]
     assert cpu["api"]["image"] == cpu["worker"]["image"]
     assert cpu["worker"]["environment"]["IWAE_DEVICE"] == "cpu"
+
+
+def test_gpus_override_runs_one_worker_per_gpu(compose_config: ComposeConfig) -> None:
+    """Each worker service reserves one GPU of its own and is otherwise the worker."""
+    services = compose_config(COMPOSE_FILE, GPUS_COMPOSE_FILE)["services"]
+    workers = {name: s for name, s in services.items() if s.get("command") == ["iwae", "worker"]}
+    assert len(workers) >= 2 and "worker" in workers
+    gpus = []
+    for name, service in workers.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device.keys() == {"driver", "device_ids", "capabilities"}, "no `count`"
+        gpus += device["device_ids"]
+        same = {k: v for k, v in service.items() if k != "deploy"}
+        assert same == {k: v for k, v in workers["worker"].items() if k != "deploy"}, name
+    assert sorted(gpus) == [str(i) for i in range(len(workers))], "GPUs 0..N-1, one each"
 
 
 def test_cpu_override_as_written_resets_the_deploy_section() -> None:

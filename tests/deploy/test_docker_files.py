@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
-from deploy_files import (
+
+from tests.deploy.deploy_files import (
     COMPOSE_FILE,
     CPU_COMPOSE_FILE,
+    GPUS_COMPOSE_FILE,
     ROOT,
     copy_deploy_files,
     env_example_entries,
@@ -40,8 +42,8 @@ RUN cd /srv && pip install iwae-service
 
 @pytest.mark.parametrize(
     "files",
-    [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_COMPOSE_FILE)],
-    ids=["gpu", "cpu-override"],
+    [(COMPOSE_FILE,), (COMPOSE_FILE, CPU_COMPOSE_FILE), (COMPOSE_FILE, GPUS_COMPOSE_FILE)],
+    ids=["gpu", "cpu-override", "gpus-override"],
 )
 def test_compose_config_is_valid(compose_binary: Path, tmp_path: Path, files: tuple) -> None:
     directory = copy_deploy_files(tmp_path)

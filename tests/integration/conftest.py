@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,37 +40,29 @@ def service_settings(tmp_path: Path, **changes: Any) -> WorkerSettings:
 
 
 @pytest.fixture
-def make_redis_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    """Distributed mode on the test Redis database, with a key prefix of its own;
-    `make_redis_service(**changes)` overrides settings."""
+def redis_service(tmp_path: Path) -> Iterator[Service]:
+    """Distributed mode on the test Redis database, with a key prefix of its own."""
+    yield from distributed_service(tmp_path)
+
+
+def distributed_service(tmp_path: Path, **changes: Any) -> Iterator[Service]:
+    """`redis_service`'s deployment, with settings `changes`."""
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
     try:
         client.ping()
     except redis.RedisError as exc:
         pytest.skip(f"no Redis answers at {REDIS_URL} ({exc}); start redis-server")
     prefix = f"iwae-test-{uuid.uuid4().hex[:8]}:"
-    services: list[Service] = []
-
-    def make(**changes: Any) -> Service:
-        settings = service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix, **changes)
-        services.append(Service(settings, tmp_path))
-        return services[-1]
-
+    settings = service_settings(tmp_path, broker_url=REDIS_URL, redis_prefix=prefix, **changes)
+    service = Service(settings, tmp_path)
     try:
-        yield make
+        yield service
     finally:
-        for service in services:
-            service.stop()
+        service.stop()
         keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)
         client.close()
-
-
-@pytest.fixture
-def redis_service(make_redis_service: Callable[..., Service]) -> Service:
-    """Distributed mode on the test Redis database, with a key prefix of its own."""
-    return make_redis_service()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from models.checkpoint import load_checkpoint
-from tests.integration.conftest import service_settings
+from tests.integration.conftest import distributed_service, service_settings
 from tests.integration.service import Service
 from tests.support import TINY_CONFIG, free_port, wait_until
 from worker.celery_app import TRAIN_TASK, create_celery_app
@@ -259,13 +259,26 @@ def test_jobs_survive_killed_paused_workers_a_redis_restart_and_a_failed_claim(
         print(f"all {len(jobs)} jobs: {succeeded} succeeded, 1 cancelled, none failed or stuck")
 
 
+@pytest.fixture
+def quick_resend(tmp_path: Path) -> Iterator[Service]:
+    """The test Redis, with messages due again 0.5 s after they were sent."""
+    yield from distributed_service(tmp_path, resend_queued_s=0.5)
+
+
+@pytest.fixture
+def short_stall(tmp_path: Path) -> Iterator[Service]:
+    """The test Redis, with a 15 s stall (loading MNIST on a busy machine reports no
+    progress either)."""
+    yield from distributed_service(tmp_path, job_stall_s=15.0)
+
+
 def test_jobs_waiting_behind_a_busy_worker_are_not_sent_again(
-    make_redis_service: Callable[..., Service], capsys: pytest.CaptureFixture[str]
+    quick_resend: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Five jobs wait while the only worker trains a long one; the reaper finds their
     messages due on every pass (resend after 0.5 s, a pass a second), yet the queue holds
     one message per waiting job: they are still there, so none is lost."""
-    service = make_redis_service(resend_queued_s=0.5)
+    service = quick_resend
     settings, store = service.settings, service.store
     busy = service.submit(**{**JOB, "epochs": 10_000})
     service.start_worker()
@@ -291,14 +304,13 @@ def test_jobs_waiting_behind_a_busy_worker_are_not_sent_again(
 
 
 def test_a_worker_whose_training_hangs_exits_and_its_job_resumes_elsewhere(
-    make_redis_service: Callable[..., Service], capsys: pytest.CaptureFixture[str]
+    short_stall: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The job's checkpoint is a FIFO with no writer: resuming from it blocks in open(2)
     for good, as on a hung NFS mount. Its watchdog ends the process once training made no
-    progress for `job_stall_s` (15 s: loading MNIST on a busy machine reports none either)
-    plus a heartbeat; the supervisor (here, the test)
+    progress for `job_stall_s` (15 s) plus a heartbeat; the supervisor (here, the test)
     starts a fresh worker, which takes the job over once its lease expired."""
-    service = make_redis_service(job_stall_s=15.0)
+    service = short_stall
     job_id = service.store.create({**TINY_CONFIG, "epochs": 1}).job_id
     hung = service.settings.models_dir / job_id / "model.safetensors"
     hung.parent.mkdir(parents=True)

@@ -29,7 +29,8 @@ from models.checkpoint import TrainState
 from models.config import OBJECTIVES, ModelConfig, TrainConfig
 from models.cuda_graphs import WARMUP_STEPS, StepGraph
 from models.networks import IWAEModel
-from models.training import Progress, _train_epoch, init_model, make_step, tf32_matmuls, train
+from models.progress import Progress
+from models.training import _train_epoch, init_model, make_step, tf32_matmuls, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -328,7 +329,7 @@ def run(config: TrainConfig, images: Tensor) -> tuple[IWAEModel, list[float]]:
     losses: list[float] = []
 
     def record(progress: Progress) -> None:
-        if progress.step == progress.steps:
+        if progress.done == progress.total:
             losses.append(progress.loss)
 
     return train(config, images, callbacks=[record]).model, losses

@@ -24,7 +24,7 @@ from models.data import (
     TEST_BINARIZATION_SEED,
     DataError,
     Mnist,
-    binarize,
+    binarize_stochastic,
     binarized_test_images,
     load_mnist,
     read_idx,
@@ -512,7 +512,7 @@ def test_binarize_draws_bernoulli_pixels(dtype: torch.dtype) -> None:
     images = torch.full((200, 784), 0.3, dtype=dtype)
     images[:, 0], images[:, 1] = 0.0, 1.0
 
-    binary = binarize(images, torch.Generator().manual_seed(0))
+    binary = binarize_stochastic(images, torch.Generator().manual_seed(0))
 
     assert binary.shape == images.shape
     assert binary.dtype == dtype
@@ -526,11 +526,11 @@ def test_binarize_draws_bernoulli_pixels(dtype: torch.dtype) -> None:
 def test_binarize_is_fresh_per_generator_and_repeatable_per_seed() -> None:
     images = torch.rand(50, 784, generator=torch.Generator().manual_seed(5))
 
-    first = binarize(images, torch.Generator().manual_seed(1))
-    same = binarize(images, torch.Generator().manual_seed(1))
-    other = binarize(images, torch.Generator().manual_seed(2))
+    first = binarize_stochastic(images, torch.Generator().manual_seed(1))
+    same = binarize_stochastic(images, torch.Generator().manual_seed(1))
+    other = binarize_stochastic(images, torch.Generator().manual_seed(2))
     generator = torch.Generator().manual_seed(1)
-    epoch1, epoch2 = binarize(images, generator), binarize(images, generator)
+    epoch1, epoch2 = binarize_stochastic(images, generator), binarize_stochastic(images, generator)
 
     assert torch.equal(first, same)
     assert not torch.equal(first, other)
@@ -610,8 +610,8 @@ def test_real_mnist_binarization(real_mnist_data: Mnist) -> None:
 
     fixed = binarized_test_images(x)
     fixed_again = binarized_test_images(x.clone())
-    draw0 = binarize(x, torch.Generator().manual_seed(0))
-    draw1 = binarize(x, torch.Generator().manual_seed(1))
+    draw0 = binarize_stochastic(x, torch.Generator().manual_seed(0))
+    draw1 = binarize_stochastic(x, torch.Generator().manual_seed(1))
 
     assert torch.equal(fixed, fixed_again)
     assert set(fixed.unique().tolist()) == {0.0, 1.0}

@@ -1,4 +1,5 @@
-"""Tests for models.estimators against models whose log p(x) is known exactly.
+"""Tests for models.estimators (and the PSIS figures of models.evaluation) against models
+whose log p(x) is known exactly.
 
 `log_likelihood` accepts any object with `log_weights(x, k, generator)`, so the oracles here
 are small models written in the test, in float64:
@@ -12,26 +13,15 @@ are small models written in the test, in float64:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor
 from torch.distributions import Bernoulli, MultivariateNormal, Normal
 
-from models.config import ModelConfig, TrainConfig
-from models.estimators import (
-    GradientSNR,
-    active_units,
-    evaluate,
-    gradient_snr,
-    log_likelihood,
-    loglog_slope,
-    snr_slopes,
-    snr_summary,
-)
-from models.networks import IWAEModel
-from tests.models.linear_gaussian import LinearGaussianModel
+from models.estimators import log_likelihood
+from models.evaluation import evaluate
+from models.progress import Progress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -266,25 +256,31 @@ def test_streaming_sums_equal_the_direct_formulas(chunk_size: int | None) -> Non
         assert replay.requests == [7, 7, 7, 7, 2]
 
 
-def test_on_chunk_runs_between_chunks_with_the_samples_drawn() -> None:
+def test_callbacks_run_between_chunks_with_the_samples_drawn() -> None:
     replay = Replay(torch.zeros(30, 2, dtype=F64))
     seen: list[int] = []
-    log_likelihood(replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, on_chunk=seen.append)
+    log_likelihood(
+        replay,
+        torch.zeros(2, 4, dtype=F64),
+        30,
+        chunk_size=7,
+        callbacks=[lambda p: seen.append(p.done)],
+    )
     assert seen == [7, 14, 21, 28]  # not after the last chunk: the work is done
 
 
-def test_an_exception_from_on_chunk_stops_the_estimate_there() -> None:
+def test_an_exception_from_a_callback_stops_the_estimate_there() -> None:
     class Stop(Exception):
         pass
 
-    def stop_after_two(done: int) -> None:
-        if done >= 14:
+    def stop_after_two(progress: Progress) -> None:
+        if progress.done >= 14:
             raise Stop
 
     replay = Replay(torch.zeros(30, 2, dtype=F64))
     with pytest.raises(Stop):
         log_likelihood(
-            replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, on_chunk=stop_after_two
+            replay, torch.zeros(2, 4, dtype=F64), 30, chunk_size=7, callbacks=[stop_after_two]
         )
     assert replay.requests == [7, 7]
 
@@ -303,35 +299,6 @@ def test_log_likelihood_is_finite_and_exact_for_extreme_log_weights() -> None:
     # Equal weights: no spread. Half ones: sd/mean = 1. One survivor: sd/mean = sqrt(K - 1).
     expected_se = torch.tensor([0.0, 1 / math.sqrt(k), math.sqrt((k - 1) / k)])
     torch.testing.assert_close(result.std_error, expected_se, rtol=1e-3, atol=1e-6)
-
-
-# --- evaluation and active units ------------------------------------------------------------
-
-
-def test_evaluate_with_the_exact_posterior_gives_the_exact_mean_and_its_error() -> None:
-    model = LinearGaussian()
-    x = torch.randn(7, 3, generator=generator(9), dtype=F64)
-    truth = model.log_px(x)
-    calls = []
-
-    def on_progress(done: int, total: int) -> bool:
-        calls.append((done, total))
-        return False
-
-    metrics = evaluate(model, x, 50, batch_size=3, on_progress=on_progress)  # type: ignore[arg-type]
-
-    assert metrics is not None
-    assert metrics.test_loglik == pytest.approx(truth.mean().item(), abs=1e-9)
-    assert metrics.test_loglik_std_error == pytest.approx(truth.std().item() / math.sqrt(7))
-    assert (metrics.eval_k, metrics.eval_size) == (50, 7)
-    assert calls == [(3, 7), (6, 7), (7, 7)]
-    # Both posterior-mean coordinates vary strongly with x.
-    assert metrics.active_units == [2]
-    # Every weight is p(x): ELBO = log p(x), no gap, no Monte Carlo error, ESS = K.
-    assert metrics.test_elbo == pytest.approx(metrics.test_loglik, abs=1e-9)
-    assert metrics.test_gap == pytest.approx(0.0, abs=1e-9)
-    assert metrics.mc_std_error_mean == pytest.approx(0.0, abs=1e-6)
-    assert metrics.ess_mean == pytest.approx(50.0)
 
 
 # --- PSIS k-hat and effective sample size ---------------------------------------------------
@@ -380,169 +347,3 @@ def test_pareto_k_flags_a_proposal_narrower_than_the_posterior(scale: float, hea
     assert 1 <= metrics.ess_mean <= 2000
     spread, reported = estimate.log_px.std().item(), estimate.std_error.mean().item()
     assert spread > 1.5 * reported if heavy else spread == pytest.approx(reported, rel=0.35)
-
-
-def test_evaluate_stops_when_progress_says_so() -> None:
-    calls = []
-
-    def stop_after_second(done: int, total: int) -> bool:
-        calls.append(done)
-        return len(calls) == 2
-
-    x = torch.zeros(9, 3, dtype=F64)
-    result = evaluate(LinearGaussian(), x, 10, batch_size=2, on_progress=stop_after_second)  # type: ignore[arg-type]
-
-    assert result is None
-    assert calls == [2, 4]
-
-
-def test_encoder_ignoring_x_has_no_active_units(
-    make_tiny_model: Callable[..., IWAEModel],
-) -> None:
-    x = torch.bernoulli(torch.full((50, 6), 0.5, dtype=F64), generator=generator(10))
-    for layers in (1, 2):
-        model = make_tiny_model(layers)
-        with torch.no_grad():
-            for encoder in model.encoders:
-                encoder.net[0].weight.zero_()  # every layer's input is ignored
-
-        counts = active_units(model, x, generator=generator(11))
-
-        assert counts == [0] * layers
-
-
-def test_active_units_counts_exactly_the_units_whose_mean_varies() -> None:
-    """Hand-set encoder on 6 pixels, 4 latent units: u0 = 2 h0, u2 = -3 h1, u1 = 0.05 h2, u3 = 1.
-
-    h_j = tanh(3 tanh(3 x_j)) is ~0 or ~0.99, so over random binary images u0 and u2 vary
-    (variance ~1 and ~2.2), u1 barely (~6e-4 < 0.01) and u3 not at all.
-    """
-    model = IWAEModel(ModelConfig(latent_dim=4, hidden_dim=6, x_dim=6)).double()
-    first, second, last = (model.encoders[0].net[i] for i in (0, 2, 4))
-    with torch.no_grad():
-        for layer in (first, second, last):
-            layer.weight.zero_()
-            layer.bias.zero_()
-        first.weight.copy_(3 * torch.eye(6))
-        second.weight.copy_(3 * torch.eye(6))
-        last.weight[0, 0], last.weight[2, 1], last.weight[1, 2] = 2.0, -3.0, 0.05
-        last.bias[3] = 1.0
-        last.bias[4:] = -1.0  # log-variances
-    x = torch.bernoulli(torch.full((200, 6), 0.5, dtype=F64), generator=generator(12))
-
-    assert active_units(model, x) == [2]
-    assert active_units(model, x, batch_size=7) == [2]  # chunked over images: same count
-    assert active_units(model, x, threshold=1e-4) == [3]
-
-
-# --- gradient SNR ---------------------------------------------------------------------------
-
-
-def plug_in_snr(grads: Tensor) -> float:
-    """The estimator this module used to have: mean over parameters of |mean| / sd."""
-    return float((grads.mean(0).abs() / grads.std(0)).mean())
-
-
-@pytest.mark.parametrize("true_snr", [0.0, 0.1, 0.5, 2.0])
-def test_snr_summary_recovers_a_known_snr_without_a_noise_floor(true_snr: float) -> None:
-    """Synthetic gradients g = mu + sigma * N(0, 1) with mu = SNR * sigma for every one of
-    P parameters, sigma spread over six orders of magnitude: every summary is scale-free."""
-    draws, params = 400, 500
-    g = generator(20)
-    sigma = torch.exp(3.0 * torch.randn(params, generator=g, dtype=F64))  # [P]
-    grads = true_snr * sigma + sigma * torch.randn(draws, params, generator=g, dtype=F64)
-
-    summary = snr_summary(grads)
-
-    assert summary.parameters == params
-    # The per-parameter estimates have sd ~ 1/sqrt(M) = 0.05; the median of 500 much less.
-    assert summary.median == pytest.approx(true_snr, abs=0.03 + 0.05 * true_snr)
-    assert summary.rms == pytest.approx(true_snr, abs=0.02 + 0.05 * true_snr)
-    if true_snr == 0.0:
-        assert summary.median == 0.0 and summary.direction < 0.1
-        # The plug-in estimate sits at its floor sqrt(2 / (pi M)) = 0.04 instead.
-        assert plug_in_snr(grads) == pytest.approx(math.sqrt(2 / (math.pi * draws)), rel=0.1)
-
-
-@pytest.mark.parametrize("true_snr", [0.0, 0.5, 2.0])
-def test_snr_along_the_mean_direction_of_isotropic_gradients(true_snr: float) -> None:
-    """With mu = SNR * sigma * 1 and noise sigma * I, u.g ~ N(SNR sigma sqrt(P), sigma^2):
-    the whole vector's SNR along its mean is SNR * sqrt(P)."""
-    draws, params = 400, 100
-    g = generator(21)
-    grads = 0.01 * (true_snr + torch.randn(draws, params, generator=g, dtype=F64))
-
-    direction = snr_summary(grads).direction
-
-    assert direction == pytest.approx(true_snr * math.sqrt(params), abs=0.15, rel=0.1)
-
-
-def test_snr_needs_enough_draws_and_ignores_noiseless_parameters() -> None:
-    with pytest.raises(ValueError, match="at least 8"):
-        snr_summary(torch.zeros(7, 3, dtype=F64))
-    grads = torch.randn(50, 4, generator=generator(22), dtype=F64)
-    grads[:, 0] = 3.0  # a parameter whose gradient never varies: no noise, no SNR to estimate
-
-    assert snr_summary(grads).parameters == 3
-
-
-def test_gradient_snr_of_a_tiny_model_is_finite(model64: IWAEModel, x_binary: Tensor) -> None:
-    for objective in ("iwae", "iwae-dreg", "vae"):
-        snr = gradient_snr(
-            model64, x_binary, TrainConfig(k=5, objective=objective), draws=30,
-            generator=generator(13),
-        )  # fmt: skip
-
-        for summary in (snr.encoder, snr.decoder):
-            values = (summary.median, summary.rms, summary.direction)
-            assert all(math.isfinite(v) and v >= 0 for v in values)
-            assert summary.rms > 0
-    assert all(p.grad is None for p in model64.parameters())
-
-
-def test_snr_slopes_on_the_linear_gaussian_model_follow_rainforth() -> None:
-    """Rainforth et al. (2018), theorem 1: IWAE's encoder SNR falls like K^-1/2 and its
-    decoder's rises like K^1/2; DReG's encoder SNR does not fall (Tucker et al., 2019).
-    Measured with one observation (B=1) of the linear-Gaussian model with a mismatched q.
-    (3000 draws give encoder SNRs 0.93, 0.37, 0.09 at K = 1, 10, 100: slope -0.52.)"""
-    model = LinearGaussianModel(shift=0.5, log_scale=0.3)
-    x = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
-    ks = [1, 10, 100]
-
-    def snr(objective: str, k: int, draws: int) -> GradientSNR:
-        config = TrainConfig(k=k, objective=objective)
-        return gradient_snr(model, x, config, draws=draws, generator=generator(23))
-
-    iwae = snr_slopes(ks, [snr("iwae", k, 400) for k in ks])
-
-    for summary in ("median", "rms", "direction"):
-        assert -0.7 < iwae["encoder"][summary] < -0.3, summary
-        assert 0.2 < iwae["decoder"][summary] < 0.9, summary
-    assert snr("iwae-dreg", 100, 200).encoder.median > snr("iwae-dreg", 1, 200).encoder.median
-
-
-def test_loglog_slope_of_a_power_law_and_of_degenerate_inputs() -> None:
-    assert loglog_slope([1, 10, 100], [2.0, 2.0 * 10**-0.5, 0.2]) == pytest.approx(-0.5)
-    assert loglog_slope([1, 10, 100], [0.0, 0.0, 3.0]) is None  # one positive value
-    assert loglog_slope([1, 10, 100], [0.0, 1.0, 10.0]) == pytest.approx(1.0)  # zero skipped
-
-
-def test_evaluate_reports_between_chunks_so_a_slow_batch_still_shows_life() -> None:
-    """A batch whose k spans three chunks reports twice inside it (the same `done`), and a
-    stop asked there stops it: a wide network's batch at k=5000 can take minutes."""
-    x = torch.zeros(2, 3, dtype=F64)
-    chunk = (1 << 23) // (2 * 3)  # log_likelihood's chunk for a [2, 3] batch
-    calls = []
-
-    def on_progress(done: int, total: int) -> bool:
-        calls.append((done, total))
-        return False
-
-    metrics = evaluate(LinearGaussian(), x, 2 * chunk + 1, batch_size=2, on_progress=on_progress)  # type: ignore[arg-type]
-    assert metrics is not None
-    assert calls == [(0, 2), (0, 2), (2, 2)]
-
-    stopped = evaluate(
-        LinearGaussian(), x, 2 * chunk + 1, batch_size=2, on_progress=lambda d, t: True
-    )  # type: ignore[arg-type]
-    assert stopped is None

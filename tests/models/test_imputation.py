@@ -13,6 +13,7 @@ from models.data import Mnist, binarized_test_images
 from models.estimators import log_likelihood
 from models.imputation import EPS, imputation_metrics, impute
 from models.networks import IWAEModel
+from models.progress import Progress
 from models.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,12 +163,12 @@ def test_metric_baselines_by_hand() -> None:
 def test_metric_stops_when_asked(model64: IWAEModel, x_binary: torch.Tensor) -> None:
     seen = []
 
-    def on_progress(done: int, total: int) -> bool:
-        seen.append((done, total))
+    def on_progress(progress: Progress) -> bool:
+        seen.append((progress.done, progress.total))
         return True
 
     result = imputation_metrics(
-        model64, x_binary, x_binary.mean(0), [1, 2], on_progress=on_progress
+        model64, x_binary, x_binary.mean(0), [1, 2], callbacks=[on_progress]
     )
 
     assert result is None

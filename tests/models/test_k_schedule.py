@@ -16,8 +16,9 @@ from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.data import Mnist
 from models.k_schedule import ess_k, initial_k, linear_k, normalized_ess
+from models.progress import Progress
 from models.run import train_and_evaluate
-from models.training import Progress, train
+from models.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +105,7 @@ class KRecorder:
         self.seen: list[tuple[int, int, int | None]] = []
 
     def __call__(self, progress: Progress) -> None:
-        self.seen.append((progress.epoch, progress.step, progress.k))
+        self.seen.append((progress.epoch, progress.done, progress.k))
 
 
 def test_linear_schedule_trains_each_epoch_with_its_k(
@@ -180,7 +181,7 @@ def test_resuming_across_an_epoch_boundary_continues_the_schedule_exactly(
     images = synthetic_mnist.train_images
     straight = train(config, images, checkpoint_path=tmp_path / "a.safetensors")
     path = tmp_path / "b.safetensors"
-    train(config, images, checkpoint_path=path, callbacks=[lambda p: (p.epoch, p.step) == (2, 2)])
+    train(config, images, checkpoint_path=path, callbacks=[lambda p: (p.epoch, p.done) == (2, 2)])
     recorder = KRecorder()
 
     resumed = train(config, images, checkpoint_path=path, callbacks=[recorder])

@@ -236,7 +236,7 @@ def test_resuming_missing_data_training_is_bit_identical(
     monkeypatch.setattr(models.training, "draw_observed", straight_masks)
     straight = train(config, images)
     path = tmp_path / "model.safetensors"
-    stop = lambda p: (p.epoch, p.step) == (2, 2)  # noqa: E731
+    stop = lambda p: (p.epoch, p.done) == (2, 2)  # noqa: E731
     monkeypatch.setattr(models.training, "draw_observed", resumed_masks)
     assert train(config, images, checkpoint_path=path, callbacks=[stop]).stopped
 

@@ -11,10 +11,11 @@ import torch
 from models.checkpoint import load_checkpoint, load_model
 from models.config import TrainConfig
 from models.data import Mnist, binarized_test_images
-from models.estimators import evaluate, gradient_snr
+from models.evaluation import evaluate
 from models.imputation import imputation_metrics
+from models.progress import Progress
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
-from models.training import Progress
+from models.snr import gradient_snr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,9 +83,9 @@ def test_writes_the_checkpoint_and_the_documented_metrics(
     assert 1 <= metrics["ess_mean"] <= 20 and metrics["mc_std_error_mean"] >= 0
     assert metrics["pareto_k_mean"] is None  # eval_k = 20: too few weights for a tail fit
     assert len(recorder.phase("train")) == 4
-    assert [(p.step, p.steps, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
+    assert [(p.done, p.total, p.epoch) for p in recorder.phase("eval")] == [(8, 8, 1)]
     # The imputation metric: 8 test images at K=1, then at the job's K=3.
-    assert [(p.step, p.steps) for p in recorder.phase("impute")] == [(8, 16), (16, 16)]
+    assert [(p.done, p.total) for p in recorder.phase("impute")] == [(8, 16), (16, 16)]
     imputation = metrics["imputation"]
     assert (imputation["pattern"], imputation["images"]) == ("top-half", 8)
     assert imputation["missing_pixels"] == 8 * 3
@@ -103,7 +104,7 @@ def test_snr_draws_measure_the_gradient_snr_at_the_trained_parameters(
 
     assert result.metrics is not None
     assert result.metrics.keys() == TRAIN_KEYS | EVAL_KEYS | {"gradient_snr"}
-    assert [(p.step, p.steps) for p in recorder.phase("snr")] == [(i, 10) for i in range(1, 11)]
+    assert [(p.done, p.total) for p in recorder.phase("snr")] == [(i, 10) for i in range(1, 11)]
     assert recorder.seen[-1].phase == "snr"
     # The same measurement, repeated from the checkpoint: the trained parameters, the first
     # (here: all 8) binarized test images and a generator seeded from the job's seed.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 
 from models.checkpoint import load_checkpoint
-from models.study.grid import Cell, expand_grid
+from models.progress import Progress
+from models.run import train_and_evaluate
+from models.stacked import train_stacked
+from models.study.grid import Cell, cell_config, expand_grid
 from models.study.local import cell_dir, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,11 +27,14 @@ def test_each_cell_trains_once_and_measures_what_the_report_needs(tmp_path, base
     cells = expand_grid([1, 4], ["vae", "iwae"], [0], max_cells=None)
     started = []
 
-    outcomes = run_study(
-        base, cells, synthetic_mnist, tmp_path, on_cell_start=lambda i, c: started.append((i, c))
-    )
+    def on_cell_start(progress: Progress) -> None:
+        if progress.phase == "cell":
+            started.append((progress.done, cells[progress.done]))
 
-    assert started == list(enumerate(cells))
+    outcomes = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[on_cell_start])
+
+    # Cells of one K share their shapes: K=1's two objectives train as a group, then K=4's.
+    assert started == [(i, cells[i]) for i in (0, 2, 1, 3)]
     assert [o.cell for o in outcomes] == cells
     for outcome in outcomes:
         assert outcome.status == "succeeded" and outcome.error is None
@@ -58,14 +65,18 @@ def test_finished_cells_are_reused_and_a_changed_config_runs_again(tmp_path, bas
     written = first.checkpoint.stat().st_mtime_ns
     seen = []
 
-    [again] = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[seen.append])
+    def record(progress: Progress) -> None:  # a cell's training and evaluation
+        if progress.phase != "cell":
+            seen.append(progress)
+
+    [again] = run_study(base, cells, synthetic_mnist, tmp_path, callbacks=[record])
 
     assert seen == []  # neither trained nor evaluated again
     assert first.checkpoint.stat().st_mtime_ns == written
     assert again.metrics == first.metrics
 
     [more] = run_study(
-        base.with_changes(epochs=2), cells, synthetic_mnist, tmp_path, callbacks=[seen.append]
+        base.with_changes(epochs=2), cells, synthetic_mnist, tmp_path, callbacks=[record]
     )
     # The second epoch resumes from the first.
     assert {p.epoch for p in seen if p.phase == "train"} == {2}
@@ -94,6 +105,36 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tmp_path, base, synthe
     assert failed.status == "failed" and failed.metrics is None
     assert failed.error.startswith(("FileExistsError", "NotADirectoryError"))
     assert succeeded.status == "succeeded"
+
+
+def test_seeds_train_as_one_group_and_each_cell_ends_as_alone(tmp_path, base, synthetic_mnist):
+    cells = expand_grid([2], ["iwae", "iwae-dreg"], [0, 1], max_cells=None)
+
+    with mock.patch("models.study.local.train_stacked", wraps=train_stacked) as stacked:
+        outcomes = run_study(base, cells, synthetic_mnist, tmp_path / "study")
+
+    configs = stacked.call_args.args[0]
+    assert [(c.objective, c.seed) for c in configs] == [(c.objective, c.seed) for c in cells]
+    for cell, outcome in zip(cells, outcomes, strict=True):
+        alone = train_and_evaluate(
+            cell_config(base, cell), synthetic_mnist, tmp_path / "alone" / cell.name
+        )
+        assert outcome.status == "succeeded"
+        assert outcome.metrics["steps"] == alone.metrics["steps"]
+        assert math.isclose(
+            outcome.metrics["test_loglik"], alone.metrics["test_loglik"], rel_tol=1e-5
+        )
+
+
+def test_a_cell_that_cannot_write_fails_alone_in_its_group(tmp_path, base, synthetic_mnist):
+    cells = [Cell("iwae", 2, 0), Cell("iwae", 2, 1)]
+    cell_dir(tmp_path, cells[0]).parent.mkdir(parents=True)
+    cell_dir(tmp_path, cells[0]).write_text("in the way")
+
+    failed, succeeded = run_study(base, cells, synthetic_mnist, tmp_path)
+
+    assert failed.status == "failed" and "cannot write its checkpoint" in failed.error
+    assert succeeded.status == "succeeded" and succeeded.metrics["epochs"] == 1
 
 
 def test_alpha_reaches_the_vr_iwae_cells_only(tmp_path, base, synthetic_mnist):

@@ -18,8 +18,9 @@ from models.checkpoint import load_checkpoint
 from models.config import ModelConfig, TrainConfig, preset_config
 from models.data import Mnist, binarized_test_images
 from models.estimators import log_likelihood
+from models.files import write_atomic
+from models.progress import Progress
 from models.training import (
-    Progress,
     burda_epochs,
     init_model,
     learning_rate,
@@ -39,11 +40,11 @@ class Recorder:
 
     def __call__(self, progress: Progress) -> bool:
         self.seen.append(progress)
-        return (progress.epoch, progress.step) == self.stop_at
+        return (progress.epoch, progress.done) == self.stop_at
 
     @property
     def steps(self) -> list[tuple[int, int]]:
-        return [(p.epoch, p.step) for p in self.seen]
+        return [(p.epoch, p.done) for p in self.seen]
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,10 +66,10 @@ def test_callbacks_see_every_step(train_config: TrainConfig, synthetic_mnist: Mn
     result = train(train_config, synthetic_mnist.train_images, callbacks=[recorder])
 
     assert recorder.steps == [(e, s) for e in (1, 2) for s in (1, 2, 3, 4)]
-    assert all(p.phase == "train" and p.epochs == 2 and p.steps == 4 for p in recorder.seen)
+    assert all(p.phase == "train" and p.epochs == 2 and p.total == 4 for p in recorder.seen)
     assert all(p.images_per_s > 0 for p in recorder.seen)
     assert all(p.loss is None or math.isfinite(p.loss) for p in recorder.seen)
-    epoch_ends = [p for p in recorder.seen if p.step == 4]
+    epoch_ends = [p for p in recorder.seen if p.done == 4]
     assert all(p.loss is not None for p in epoch_ends)  # each epoch reports its loss
     assert recorder.seen[-1].eta_s == 0
     assert (result.stopped, result.epochs_done, result.steps) == (False, 2, 8)
@@ -101,7 +102,7 @@ def test_a_checkpoint_is_written_at_every_epoch_end(
     states_seen = []
 
     def read_checkpoint(progress: Progress) -> None:
-        if progress.step == 1:
+        if progress.done == 1:
             states_seen.append(load_checkpoint(path).state if path.exists() else None)
 
     train(
@@ -196,21 +197,22 @@ def test_resuming_a_checkpoint_of_another_device_type_reseeds_the_generator(
     assert load_checkpoint(path).generator_state.numel() == 5056
 
 
-def test_a_fence_that_raises_keeps_the_previous_checkpoint(
+def test_a_refused_write_keeps_the_previous_checkpoint(
     train_config: TrainConfig, synthetic_mnist: Mnist, tmp_path: Path
 ) -> None:
     path = tmp_path / "model.safetensors"
     allowed = [True]
     seen: list[Path] = []
 
-    def fence(target: Path) -> None:
+    def fenced_write(target: Path, data: bytes) -> None:
         seen.append(target)
         if not allowed.pop(0):
             raise RuntimeError("lease lost")
+        write_atomic(target, data)
 
     allowed.append(False)
     with pytest.raises(RuntimeError, match="lease lost"):
-        train(train_config, synthetic_mnist.train_images, checkpoint_path=path, fence=fence)
+        train(train_config, synthetic_mnist.train_images, checkpoint_path=path, write=fenced_write)
 
     assert seen == [path, path]
     assert load_checkpoint(path).state.epoch == 1  # the second epoch's write was refused
@@ -328,7 +330,7 @@ def test_train_size_selects_the_first_images(
         train_config.with_changes(train_size=25), synthetic_mnist.train_images, callbacks=[recorder]
     )
 
-    assert recorder.seen[0].steps == 3  # 25 images in batches of 10
+    assert recorder.seen[0].total == 3  # 25 images in batches of 10
     assert result.steps == 6
 
 
@@ -369,7 +371,7 @@ def test_training_lowers_the_loss_on_real_mnist(real_mnist_data: Mnist) -> None:
 
     result = train(config, real_mnist_data.train_images, callbacks=[recorder])
 
-    losses = [p.loss for p in recorder.seen if p.step == p.steps]  # mean over each epoch
+    losses = [p.loss for p in recorder.seen if p.done == p.total]  # mean over each epoch
     assert losses[0] > losses[1] > losses[2]
     assert losses[2] < losses[0] - 20
     held_out = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from worker.execution import discard_model
+from models.storage import FileStorage
+from worker.job_files import discard_model
 from worker.jobs import FileJobStore, reap_once
 from worker.jobs.reaper import LeaseWatch
 from worker.jobs.record import Instant
@@ -73,11 +74,11 @@ def test_a_job_the_reaper_cancels_loses_the_model_an_earlier_attempt_left(
     time.sleep(0.3)
 
     def unlist(settled: str) -> None:
-        discard_model(tmp_path / "models" / settled)
+        discard_model(FileStorage(tmp_path), settled)
 
     reap_once(store, lambda job_id: None, grace_s=60, on_settled=unlist)
     assert store.get(job_id).status == "cancelled"
-    assert not info.parent.exists()
+    assert [p.name for p in info.parent.iterdir() if not p.name.startswith(".")] == []
 
 
 class SteppedClock(FileJobStore):

@@ -92,3 +92,24 @@ def test_get_worker_settings_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path
         assert get_worker_settings().home == tmp_path
     finally:
         get_worker_settings.cache_clear()
+
+
+def test_storage_url_picks_the_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from models.storage import FileStorage
+    from models.storage.s3 import S3Storage
+
+    monkeypatch.setenv("IWAE_HOME", str(tmp_path))
+    monkeypatch.setenv("IWAE_STORAGE_URL", "")  # empty: unset, the folder IWAE_HOME
+    storage = WorkerSettings().open_storage()
+    assert isinstance(storage, FileStorage) and storage.root == tmp_path
+    monkeypatch.setenv("IWAE_STORAGE_URL", f"file://{tmp_path}/shared")
+    storage = WorkerSettings().open_storage()
+    assert isinstance(storage, FileStorage) and storage.root == tmp_path / "shared"
+    monkeypatch.setenv("IWAE_STORAGE_URL", "s3://bucket/prefix")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage = WorkerSettings().open_storage()  # no I/O: no server needed
+    assert isinstance(storage, S3Storage)
+    assert (storage.bucket, storage.prefix) == ("bucket", "prefix")
+    monkeypatch.setenv("IWAE_STORAGE_URL", "ftp://host/x")
+    with pytest.raises(ValidationError, match="not a storage URL"):
+        WorkerSettings()

@@ -8,6 +8,7 @@ extend), so that the API reaches them without loading Celery.
 
 from __future__ import annotations
 
+from models.status import Outcome
 from worker.jobs.file_store import FileJobStore
 from worker.jobs.reaper import ReaperThread, reap_once
 from worker.jobs.record import (
@@ -21,7 +22,6 @@ from worker.jobs.record import (
     JobRecord,
     JobStatus,
     Lease,
-    Outcome,
     StudyCell,
     StudyNotFound,
     StudyRecord,

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.status import Outcome
 from worker.jobs.record import (
     Entry,
     Heartbeat,
     Instant,
     JobAlreadyFinished,
     JobRecord,
-    Outcome,
     TooManyJobs,
     lost_error,
     stopped_error,

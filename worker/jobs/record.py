@@ -1,7 +1,7 @@
 """What the job store keeps about a job: the record users read, and the entry around it.
 
-The statuses are listed here once (`JobStatus`); everything else (schemas, metrics, stores)
-derives from it.
+The statuses are listed once, in `models.status` (`JobStatus`), and re-exported here for the
+stores and the API; everything else (schemas, metrics, stores) derives from them.
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+from models.status import FINISHED, STATUSES, JobStatus
+
 ACTIVE: frozenset[str] = frozenset(STATUSES) - FINISHED
-Outcome = Literal["succeeded", "failed", "cancelled"]
 
 
 class JobNotFound(KeyError):

@@ -30,6 +30,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from models.status import Outcome
 from worker.jobs import lifecycle
 from worker.jobs.record import (
     ClaimRefused,
@@ -41,7 +42,6 @@ from worker.jobs.record import (
     JobRecord,
     JobStatus,
     Lease,
-    Outcome,
     StudyCell,
     StudyNotFound,
     StudyRecord,

@@ -1,4 +1,5 @@
-"""GET /models, GET /samples, POST /reconstruct, POST /loglik on a tiny checkpoint."""
+"""GET /samples, POST /reconstruct, POST /loglik on a tiny checkpoint; POST /impute is
+tested with the rest of imputation in tests/app/test_impute.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,36 +31,6 @@ def digit_png(size: int = 120, dark_on_light: bool = True) -> bytes:
 
 def upload(data: bytes, name: str = "digit.png", mime: str = "image/png") -> dict:
     return {"file": (name, data, mime)}
-
-
-# --- models ---------------------------------------------------------------------------
-
-
-def test_models_lists_trained_models_with_config_and_metrics(
-    client: TestClient, tiny_model: str
-) -> None:
-    models = client.get("/models").json()["models"]
-    assert [m["model_id"] for m in models] == [tiny_model]
-    assert models[0]["config"]["model"]["latent_dim"] == 4
-    assert models[0]["metrics"]["test_loglik"] == -200.0
-    one = client.get(f"/models/{tiny_model}")
-    assert one.status_code == 200 and one.json() == models[0]
-
-
-def test_models_is_empty_before_training(client: TestClient) -> None:
-    assert client.get("/models").json() == {"models": [], "next_cursor": None}
-
-
-def test_a_checkpoint_without_model_json_is_not_listed(client: TestClient, add_model) -> None:
-    add_model(OTHER_ID, describe=False)  # still training
-    assert client.get("/models").json() == {"models": [], "next_cursor": None}
-    assert client.get(f"/models/{OTHER_ID}").status_code == 404
-
-
-def test_unknown_model_is_404(client: TestClient, tiny_model: str) -> None:
-    response = client.get(f"/models/{OTHER_ID}")
-    assert response.status_code == 404
-    assert OTHER_ID in response.json()["detail"]
 
 
 # --- samples --------------------------------------------------------------------------
@@ -132,45 +102,6 @@ def test_newest_model_is_the_default(client: TestClient, add_model, tiny_model: 
     assert body["model_id"] == OTHER_ID
     chosen = client.get("/samples", params={"n": 1, "format": "json", "model_id": tiny_model})
     assert chosen.json()["model_id"] == tiny_model
-
-
-def test_a_corrupt_checkpoint_is_a_clear_server_error(
-    client: TestClient, home: Path, tiny_model: str
-) -> None:
-    (home / "models" / tiny_model / "model.safetensors").write_bytes(b"not a checkpoint")
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert "cannot be loaded" in response.json()["detail"]
-
-
-def test_an_unexpected_error_is_a_plain_500_and_its_details_are_logged(
-    client: TestClient,
-    tiny_model: str,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from app import inference
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("/srv/secret/model.bin via redis://10.0.0.7:6379")
-
-    monkeypatch.setattr(inference, "sample", fail)
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert response.json() == {"detail": "internal server error"}
-    assert "/srv/secret/model.bin" in caplog.text
-
-
-def test_a_server_error_names_no_file_of_the_server(
-    client: TestClient, home: Path, tiny_model: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    checkpoint = home / "models" / tiny_model / "model.safetensors"
-    checkpoint.unlink()
-    checkpoint.mkdir()  # opening it fails with an OSError that names its path
-    response = client.get("/samples")
-    assert response.status_code == 500
-    assert response.json() == {"detail": f"model {tiny_model!r} cannot be loaded"}
-    assert str(checkpoint) in caplog.text, "the details go to the server's log"
 
 
 # --- reconstruct ----------------------------------------------------------------------

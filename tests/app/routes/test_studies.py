@@ -441,7 +441,10 @@ def test_images(client: TestClient) -> list[int]:
 
     app = client.app  # type: ignore[attr-defined]
     app.state.reports = StudyReports(
-        app.state.settings.studies_dir, app.state.registry.checkpoint, load
+        app.state.registry.storage,
+        app.state.settings.cache_dir,
+        app.state.registry.checkpoint,
+        load,
     )
     return reads
 
@@ -503,7 +506,7 @@ def test_the_report_shows_the_numbers_of_results_json_and_its_figures(
         assert figure.content.startswith(b"\x89PNG\r\n\x1a\n")
 
     # The report was built from exactly the numbers of results.json.
-    folders = [f for f in (client.app.state.settings.studies_dir / sid).iterdir()]  # type: ignore[attr-defined]
+    folders = [f for f in (client.app.state.settings.home / "studies" / sid).iterdir()]  # type: ignore[attr-defined]
     [folder] = folders
     results = client.get(f"/studies/{sid}/results.json").json()
     assert json.loads((folder / "results.json").read_text()) == results
@@ -528,7 +531,10 @@ def test_a_report_without_mnist_is_503(client: TestClient, tiny_config: TrainCon
 
     app = client.app  # type: ignore[attr-defined]
     app.state.reports = StudyReports(
-        app.state.settings.studies_dir, app.state.registry.checkpoint, unreadable
+        app.state.registry.storage,
+        app.state.settings.cache_dir,
+        app.state.registry.checkpoint,
+        unreadable,
     )
     study = post(client, ks=[1], objectives=["iwae"]).json()
     finish_with_model(client, job_ids(study)[0], tiny_config, -100.0, 2.0)
