@@ -21,6 +21,7 @@ from models.data import Mnist
 from models.estimators import log_likelihood
 from models.fastpath import FastPath
 from models.objectives import sampling_plan
+from models.progress import Progress
 from models.stacked import (
     StackedFastPath,
     draw_noise,
@@ -28,7 +29,6 @@ from models.stacked import (
     stack_key,
     train_stacked,
 )
-from models.progress import Progress
 from models.training import train, train_step
 from tests.models.conftest import TINY_1, build_tiny_model
 
