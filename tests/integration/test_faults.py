@@ -5,14 +5,21 @@ exactly once, correctly, and every file was written by the holder of the job's l
 
 The Redis here is a `redis-server` this test starts on a free port with its own folder, so
 restarting it disturbs nothing else. About 50 s on two busy cores; every wait is bounded.
+
+Cases of their own follow: jobs waiting behind a busy worker, a training hung in open(2),
+and a Redis without AOF that crashes and forgets a claim, so that two workers hold one
+fence (about 15 s: the storage keeps one attempt's files).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +30,8 @@ import pytest
 import redis
 
 from models.checkpoint import load_checkpoint
+from models.storage.layout import CHECKPOINT_NAME, METRICS_NAME, MODEL_INFO_NAME
+from models.storage.local import LOCK_NAME, WRITERS_NAME
 from tests.integration.conftest import distributed_service, service_settings
 from tests.integration.service import Service
 from tests.support import TINY_CONFIG, free_port, wait_until
@@ -40,10 +49,13 @@ WROTE = re.compile(r"job (\w+): fence (\d+) writes (\S+)")
 
 
 class PrivateRedis:
-    """A redis-server of this test's own, durable (AOF, fsync at every write)."""
+    """A redis-server of this test's own: durable (AOF, fsync at every write), or not (no
+    AOF, no automatic snapshot: it comes back from its last `SAVE`, losing every later write).
+    """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, durable: bool = True) -> None:
         self.folder = folder
+        self.durable = durable
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -52,7 +64,8 @@ class PrivateRedis:
         self.folder.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+             str(self.folder), "--appendonly", "yes" if self.durable else "no",
+             "--appendfsync", "always", "--save", ""],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis.from_url(self.url)
@@ -62,6 +75,12 @@ class PrivateRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()  # SIGTERM: Redis flushes its AOF and exits
             self.process.wait(timeout=10)
+
+    def crash(self) -> None:
+        """SIGKILL, as a host crash: nothing is flushed."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
 
     def restart(self) -> float:
         """Stop and start again; returns how long it was down."""
@@ -75,10 +94,26 @@ class PrivateRedis:
 def cluster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[Service, PrivateRedis]]:
+    yield from private_cluster(tmp_path, monkeypatch, durable=True)
+
+
+@pytest.fixture
+def lossy_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Service, PrivateRedis]]:
+    """`cluster`, with a Redis that loses the writes made since its last `SAVE` when it
+    crashes (no AOF)."""
+    yield from private_cluster(tmp_path, monkeypatch, durable=False)
+
+
+def private_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, durable: bool
+) -> Iterator[tuple[Service, PrivateRedis]]:
+    """Workers' settings (short timings) on a private redis-server."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # three workers on two cores
-    server = PrivateRedis(tmp_path / "redis")
+    server = PrivateRedis(tmp_path / "redis", durable=durable)
     server.start()
     settings = service_settings(
         tmp_path,
@@ -115,18 +150,22 @@ def running_on(service: Service, job_ids: list[str], pids: set[int]) -> tuple[st
     return None
 
 
+def log_lines(path: Path) -> Iterator[tuple[datetime, str]]:
+    """(time, message) of every line a worker logged in `path`."""
+    for line in path.read_text(errors="replace").splitlines():
+        match = LOG_LINE.match(line)
+        if match is not None:
+            yield datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f"), match[2]
+
+
 def fenced_events(log_dir: Path) -> list[tuple[datetime, str, str, int]]:
     """("claim" | "write", job, fence) events of every worker log, in time order."""
     events = []
     for path in log_dir.glob("worker-*.log"):
-        for line in path.read_text(errors="replace").splitlines():
-            match = LOG_LINE.match(line)
-            if match is None:
-                continue
-            at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
-            if started := STARTED.search(match[2]):
+        for at, message in log_lines(path):
+            if started := STARTED.search(message):
                 events.append((at, "claim", started[1], int(started[2])))
-            elif wrote := WROTE.search(match[2]):
+            elif wrote := WROTE.search(message):
                 events.append((at, "write", wrote[1], int(wrote[2])))
     return sorted(events)
 
@@ -336,4 +375,85 @@ def test_a_worker_whose_training_hangs_exits_and_its_job_resumes_elsewhere(
         print(
             f"\nhung training: worker exited {exited_s:.1f} s after its claim was seen "
             f"(stall 15 s + heartbeat 1 s); job resumed elsewhere, {record.status}"
+        )
+
+
+def pause_outside_writes(worker: subprocess.Popen[bytes], folder: Path) -> None:
+    """SIGSTOP `worker` at a moment it holds no lock of the model folder `folder` (paused
+    inside a write, it would block every other writer of the folder)."""
+    with open(folder / LOCK_NAME, "rb") as lock:
+        while True:
+            worker.send_signal(signal.SIGSTOP)
+            os.waitpid(worker.pid, os.WUNTRACED)  # returns once it is stopped
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                worker.send_signal(signal.SIGCONT)
+                time.sleep(0.05)
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return
+
+
+def test_a_claim_that_redis_lost_gives_two_workers_one_fence_and_the_storage_keeps_one(
+    lossy_cluster: tuple[Service, PrivateRedis], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20, item 2, end to end. Redis (no AOF) snapshots a queued job; of two workers,
+    A claims it under fence 1 and writes a checkpoint; Redis crashes and comes back from the
+    snapshot, the claim lost and the job's message in the queue again, so the other worker,
+    B, claims the job under fence 1 too. The store now says B holds it: only the storage can
+    stop B, at its first write (A wrote that file). A is paused from before the crash until
+    B has ended, else A's renewal would find the job queued and A would stop first, and B's
+    refusal would not wait on how fast each trains; then A finishes the job."""
+    service, server = lossy_cluster
+    store = service.store
+    job_id = service.submit(**JOB)
+    store.client.save()  # the snapshot the crashed Redis comes back from
+    workers = {w.pid: w for w in (service.start_worker(), service.start_worker())}
+    logs = {w.pid: service.log_dir / f"worker-{i}.log" for i, w in enumerate(service.workers)}
+    record = service.wait_for(job_id, lambda r: r.model_id is not None, 60, "a checkpoint")
+    a_name = str(record.worker)
+    a_pid = int(a_name.rsplit(":", 1)[1])
+    (b_pid,) = set(workers) - {a_pid}
+    b_name = f"{socket.gethostname()}:{b_pid}"
+    a, a_log, b_log = workers[a_pid], logs[a_pid], logs[b_pid]
+
+    folder = service.settings.models_dir / job_id
+    pause_outside_writes(a, folder)
+    paused = time.monotonic()
+    server.crash()
+    server.start()
+    restarted = time.monotonic()
+    poll("B's claim", lambda: store.get(job_id).worker == b_name, 60, service)
+    ended = re.compile(rf"job {job_id}: (\w+)$", re.MULTILINE)
+    b_outcome = poll("B's attempt to end", lambda: ended.search(b_log.read_text()), 60, service)
+    stopped_s = time.monotonic() - restarted
+    a.send_signal(signal.SIGCONT)
+    paused_s = time.monotonic() - paused
+    record = service.wait_finished(job_id, timeout=90)
+
+    for log in (a_log, b_log):
+        assert STARTED.findall(log.read_text()) == [(job_id, "1")]  # one claim each, fence 1
+    assert b_outcome[1] == "lost", service.logs()
+    b_lines = list(log_lines(b_log))
+    refused = [at for at, m in b_lines if "may not replace it; stopping, writing nothing more" in m]
+    assert len(refused) == 1, service.logs()
+    assert not [m for at, m in b_lines if at > refused[0] and WROTE.search(m)]
+    assert "lease lost" not in a_log.read_text()
+    assert (record.status, record.attempts) == ("succeeded", 1)
+    assert load_checkpoint(folder / CHECKPOINT_NAME).state.epoch == JOB["epochs"]
+    # Every file of the model was written last by A's attempt, and by no other since.
+    writers = json.loads((folder / WRITERS_NAME).read_text())
+    files = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    assert files == set(writers) == {CHECKPOINT_NAME, METRICS_NAME, MODEL_INFO_NAME}
+    attempts = {attempt for _, attempt in writers.values()}
+    assert len(attempts) == 1 and attempts.pop().startswith(f"{a_name}/"), writers
+    assert {fence for fence, _ in writers.values()} == {1}
+
+    b_claimed = next(at for at, m in b_lines if STARTED.search(m))
+    with capsys.disabled():
+        print(
+            f"\nfence handed out twice: B stopped {(refused[0] - b_claimed).total_seconds():.1f} s"
+            f" after its claim ({stopped_s:.1f} s after Redis came back), at its first write;"
+            f" A paused {paused_s:.1f} s, then {record.status}, {record.attempts} attempt"
         )
