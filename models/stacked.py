@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from models.training import (
     LOSS_SYNC_STEPS,
     TrainCallback,
     TrainResult,
+    binarize,
     flush_denormals,
     init_model,
     learning_rate,
@@ -161,16 +161,9 @@ def train_stacked(
         )
     ]
     steps_per_epoch = -(-len(images) // first.batch_size)
-    # Draw on as many threads as torch computes with; the products wait for the draws.
-    workers = min(torch.get_num_threads(), count)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        with flush_denormals(), tf32_matmuls(first.precision == "tf32"):
-            while any(m.running for m in members):
-                _train_epoch(members, images, steps_per_epoch, pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with flush_denormals(), tf32_matmuls(first.precision == "tf32"):
+        while any(m.running for m in members):
+            _train_epoch(members, images, steps_per_epoch)
     return [m.result(len(images)) for m in members]
 
 
@@ -261,9 +254,7 @@ class _Member:
         )
 
 
-def _train_epoch(
-    members: list[_Member], images: Tensor, steps_per_epoch: int, pool: Executor | None
-) -> None:
+def _train_epoch(members: list[_Member], images: Tensor, steps_per_epoch: int) -> None:
     """Every running member's next epoch, in lockstep; members stop, fail or leave on the way."""
     active = [m for m in members if m.running]
     for member in active:
@@ -282,7 +273,7 @@ def _train_epoch(
     for i in range(steps_per_epoch):
         batch = images[orders[:, i * config.batch_size : (i + 1) * config.batch_size]]  # [G, B, D]
         generators = [m.generator for m in active]
-        x, eps = draw_noise(batch, generators, draws, latent, pool)
+        x, eps = draw_noise(batch, generators, draws, latent)
         bound = path.set_gradients(x, eps, [m.config for m in active])  # [G, B]
         for member in active:
             member.optimizer.step()
@@ -518,28 +509,16 @@ class StackedFastPath:
 
 
 def draw_noise(
-    batch: Tensor,
-    generators: Sequence[torch.Generator],
-    draws: int,
-    latent: int,
-    pool: Executor | None = None,
+    batch: Tensor, generators: Sequence[torch.Generator], draws: int, latent: int
 ) -> tuple[Tensor, Tensor]:
     """Each member's binarization of its grey levels batch[g] [B, D] and its standard normal
     draws [n, B, d], from generators[g] in the order its solo step draws them: x [G, B, D],
-    eps [G, n, B, d]. With a `pool`, members draw concurrently: PyTorch draws from one
-    generator on one thread, ~1 ms for a batch of 100 images on this CPU."""
+    eps [G, n, B, d]."""
     x = torch.empty_like(batch)
     eps = batch.new_empty(len(generators), draws, batch.shape[1], latent)
-
-    def draw(g: int) -> None:
-        torch.bernoulli(batch[g], generator=generators[g], out=x[g])  # dynamic binarization
-        torch.randn(eps.shape[1:], generator=generators[g], out=eps[g])
-
-    if pool is None:
-        for g in range(len(generators)):
-            draw(g)
-    else:
-        list(pool.map(draw, range(len(generators))))
+    for g, generator in enumerate(generators):
+        binarize(batch[g], generator, out=x[g])
+        torch.randn(eps.shape[1:], generator=generator, out=eps[g])
     return x, eps
 
 
