@@ -1,11 +1,14 @@
 """Stacked training: runs that share a shape train as one batched model in one process.
 
-A study is many small runs: seeds, objectives and K of Burda's one-layer model. On a CPU a
-K=1 or K=5 step costs 2-3x its matrix products (README, Performance): about a hundred small
-operations, each paying its dispatch overhead. Runs whose step has the same shapes (the same
-network, samples per image, batch and training set) are stacked here along a leading member
-dimension G, so that every operation of the fast path (`models.fastpath`) runs once for all
-members: `torch.bmm`/`baddbmm` over [G, ...] instead of G `mm`s.
+A study is many small runs: seeds, objectives and K of Burda's one-layer model, and a K=1
+or K=5 step is a few small products and about a hundred small operations. Runs whose step
+has the same shapes (the same network, samples per image, batch and training set) are
+stacked here along a leading member dimension G, so that every operation of the fast path
+(`models.fastpath`) runs once for all members: `torch.bmm`/`baddbmm` over [G, ...] instead
+of G `mm`s, one launch instead of G on a GPU. On this 2-core CPU it buys little
+(bench/stacked.py, README Performance: 1.12x per cell at K=1, 0.94x at K=5, 2 threads,
+whole epochs): the products, Adam and the draws cost the same stacked or not, and the
+elementwise passes are per element, not per operation.
 
 Every member stays its own run. Its parameters are views into the stacked tensors (so the
 products read them in place), with its own fused Adam (state, step count, learning rate of
@@ -69,10 +72,11 @@ from models.training import (
     tf32_matmuls,
 )
 
-# Decoder rows of a group at most: members x K x batch. Each row holds two [D] buffers (16,384
-# rows: 100 MB in fp32), and from K=50 a member's products are large enough alone, so 3 seeds
-# at K=50 and batch 100 still stack while a K=5000 cell trains alone.
-MAX_GROUP_ROWS = 16_384
+# Decoder rows of a group at most (members x K x batch) in `stack_groups`: 3 seeds up to K=13
+# at batch 100. On this CPU a K=50 step is its products, and stacking gained nothing there
+# (bench/stacked.py: 0.94x CPU time at 1 thread); a larger group also holds G times the
+# [rows, D] buffers (a K=5000 cell alone: 3 GB). A GPU study may pass more.
+MAX_GROUP_ROWS = 4096
 
 
 def stack_key(config: TrainConfig) -> tuple | None:
@@ -119,7 +123,7 @@ def stack_groups(configs: Sequence[TrainConfig], max_rows: int = MAX_GROUP_ROWS)
 @dataclass
 class MemberResult(TrainResult):
     """A member's `TrainResult`; `error` says why it failed (it diverged, or its checkpoint
-    could not be resumed), None otherwise. `train_seconds` is its share of the group's wall
+    could not be resumed or written), None otherwise. `train_seconds` is its share of the group's wall
     time: each step's time divided among the members that took it."""
 
     error: str | None = None
