@@ -123,8 +123,8 @@ def stack_groups(configs: Sequence[TrainConfig], max_rows: int = MAX_GROUP_ROWS)
 @dataclass
 class MemberResult(TrainResult):
     """A member's `TrainResult`; `error` says why it failed (it diverged, or its checkpoint
-    could not be resumed or written), None otherwise. `train_seconds` is its share of the group's wall
-    time: each step's time divided among the members that took it."""
+    could not be resumed or written), None otherwise. `train_seconds` is its share of the
+    group's wall time: each step's time divided among the members that took it."""
 
     error: str | None = None
 
