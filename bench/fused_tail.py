@@ -8,7 +8,8 @@ products), then e = x - sigmoid(l) for the backward. `torch.compile` (Inductor's
 on the CPU) fuses the same quantities into one loop over the logits, with one exp and one
 log1p per pixel: softplus(l) = relu(l) + log1p(exp(-|l|)) and sigmoid(l) from the same
 exp. Printed per K: the best of 5 of each (ms, wall at `--threads`), the ratio, the compile
-time (shorter when Inductor's cache already holds the kernel), and the largest differences of the two (the fused softplus sums round differently).
+time (shorter when Inductor's cache already holds the kernel), and the largest differences
+of the two (the fused softplus sums round differently).
 Not used by the trainer yet: this measures whether it would pay (README: a K=50 step spends
 ~9.5 ms of ~47 ms outside its products). Ratios within one run are what count.
 """
