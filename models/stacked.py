@@ -1,11 +1,14 @@
 """Stacked training: runs that share a shape train as one batched model in one process.
 
-A study is many small runs: seeds, objectives and K of Burda's one-layer model. On a CPU a
-K=1 or K=5 step costs 2-3x its matrix products (README, Performance): about a hundred small
-operations, each paying its dispatch overhead. Runs whose step has the same shapes (the same
-network, samples per image, batch and training set) are stacked here along a leading member
-dimension G, so that every operation of the fast path (`models.fastpath`) runs once for all
-members: `torch.bmm`/`baddbmm` over [G, ...] instead of G `mm`s.
+A study is many small runs: seeds, objectives and K of Burda's one-layer model, and a K=1
+or K=5 step is a few small products and about a hundred small operations. Runs whose step
+has the same shapes (the same network, samples per image, batch and training set) are
+stacked here along a leading member dimension G, so that every operation of the fast path
+(`models.fastpath`) runs once for all members: `torch.bmm`/`baddbmm` over [G, ...] instead
+of G `mm`s, one launch instead of G on a GPU. On this 2-core CPU it buys little
+(bench/stacked.py, README Performance: 1.12x per cell at K=1, 0.94x at K=5, 2 threads,
+whole epochs): the products, Adam and the draws cost the same stacked or not, and the
+elementwise passes are per element, not per operation.
 
 Every member stays its own run. Its parameters are views into the stacked tensors (so the
 products read them in place), with its own fused Adam (state, step count, learning rate of
@@ -40,7 +43,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +62,7 @@ from models.training import (
     ADAM_EPS,
     LOSS_SYNC_STEPS,
     TrainResult,
+    binarize,
     flush_denormals,
     init_model,
     learning_rate,
@@ -69,12 +72,13 @@ from models.training import (
     tf32_matmuls,
 )
 
-# Decoder rows of a group at most: members x K x batch. Each row holds two [D] buffers (16,384
-# rows: 100 MB in fp32), and from K=50 a member's products are large enough alone on a CPU, so
-# 3 seeds at K=50 and batch 100 still stack while a K=5000 cell trains alone. A GPU is filled
-# only by far larger products (a K=1 step is ~100 small kernels): there the cap is memory's,
+# Decoder rows of a group at most (members x K x batch) in `stack_groups`, per device. On a
+# CPU 4,096: 3 seeds up to K=13 at batch 100; a K=50 step is its products there, and
+# stacking gained nothing (bench/stacked.py: 0.94x CPU time at 1 thread), while a larger
+# group holds G times the [rows, D] buffers (a K=5000 cell alone: 3 GB). A GPU is filled only
+# by far larger products (a K=1 step is ~100 small kernels): there the cap is memory's,
 # 262,144 rows (1.6 GB), so the seed's whole K=100 group (6 cells, 60,000 rows) stacks.
-MAX_GROUP_ROWS = {"cpu": 16_384, "cuda": 262_144}
+MAX_GROUP_ROWS = {"cpu": 4096, "cuda": 262_144}
 
 
 def stack_key(config: TrainConfig) -> tuple | None:
@@ -123,8 +127,8 @@ def stack_groups(configs: Sequence[TrainConfig], max_rows: int | None = None) ->
 @dataclass
 class MemberResult(TrainResult):
     """A member's `TrainResult`; `error` says why it failed (it diverged, or its checkpoint
-    could not be resumed), None otherwise. `train_seconds` is its share of the group's wall
-    time: each step's time divided among the members that took it."""
+    could not be resumed or written), None otherwise. `train_seconds` is its share of the
+    group's wall time: each step's time divided among the members that took it."""
 
     error: str | None = None
 
@@ -166,16 +170,9 @@ def train_stacked(
         )
     ]
     steps_per_epoch = -(-len(images) // first.batch_size)
-    # Draw on as many threads as torch computes with; the products wait for the draws.
-    workers = min(torch.get_num_threads(), count)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    try:
-        with flush_denormals(), tf32_matmuls(first.precision == "tf32"):
-            while any(m.running for m in members):
-                _train_epoch(members, images, steps_per_epoch, pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with flush_denormals(), tf32_matmuls(first.precision == "tf32"):
+        while any(m.running for m in members):
+            _train_epoch(members, images, steps_per_epoch)
     return [m.result(len(images)) for m in members]
 
 
@@ -266,9 +263,7 @@ class _Member:
         )
 
 
-def _train_epoch(
-    members: list[_Member], images: Tensor, steps_per_epoch: int, pool: Executor | None
-) -> None:
+def _train_epoch(members: list[_Member], images: Tensor, steps_per_epoch: int) -> None:
     """Every running member's next epoch, in lockstep; members stop, fail or leave on the way."""
     active = [m for m in members if m.running]
     for member in active:
@@ -287,7 +282,7 @@ def _train_epoch(
     for i in range(steps_per_epoch):
         batch = images[orders[:, i * config.batch_size : (i + 1) * config.batch_size]]  # [G, B, D]
         generators = [m.generator for m in active]
-        x, eps = draw_noise(batch, generators, draws, latent, pool)
+        x, eps = draw_noise(batch, generators, draws, latent)
         bound = path.set_gradients(x, eps, [m.config for m in active])  # [G, B]
         for member in active:
             member.optimizer.step()
@@ -523,28 +518,16 @@ class StackedFastPath:
 
 
 def draw_noise(
-    batch: Tensor,
-    generators: Sequence[torch.Generator],
-    draws: int,
-    latent: int,
-    pool: Executor | None = None,
+    batch: Tensor, generators: Sequence[torch.Generator], draws: int, latent: int
 ) -> tuple[Tensor, Tensor]:
     """Each member's binarization of its grey levels batch[g] [B, D] and its standard normal
     draws [n, B, d], from generators[g] in the order its solo step draws them: x [G, B, D],
-    eps [G, n, B, d]. With a `pool`, members draw concurrently: PyTorch draws from one
-    generator on one thread, ~1 ms for a batch of 100 images on this CPU."""
+    eps [G, n, B, d]."""
     x = torch.empty_like(batch)
     eps = batch.new_empty(len(generators), draws, batch.shape[1], latent)
-
-    def draw(g: int) -> None:
-        torch.bernoulli(batch[g], generator=generators[g], out=x[g])  # dynamic binarization
-        torch.randn(eps.shape[1:], generator=generators[g], out=eps[g])
-
-    if pool is None:
-        for g in range(len(generators)):
-            draw(g)
-    else:
-        list(pool.map(draw, range(len(generators))))
+    for g, generator in enumerate(generators):
+        binarize(batch[g], generator, out=x[g])
+        torch.randn(eps.shape[1:], generator=generator, out=eps[g])
     return x, eps
 
 

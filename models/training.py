@@ -269,7 +269,7 @@ def train_step(
     back to the host, so on a GPU it only enqueues kernels, and `models.cuda_graphs` can
     record it as it is.
     """
-    x = torch.bernoulli(batch, generator=generator)  # dynamic binarization, [B, D]
+    x = binarize(batch, generator)  # dynamic binarization, [B, D]
     observed = None
     if config.missing_rate > 0:  # a fresh mask per batch, from the job's generator
         observed = draw_observed(
@@ -285,6 +285,21 @@ def train_step(
         bound = s.bound
     optimizer.step()
     loss_sum.sub_(bound.mean())
+
+
+def binarize(p: Tensor, generator: torch.Generator, *, out: Tensor | None = None) -> Tensor:
+    """Binary pixels x ~ Bernoulli(p) for grey levels p, as `torch.bernoulli(p, generator)`
+    draws them (the same values and the same draws from the generator).
+
+    On the CPU both compare one uniform per pixel with p, drawn in the same order, and
+    `rand < p` runs ~3x faster (0.27 against 0.85 ms for 100 images on this CPU, ~15% of
+    a K=1 step); tests/models/test_training.py holds them equal. Elsewhere the generators
+    draw differently: `bernoulli` as before.
+    """
+    if p.device.type != "cpu":
+        return torch.bernoulli(p, generator=generator, out=out)
+    below = torch.rand(p.shape, generator=generator, dtype=p.dtype) < p
+    return below.to(p.dtype) if out is None else out.copy_(below)
 
 
 def _train_epoch(

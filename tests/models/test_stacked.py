@@ -156,11 +156,9 @@ def solo_checkpoints(configs: list[TrainConfig], data: Mnist, folder: Path) -> l
     return paths
 
 
-@pytest.mark.parametrize("threads", [1, 2], ids=["draws-in-turn", "draws-in-a-pool"])
 def test_the_group_trains_each_member_as_train_does(
-    tmp_path: Path, train_config: TrainConfig, synthetic_mnist: Mnist, threads: int
+    tmp_path: Path, train_config: TrainConfig, synthetic_mnist: Mnist
 ) -> None:
-    torch.set_num_threads(threads)  # the fixture `one_thread` restores it
     configs = float32_configs(train_config)
     want = solo_checkpoints(configs, synthetic_mnist, tmp_path)
     paths = [tmp_path / f"member{i}.safetensors" for i in range(3)]

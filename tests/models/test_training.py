@@ -21,6 +21,7 @@ from models.estimators import log_likelihood
 from models.files import write_atomic
 from models.progress import Progress
 from models.training import (
+    binarize,
     burda_epochs,
     init_model,
     learning_rate,
@@ -434,3 +435,17 @@ def test_burda_init_sets_the_output_bias_from_the_training_images(
     assert (model.encoders[0].net[0].bias == 0).all()
     # train() passes the mean of the images it trains on: step 0 starts from these weights.
     assert train(config, images).model.decoders[0][-1].bias.sub(expected).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binarize_draws_what_bernoulli_draws(dtype: torch.dtype) -> None:
+    """The same pixels and the same generator state after, so runs stay as they were."""
+    p = torch.rand(100, 784, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ours, theirs = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+
+    x = binarize(p, ours)
+
+    assert x.dtype == dtype
+    assert torch.equal(x, torch.bernoulli(p, generator=theirs))
+    assert 0.4 < x.mean().item() < 0.6  # binary draws of p, not a constant
+    assert torch.equal(ours.get_state(), theirs.get_state())
