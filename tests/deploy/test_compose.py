@@ -40,13 +40,14 @@ IMAGE = "iwae-compose-test:cpu"  # compose-test.yml's tag: never a user's iwae-s
 TOKEN = "compose-test-token"
 # What a machine without the public registry or PyTorch's index sets (deploy/local-images.sh).
 BUILD_VARIABLES = ("PYTHON_IMAGE", "REDIS_IMAGE", "TORCH_INDEX_URL", "TORCH_FIND_LINKS")
-# Long enough to kill its worker after the first checkpoint (about 2 s an epoch on 2 busy
-# cores), short enough that the whole test stays a few minutes.
+# Long enough that its worker is killed mid-run, after the first checkpoint: 30 epochs of 60
+# steps, ~6 s on 2 idle cores (6 epochs of 20 steps, 0.6 s in all, ended between two polls),
+# short enough that the whole test stays a few minutes on busy ones.
 JOB: dict[str, Any] = {
     "k": 5,
-    "epochs": 6,
+    "epochs": 30,
     "batch_size": 100,
-    "train_size": 2000,
+    "train_size": 6000,
     "eval_size": 100,
     "eval_k": 50,
     "latent_dim": 8,
@@ -225,7 +226,7 @@ def test_compose_stack_trains_survives_a_killed_worker_and_a_redis_restart(stack
     assert math.isfinite(score["log_likelihood"]) and score["log_likelihood"] < 0
 
     # 3. Restart Redis while a second job runs: every record and the queue survive (AOF).
-    second = api.post("/train", json={**JOB, "epochs": 3, "seed": 1})
+    second = api.post("/train", json={**JOB, "seed": 1})
     assert second.status_code == 202, second.text
     second_id = second.json()["job_id"]
     stack.poll("the second job running", lambda: stack.job(second_id)["status"] == "running", 120)
