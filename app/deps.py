@@ -84,7 +84,7 @@ def _send_job(enqueue: Callable[[Any], None], job_ids: str | list[str]) -> None:
     try:
         enqueue(job_ids)
     except Exception:  # the jobs are recorded: nothing is lost
-        log.exception("could not enqueue %s; left queued for the reaper", job_ids)
+        log.exception("could not enqueue job %s; it stays queued for the reaper", job_ids)
 
 
 def job_sender(enqueue: Annotated[JobQueue, Depends(get_job_queue)]) -> JobQueue:

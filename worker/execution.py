@@ -1,6 +1,8 @@
 """Running one training job: claim it, train under a kept lease, record the outcome.
 
-The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
+The Celery tasks (`worker.tasks`) are thin wrappers over `run_job` and `run_group`, which
+trains a study's stack group of jobs as one stacked model, each job with the outcomes of
+`run_job` alone. Outcomes:
 
 - the claim is refused (a duplicate or redelivered message for a job that is running under a
   live lease, or finished, or cancelled): the message is dropped ("dropped");
