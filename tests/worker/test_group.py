@@ -20,6 +20,8 @@ from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.data import Mnist
 from models.progress import Progress
+from models.storage import FileStorage, Storage, open_storage
+from models.storage.layout import CHECKPOINT_NAME, MODEL_INFO_NAME, model_key
 from tests.support import TINY_NETWORK
 from worker import execution
 from worker.execution import run_group
@@ -78,16 +80,31 @@ def create(store: JobStore, **changes: Any) -> str:
     return store.create({**CONFIG, **changes}).job_id
 
 
-def model_info(settings: WorkerSettings, job_id: str) -> dict[str, Any]:
-    return json.loads((settings.models_dir / job_id / "model.json").read_text())
+def model_info(settings: WorkerSettings, job_id: str, storage: Storage | None = None) -> Any:
+    data = (storage or FileStorage(settings.home)).get(model_key(job_id, MODEL_INFO_NAME))
+    return None if data is None else json.loads(data)
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request: pytest.FixtureRequest, worker_settings: WorkerSettings) -> Storage:
+    """The model storage: the worker's folder, or an object store (members train in local
+    copies of their checkpoints)."""
+    if request.param == "file":
+        return FileStorage(worker_settings.home)
+    s3_url = request.getfixturevalue("s3_url")
+    return open_storage(s3_url, worker_settings.home, worker_settings.cache_dir)
 
 
 def test_a_group_trains_in_one_stacked_run_and_each_job_gets_its_own_model(
-    worker_settings: WorkerSettings, store: JobStore, stacked_calls: list[list[TrainConfig]]
+    worker_settings: WorkerSettings,
+    store: JobStore,
+    storage: Storage,
+    stacked_calls: list[list[TrainConfig]],
+    tmp_path: Path,
 ) -> None:
     job_ids = [create(store, seed=seed) for seed in (0, 1, 2)]
 
-    outcomes = run_group(job_ids, worker_settings, store)
+    outcomes = run_group(job_ids, worker_settings, store, storage=storage)
 
     assert outcomes == dict.fromkeys(job_ids, "succeeded")
     assert [[c.seed for c in configs] for configs in stacked_calls] == [[0, 1, 2]]
@@ -97,10 +114,11 @@ def test_a_group_trains_in_one_stacked_run_and_each_job_gets_its_own_model(
         assert (record.status, record.model_id) == ("succeeded", job_id)
         assert record.metrics is not None and record.metrics["epochs"] == 2
         assert record.progress is not None and record.progress["phase"] != "train"  # evaluated
-        info = model_info(worker_settings, job_id)
+        info = model_info(worker_settings, job_id, storage)
         assert (info["model_id"], info["config"]["seed"]) == (job_id, seed)
-        checkpoint = load_checkpoint(worker_settings.models_dir / job_id / "model.safetensors")
-        assert checkpoint.config.seed == seed
+        checkpoint = tmp_path / f"{job_id}.safetensors"
+        checkpoint.write_bytes(storage.get(model_key(job_id, CHECKPOINT_NAME)) or b"")
+        assert load_checkpoint(checkpoint).config.seed == seed
         bounds.add(record.metrics["test_loglik"])
     assert len(bounds) == 3  # three models, not one model three times
 
@@ -124,7 +142,7 @@ def test_a_diverging_member_and_a_refused_claim_fail_alone(
     assert [[c.seed for c in configs] for configs in stacked_calls] == [[0, 1, 2]]
     assert store.get(diverging).error is not None and "diverged" in store.get(diverging).error
     assert store.get(diverging).model_id is None
-    assert not (worker_settings.models_dir / diverging / "model.json").exists()
+    assert model_info(worker_settings, diverging) is None
     assert store.get(cancelled).status == "cancelled"
     for job_id in (good, other):
         assert model_info(worker_settings, job_id)["model_id"] == job_id
