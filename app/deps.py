@@ -14,7 +14,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -31,6 +31,7 @@ from worker.jobs import JobStore
 log = logging.getLogger(__name__)
 
 JobQueue = Callable[[str], None]
+GroupQueue = Callable[[list[str]], None]
 
 
 async def current_settings(request: Request) -> Settings:
@@ -71,11 +72,19 @@ def get_job_queue(settings: SettingsDep) -> JobQueue:
     return partial(enqueue_training, settings=settings)
 
 
-def _send_job(enqueue: JobQueue, job_id: str) -> None:
+def get_group_queue(settings: SettingsDep) -> GroupQueue:
+    """`enqueue_training_group(job_ids)`: one message for a study's stack group (tests fake
+    it)."""
+    from worker.queue import enqueue_training_group
+
+    return partial(enqueue_training_group, settings=settings)
+
+
+def _send_job(enqueue: Callable[[Any], None], job_ids: str | list[str]) -> None:
     try:
-        enqueue(job_id)
-    except Exception:  # the job is recorded: nothing is lost
-        log.exception("could not enqueue job %s; it stays queued for the reaper", job_id)
+        enqueue(job_ids)
+    except Exception:  # the jobs are recorded: nothing is lost
+        log.exception("could not enqueue job %s; it stays queued for the reaper", job_ids)
 
 
 def job_sender(enqueue: Annotated[JobQueue, Depends(get_job_queue)]) -> JobQueue:
@@ -84,11 +93,18 @@ def job_sender(enqueue: Annotated[JobQueue, Depends(get_job_queue)]) -> JobQueue
     return partial(_send_job, enqueue)
 
 
+def group_sender(enqueue: Annotated[GroupQueue, Depends(get_group_queue)]) -> GroupQueue:
+    """`send(job_ids)` for a study's stack group, as `job_sender` (the reaper sends each
+    job's own message if it is lost)."""
+    return partial(_send_job, enqueue)
+
+
 StoreDep = Annotated[JobStore, Depends(job_store)]
 RegistryDep = Annotated[ModelRegistry, Depends(model_registry)]
 ReportsDep = Annotated[StudyReports, Depends(study_reports)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
 QueueDep = Annotated[JobQueue, Depends(job_sender)]
+GroupQueueDep = Annotated[GroupQueue, Depends(group_sender)]
 InferenceDep = Annotated[InferenceCall, Depends(inference_call)]
 
 _bearer = HTTPBearer(

@@ -3,7 +3,8 @@ server's compute budget, and a study's grid of cells with each cell's config.
 
 The costs are `models.cost.train_cost`, the grid `models.study.grid`; this module turns
 their refusals into the request's 422 (`RequestValidationError`), naming the field, the
-cost and the setting that limits it.
+cost and the setting that limits it. A study's cells whose training steps share a shape
+are grouped (`models.stacked.stack_groups`) to train stacked in one worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from app.schemas import StudyRequest, TrainRequest
 from app.settings import Settings
 from models.config import TrainConfig
 from models.cost import train_cost
+from models.stacked import stack_groups
 from models.study.grid import base_cell, cell_config, expand_grid
 from worker.jobs import GridPoint
 
@@ -92,10 +94,12 @@ def train_config(body: TrainRequest, settings: SettingsDep) -> TrainConfig:
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """A study to create: its base config and every cell with its job's config."""
+    """A study to create: its base config, every cell with its job's config, and the cells'
+    stack groups (indices into `cells`), each queued as one message for one worker."""
 
     config: TrainConfig
     cells: list[GridPoint]
+    groups: list[list[int]]
 
 
 def study_plan(body: StudyRequest, settings: SettingsDep) -> StudyPlan:  # type: ignore[valid-type]
@@ -121,7 +125,7 @@ def study_plan(body: StudyRequest, settings: SettingsDep) -> StudyPlan:  # type:
         GridPoint(cell.objective, cell.k, cell.seed, config.to_dict())
         for cell, config in zip(grid, configs, strict=True)
     ]
-    return StudyPlan(base, cells)
+    return StudyPlan(base, cells, stack_groups(configs))
 
 
 def _base_config(body: StudyRequest) -> TrainConfig:  # type: ignore[valid-type]

@@ -146,13 +146,19 @@ def settings(make_settings: Callable[..., Any]) -> Any:
 
 
 class FakeQueue:
-    """Stands in for `worker.queue.enqueue_training`: records the job ids it is given."""
+    """Stands in for `worker.queue.enqueue_training` (and `enqueue_training_group`, as
+    `group`): records the job ids it is given, and the groups."""
 
     def __init__(self) -> None:
         self.job_ids: list[str] = []
+        self.groups: list[list[str]] = []
 
     def __call__(self, job_id: str) -> None:
         self.job_ids.append(job_id)
+
+    def group(self, job_ids: list[str]) -> None:
+        self.groups.append(list(job_ids))
+        self.job_ids.extend(job_ids)
 
 
 @pytest.fixture
@@ -165,7 +171,7 @@ def make_client(
     make_settings: Callable[..., Any], fake_queue: FakeQueue
 ) -> Iterator[Callable[..., TestClient]]:
     """Build started API clients (lifespan run) with settings overrides and the fake queue."""
-    from app.deps import get_job_queue
+    from app.deps import get_group_queue, get_job_queue
     from app.main import create_app
 
     clients: list[TestClient] = []
@@ -173,6 +179,7 @@ def make_client(
     def make(**overrides: Any) -> TestClient:
         app = create_app(make_settings(**overrides))
         app.dependency_overrides[get_job_queue] = lambda: fake_queue
+        app.dependency_overrides[get_group_queue] = lambda: fake_queue.group
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)

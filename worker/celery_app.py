@@ -37,7 +37,7 @@ import binascii
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -54,6 +54,7 @@ from worker.settings import WorkerSettings, get_worker_settings
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "iwae.train"
+TRAIN_GROUP_TASK = "iwae.train_group"
 
 # Set when this worker process is asked to stop (SIGTERM, Ctrl-C): the running job stops at
 # its next step and goes back to the queue for another worker, instead of the warm shutdown
@@ -130,12 +131,26 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
 
 def send_training(app: IwaeCelery, job_id: str) -> None:
     """Send the job's message to the queue of its device, then mark it sent."""
+    _send(app, TRAIN_TASK, job_id, [job_id])
+
+
+def send_training_group(app: IwaeCelery, job_ids: Sequence[str]) -> None:
+    """Send one message for jobs of one stack group (`models.stacked.stack_groups`), to be
+    trained stacked by one worker, then mark each sent; a lone job's is an ordinary message."""
+    if len(job_ids) == 1:
+        send_training(app, job_ids[0])
+    else:
+        _send(app, TRAIN_GROUP_TASK, list(job_ids), job_ids)
+
+
+def _send(app: IwaeCelery, task: str, argument: str | list[str], job_ids: Sequence[str]) -> None:
     settings = app.settings
     if settings.embedded:
         prepare_storage(settings)
-    device = app.job_store.get(job_id).config.get("device")
-    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.queue_for(device))
-    app.job_store.mark_enqueued(job_id)
+    device = app.job_store.get(job_ids[0]).config.get("device")  # a group shares its device
+    app.send_task(task, args=[argument], queue=settings.queue_for(device))
+    for job_id in job_ids:
+        app.job_store.mark_enqueued(job_id)
 
 
 # kombu's Redis transport keeps one list per priority step: the queue's name, then the name,
@@ -173,17 +188,18 @@ def waiting_messages(settings: WorkerSettings) -> Callable[[], set[str]]:
             for key in keys:
                 yield from client.lrange(key, 0, -1)
 
-    return lambda: {job_id for message in read() if (job_id := _message_job_id(message))}
+    return lambda: {job_id for message in read() for job_id in _message_job_ids(message)}
 
 
-def _message_job_id(message: bytes) -> str | None:
-    """The job id a training message carries (its body: base64 JSON `[[job_id], {}, ...]`);
-    None for anything else."""
+def _message_job_ids(message: bytes) -> list[str]:
+    """The job ids a training message carries (its body: base64 JSON `[[job_id], {}, ...]`,
+    or `[[[job_id, ...]], {}, ...]` for a group); none for anything else."""
     try:
-        job_id = json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+        job_ids = json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
     except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
-        return None
-    return job_id if isinstance(job_id, str) else None
+        return []
+    job_ids = job_ids if isinstance(job_ids, list) else [job_ids]
+    return [job_id for job_id in job_ids if isinstance(job_id, str)]
 
 
 def consumed_queues(settings: WorkerSettings) -> list[str]:

@@ -1,6 +1,8 @@
 """Running one training job: claim it, train under a kept lease, record the outcome.
 
-The Celery task (`worker.tasks`) is a thin wrapper over `run_job`. Outcomes:
+The Celery tasks (`worker.tasks`) are thin wrappers over `run_job` and `run_group`, which
+trains a study's stack group of jobs as one stacked model, each job with the outcomes of
+`run_job` alone. Outcomes:
 
 - the claim is refused (a duplicate or redelivered message for a job that is running under a
   live lease, or finished, or cancelled): the message is dropped ("dropped");
@@ -35,14 +37,18 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from models.config import TrainConfig
-from models.data import load_mnist
+from models.data import Mnist, load_mnist
 from models.files import Write, write_atomic
-from models.progress import Progress
-from models.run import train_and_evaluate
+from models.progress import Callback, Progress
+from models.run import CHECKPOINT_NAME, train_and_evaluate
+from models.stacked import train_stacked
 from models.storage import StaleWrite, Storage
 from models.storage.layout import MODEL_INFO_NAME
 from worker.job_files import JobFiles
@@ -69,6 +75,72 @@ def run_job(
     """
     stop = stop or threading.Event()
     storage = storage or settings.open_storage()
+    lease = _claim(job_id, store)
+    if isinstance(lease, str):
+        return lease
+    with LeaseKeeper(store, lease, settings, watchdog) as keeper:
+        run = _Run(lease, settings, store, storage, keeper, stop)
+        outcome = run.attempt(lambda: run.train(load_data(settings)))
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+def run_group(
+    job_ids: Sequence[str],
+    settings: WorkerSettings,
+    store: JobStore,
+    *,
+    stop: threading.Event | None = None,
+    storage: Storage | None = None,
+    watchdog: Watchdog | None = None,
+) -> dict[str, str]:
+    """Run the jobs of a study's stack group (`models.stacked.stack_groups`) as one stacked
+    model; returns each job's outcome, as `run_job`'s.
+
+    Each job is claimed, leased, fenced, cancelled and recorded as `run_job` does it alone: a
+    job whose claim is refused or fails is left out ("dropped", "unclaimed"), the others
+    train together (`models.stacked.train_stacked`), each with its own progress callback,
+    checkpoint and fenced writes; a member that diverges fails alone, one whose cancel was
+    asked stops alone. Then each member that trained to the end is evaluated (its finished
+    checkpoint found by `train_and_evaluate`) and recorded. A member interrupted here
+    resumes alone from its checkpoint, where a stacked member ends where its solo run would.
+    """
+    stop = stop or threading.Event()
+    storage = storage or settings.open_storage()
+    outcomes: dict[str, str] = {}
+    leases = []
+    for job_id in job_ids:
+        lease = _claim(job_id, store)
+        if isinstance(lease, str):
+            outcomes[job_id] = lease
+        else:
+            leases.append(lease)
+    with ExitStack() as stack:
+        keepers = [  # one process, one watchdog: every member's keeper feeds it
+            stack.enter_context(LeaseKeeper(store, lease, settings, watchdog)) for lease in leases
+        ]
+        runs = [
+            _Run(lease, settings, store, storage, keeper, stop)
+            for lease, keeper in zip(leases, keepers, strict=True)
+        ]
+        pulse = _GroupPulse(keepers)
+        try:
+            data = load_data(settings)
+            if len(runs) > 1:
+                runs = _train_stacked(runs, data, pulse, outcomes)
+        except Exception as exc:  # the group could not start: every member fails with it
+            for run in runs:
+                outcomes[run.lease.job_id] = run.fail(exc)
+            runs = []
+        for run in runs:
+            outcomes[run.lease.job_id] = run.attempt(partial(run.train, data, pulse))
+    for job_id, outcome in outcomes.items():
+        log.info("job %s: %s", job_id, outcome)
+    return {job_id: outcomes[job_id] for job_id in job_ids}
+
+
+def _claim(job_id: str, store: JobStore) -> Lease | str:
+    """The job's lease, or the outcome of a claim refused ("dropped") or failed ("unclaimed")."""
     try:
         lease = store.claim(job_id, worker_name())
     except (ClaimRefused, JobNotFound) as exc:
@@ -78,21 +150,68 @@ def run_job(
         log.exception("job %s: cannot claim it; the reaper will send it again", job_id)
         return "unclaimed"
     log.info("job %s: started (attempt %d, fence %d)", job_id, lease.record.attempts, lease.fence)
-    with LeaseKeeper(store, lease, settings, watchdog) as keeper:
-        run = _Run(lease, settings, store, storage, keeper, stop)
-        try:
-            outcome = run.train()
-        except (LeaseLost, StaleWrite) as exc:
-            log.error("job %s: %s; stopping, writing nothing more", job_id, exc)
-            outcome = "lost"
-        except Exception as exc:
-            if keeper.lost.is_set():
-                outcome = "lost"
-            else:
-                log.exception("job %s: training failed", job_id)
-                outcome = run.end("failed", error=describe_error(exc))
-    log.info("job %s: %s", job_id, outcome)
-    return outcome
+    return lease
+
+
+def _train_stacked(
+    runs: list[_Run], data: Mnist, pulse: _GroupPulse, outcomes: dict[str, str]
+) -> list[_Run]:
+    """Train the claimed members stacked; record those that stop, fail or lose their lease
+    into `outcomes`, and return the runs that trained to the end (to be evaluated)."""
+    members = [run.start(pulse) for run in runs]
+    try:
+        results = train_stacked(
+            [m.config for m in members],
+            data.train_images,
+            checkpoint_paths=[m.out_dir / CHECKPOINT_NAME for m in members],
+            callbacks=[m.callbacks for m in members],
+            writes=[run.files.write for run in runs],
+        )
+    finally:
+        for run in runs:
+            run.files.cleanup()
+    trained = []
+    for run, member, result in zip(runs, members, results, strict=True):
+        job_id = run.lease.job_id
+        if run.keeper.lost.is_set():
+            outcomes[job_id] = "lost"
+        elif result.error is not None:
+            log.error("job %s: %s", job_id, result.error)
+            outcomes[job_id] = run.attempt(partial(run.end, "failed", error=result.error))
+        elif result.stopped:
+            member.reporter.flush()
+            outcomes[job_id] = run.attempt(run.stopped)
+        else:
+            trained.append(run)
+    return trained
+
+
+class _GroupPulse:
+    """A callback every member of a group reports to: a step of any member is progress of
+    them all, so a member that stopped keeps its lease (and the watchdog stays fed) until
+    its outcome is recorded after the group."""
+
+    def __init__(self, keepers: Sequence[LeaseKeeper]) -> None:
+        self.keepers = keepers
+
+    def __call__(self, progress: Progress) -> bool:
+        for keeper in self.keepers:
+            keeper.progressed()
+        return False
+
+
+def load_data(settings: WorkerSettings) -> Mnist:
+    """The worker's MNIST, for every job it trains."""
+    return load_mnist(settings.mnist_dir, download_dir=settings.download_dir)
+
+
+class _Member(NamedTuple):
+    """A claimed job ready to train: its config, folder, progress reporter and callbacks."""
+
+    config: TrainConfig
+    out_dir: Path
+    reporter: ProgressReporter
+    callbacks: list[Callback]
 
 
 class _Run:
@@ -116,7 +235,27 @@ class _Run:
             storage, lease.job_id, lease.fence, keeper.fence, settings.models_dir / lease.job_id
         )
 
-    def train(self) -> str:
+    def attempt(self, body: Callable[[], str]) -> str:
+        """`body()`'s outcome, or `fail`'s when it raised."""
+        try:
+            return body()
+        except Exception as exc:
+            return self.fail(exc)
+
+    def fail(self, exc: Exception) -> str:
+        """ "lost" when the lease or a fenced write was lost, else "failed" with the error."""
+        job_id = self.lease.job_id
+        if isinstance(exc, LeaseLost | StaleWrite):
+            log.error("job %s: %s; stopping, writing nothing more", job_id, exc)
+            return "lost"
+        if self.keeper.lost.is_set():
+            return "lost"
+        log.error("job %s: training failed", job_id, exc_info=exc)
+        return self.end("failed", error=describe_error(exc))
+
+    def start(self, *callbacks: Callback) -> _Member:
+        """The job's config (on the worker's device), folder (with its last checkpoint) and
+        progress reporter, before training."""
         config = TrainConfig.from_dict(self.lease.record.config)
         if config.device == "auto" and self.settings.device != "auto":
             config = config.with_changes(device=self.settings.device)
@@ -128,30 +267,38 @@ class _Run:
             self.stop,
             self.settings.progress_interval_s,
         )
-        data = load_mnist(self.settings.mnist_dir, download_dir=self.settings.download_dir)
-        out_dir = self.files.prepare()
+        return _Member(config, self.files.prepare(), reporter, [reporter, *callbacks])
+
+    def train(self, data: Mnist, *callbacks: Callback) -> str:
+        """Train (or, after a finished stacked group, only evaluate) and record the outcome."""
+        member = self.start(*callbacks)
         try:
             result = train_and_evaluate(
-                config, data, out_dir, callbacks=[reporter], write=self.files.write
+                member.config,
+                data,
+                member.out_dir,
+                callbacks=member.callbacks,
+                write=self.files.write,
             )
         finally:
             self.files.cleanup()
         if self.keeper.lost.is_set():
             return "lost"
-        reporter.flush()
+        member.reporter.flush()
         if result.stopped:
-            return self._stopped()
+            return self.stopped()
         metrics = result.metrics or {}
         write_model_info(
-            out_dir,
+            member.out_dir,
             job_id=self.lease.job_id,
-            config=config,
+            config=member.config,
             metrics=metrics,
             write=self.files.write,
         )
         return self.end("succeeded", metrics=metrics, model_id=self.lease.job_id)
 
-    def _stopped(self) -> str:
+    def stopped(self) -> str:
+        """Record why training stopped: overtime, the worker stopping, or a cancel."""
         if self.keeper.overtime.is_set():
             limit = self.settings.max_job_seconds
             return self.end(

@@ -1,9 +1,12 @@
 """K studies: a grid of training jobs, its results and its report.
 
-A study's cells are ordinary training jobs, queued at once. Everything shown about a study
-is read from its cells' job records when asked; the report (HTML and PNG figures) is built
-then too, at the inference gate (it loads the cells' models and draws with matplotlib), and
-kept on disk until a cell changes status (`models.study.cache.StudyReports`).
+A study's cells are ordinary training jobs, queued at once: one message per stack group
+(cells whose training steps share a shape, `models.stacked.stack_groups`), which one worker
+trains as one stacked model, each cell keeping its own job record, model and cancel.
+Everything shown about a study is read from its cells' job records when asked; the report
+(HTML and PNG figures) is built then too, at the inference gate (it loads the cells' models
+and draws with matplotlib), and kept on disk until a cell changes status
+(`models.study.cache.StudyReports`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Response
 from fastapi.responses import FileResponse
 
-from app.deps import InferenceDep, QueueDep, RegistryDep, ReportsDep, StoreDep, require_token
+from app.deps import GroupQueueDep, InferenceDep, RegistryDep, ReportsDep, StoreDep, require_token
 from app.errors import FigureNotFound
 from app.params import Cursor, PageSize
 from app.planning import StudyPlan, study_plan
@@ -48,12 +51,13 @@ _REPORT_ERRORS = error_responses(404, 409, 503)
 def create_study(
     plan: Annotated[StudyPlan, Depends(study_plan)],
     store: StoreDep,
-    send_job: QueueDep,
+    send_group: GroupQueueDep,
     registry: RegistryDep,
     response: Response,
 ) -> StudyOut:
-    """Queue one training job per cell (objective, k, seed) at once, so that every idle
-    worker takes one; poll `Location` (GET /studies/{study_id}).
+    """Queue one training job per cell (objective, k, seed) at once, a message per group of
+    cells that train stacked (same K and network: seeds, objectives), so that every idle
+    worker takes a group; poll `Location` (GET /studies/{study_id}).
 
     422 for a grid over IWAE_MAX_STUDY_JOBS cells, an empty or repeated list, an unknown
     field (k, objective and seed come from the grid), or a cell over the compute budget of
@@ -61,8 +65,8 @@ def create_study(
     past IWAE_MAX_ACTIVE_JOBS.
     """
     study = store.create_study(plan.config.to_dict(), plan.cells)
-    for cell in study.cells:
-        send_job(cell.job_id)
+    for group in plan.groups:
+        send_group([study.cells[i].job_id for i in group])
     response.headers["Location"] = f"/studies/{study.study_id}"
     view = store.view(study)
     return StudyOut.of(view, view.results(registry.checkpoint))

@@ -64,6 +64,14 @@ def test_the_job_sender_logs_a_failure_instead_of_raising(
 
     deps.job_sender(broken)("job-1")
     assert "could not enqueue job job-1; it stays queued for the reaper" in caplog.text
+    deps.group_sender(broken)(["job-2", "job-3"])
+    assert "could not enqueue job ['job-2', 'job-3']; it stays queued" in caplog.text
+
+
+def test_the_group_sender_hands_each_group_to_the_queue() -> None:
+    sent: list[list[str]] = []
+    deps.group_sender(sent.append)(["a", "b"])
+    assert sent == [["a", "b"]]
 
 
 def test_the_served_model_is_the_registry_s_load_of_the_id() -> None:

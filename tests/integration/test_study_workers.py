@@ -2,9 +2,11 @@
 worker processes train them on real MNIST, and the study, its results and its report are
 read back through the API.
 
-Covers: two workers share a study's cells and it ends `succeeded` with a report whose
-numbers are those of results.json; a cell that fails in training leaves the study `partial`
-with the others reported; cancel; a worker SIGKILLed mid-study, and the study completing.
+Covers: two workers share a study's cells, each training a group of cells of one K stacked
+in one task, and it ends `succeeded` with a report whose numbers are those of results.json;
+a cell that fails in training leaves the study `partial` with the others reported; cancel;
+a worker SIGKILLed mid-study (with its group), and the study completing, its cells resumed
+alone.
 Every wait is bounded; none assumes a job is still running when looked at, unless the job
 is long enough (hundreds of steps) to be caught at it on a busy machine.
 """
@@ -109,6 +111,11 @@ def test_a_study_runs_on_two_workers_and_its_report_shows_results_json(
     assert {r.study_id for r in records} == {study["study_id"]}
     assert [r.attempts for r in records] == [1, 1, 1, 1]
     assert len({r.worker for r in records}) == 2, [r.worker for r in records]  # both ran cells
+    # One message per K (its vae and iwae cells), trained stacked by the worker that took it.
+    for k in (1, 2):
+        assert len({r.worker for r in records if r.config["k"] == k}) == 1, records
+    assert service.log_text().count("Task iwae.train_group[") >= 2, service.logs()
+    assert "Task iwae.train[" not in service.log_text()
     jobs = api.get("/jobs", params={"study_id": study["study_id"]}).json()["jobs"]
     assert sorted(j["job_id"] for j in jobs) == sorted(r.job_id for r in records)
 
@@ -203,7 +210,9 @@ def test_a_study_completes_when_a_worker_is_sigkilled_mid_study(
 
     done = wait_study(api, service, study["study_id"], ended, "the study to end", timeout=300)
     assert done["status"] == "succeeded", f"{done}\n{service.logs()}"
-    resumed = service.store.get(victim.job_id)
-    assert resumed.attempts == 2  # lost once, then resumed by the other worker
-    assert resumed.worker != victim.worker
+    # The victim's group (its K's two cells) was lost with it; each cell resumed alone.
+    for record in map(service.store.get, ids):
+        if record.config["k"] == victim.config["k"]:
+            assert record.attempts == 2  # lost once, then resumed by the other worker
+            assert record.worker != victim.worker
     assert all(row["n"] == 1 for row in done["results"]["summary"])

@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.celery_app import TRAIN_TASK, consumed_queues, create_celery_app, waiting_messages
+from worker.celery_app import (
+    TRAIN_GROUP_TASK,
+    TRAIN_TASK,
+    consumed_queues,
+    create_celery_app,
+    waiting_messages,
+)
 from worker.jobs import FileJobStore
-from worker.queue import enqueue_training
+from worker.queue import enqueue_training, enqueue_training_group
 from worker.settings import WorkerSettings
 
 
@@ -67,12 +73,29 @@ def test_the_reaper_reads_which_jobs_wait_in_the_queue(tmp_path: Path) -> None:
     settings = WorkerSettings(home=tmp_path)
     store = FileJobStore(settings.jobs_dir, lease_s=60, max_attempts=3)
     cpu, gpu = store.create({"k": 1}), store.create({"k": 1, "device": "cuda"})
+    group = [store.create({"k": 1, "seed": seed}).job_id for seed in (0, 1)]
     waiting = waiting_messages(settings)
     for job in (cpu, gpu):
         enqueue_training(job.job_id, settings=settings)
+    enqueue_training_group(group, settings=settings)
     (settings.broker_dir / "queue" / f"0_x.{settings.queue}.msg").write_text("not a message")
 
-    assert waiting() == {cpu.job_id, gpu.job_id}
+    assert waiting() == {cpu.job_id, gpu.job_id, *group}
+
+
+def test_a_group_is_one_message_of_its_job_ids_each_marked_sent(tmp_path: Path) -> None:
+    settings = WorkerSettings(home=tmp_path)
+    store = FileJobStore(settings.jobs_dir, lease_s=60, max_attempts=3)
+    group = [store.create({"k": 1, "seed": seed}).job_id for seed in (0, 1)]
+
+    enqueue_training_group(group, settings=settings)
+
+    [path] = (settings.broker_dir / "queue").glob("*.msg")
+    message = json.loads(path.read_text())
+    assert message["headers"]["task"] == TRAIN_GROUP_TASK
+    args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+    assert (args, kwargs) == ([group], {})
+    assert store.awaiting_message() == []
 
 
 @pytest.mark.parametrize(

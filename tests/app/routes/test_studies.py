@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.deps import get_job_queue
+from app.deps import get_group_queue
 from models.config import TrainConfig
 from models.data import DataError
 from models.study.cache import StudyReports
@@ -80,7 +80,10 @@ def test_a_study_answers_202_with_location_and_queues_every_cell_at_once(
     assert (study["ks"], study["objectives"], study["seeds"]) == ([1, 5], ["vae", "iwae"], [0, 1])
     grid = [(c["objective"], c["k"], c["seed"]) for c in study["cells"]]
     assert grid == [(o, k, s) for o in ("vae", "iwae") for k in (1, 5) for s in (0, 1)]
-    assert fake_queue.job_ids == job_ids(study)  # all sent at once, none waits for another
+    # All sent at once, none waits for another: a message per K, its seeds and objectives
+    # stacked in one worker.
+    ids = job_ids(study)
+    assert fake_queue.groups == [[ids[i] for i in (0, 1, 4, 5)], [ids[i] for i in (2, 3, 6, 7)]]
     assert client.get(response.headers["location"]).json()["cells"] == study["cells"]
 
     for cell in study["cells"]:
@@ -210,10 +213,10 @@ def test_writes_need_the_token_when_one_is_set(make_client: Callable[..., TestCl
 
 
 def test_a_failing_broker_still_leaves_the_study_recorded(client: TestClient) -> None:
-    def broken(job_id: str) -> None:
+    def broken(job_ids: list[str]) -> None:
         raise ConnectionError("broker down")
 
-    client.app.dependency_overrides[get_job_queue] = lambda: broken  # type: ignore[attr-defined]
+    client.app.dependency_overrides[get_group_queue] = lambda: broken  # type: ignore[attr-defined]
     response = post(client, ks=[1])
     assert response.status_code == 202
     assert client.get(response.headers["location"]).json()["status"] == "queued"
