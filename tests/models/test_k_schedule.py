@@ -60,41 +60,6 @@ def test_normalized_ess_oracles() -> None:
     assert normalized_ess(pair + 1e4).item() == pytest.approx(0.8)  # scale-free, stable
 
 
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"alpha": 0.5}, "alpha applies only"),
-        ({"objective": "vr-iwae", "alpha": 1.0}, r"alpha must lie in \[0, 1\)"),
-        ({"objective": "vr-iwae-dreg", "alpha": -0.1}, "alpha must lie"),
-        ({"k_min": 2}, "k_min applies only"),
-        ({"k_schedule": "linear", "ess_target": 0.3}, "ess_target applies only"),
-        ({"k_schedule": "linear", "k_min": 6, "k": 5}, "k_min must lie"),
-        ({"k_schedule": "ess", "k_min": 0}, "k_min must lie"),
-        ({"k_schedule": "ess", "ess_target": 1.0}, "ess_target must lie"),
-        ({"k_schedule": "cosine"}, "unknown k_schedule"),
-    ],
-)
-def test_options_that_do_not_apply_or_are_out_of_range_are_refused(
-    changes: dict, message: str
-) -> None:
-    with pytest.raises(ValueError, match=message):
-        TrainConfig(**changes)
-
-
-def test_defaults_are_resolved_and_travel_with_the_config() -> None:
-    vr = TrainConfig(objective="vr-iwae", k_schedule="ess")
-
-    assert (vr.alpha, vr.k_min, vr.ess_target) == (0.5, 1, 0.15)
-    assert TrainConfig.from_dict(vr.to_dict()) == vr
-    plain = TrainConfig()
-    assert (plain.alpha, plain.k_schedule, plain.k_min, plain.ess_target) == (
-        None,
-        "fixed",
-        None,
-        None,
-    )
-
-
 # --- in training ----------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Tests for models.missing (the masks) and the missing-data fields of TrainConfig."""
+"""Tests for models.missing: the masks, the observed-pixel likelihood, and training on them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 import models.training
-from models.config import ModelConfig, TrainConfig
+from models.config import TrainConfig
 from models.distributions import bernoulli_log_prob
 from models.missing import draw_observed, eval_observed, top_half_missing
 from models.training import train
@@ -80,27 +80,6 @@ def test_square_patterns_need_square_images() -> None:
         draw_observed("random-square", 0.5, 2, 6, generator())
     with pytest.raises(ValueError, match="unknown"):
         draw_observed("bottom", 0.5, 2, 6, generator())
-
-
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"missing_rate": -0.1}, "missing_rate"),
-        ({"missing_rate": 0.91}, "missing_rate"),
-        ({"missing_pattern": "left-half"}, "missing_pattern"),
-        ({"missing_pattern": "random-square", "model": ModelConfig(x_dim=6)}, "square"),
-    ],
-)
-def test_config_refuses_bad_missing_data_options(changes: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        TrainConfig(**changes)
-
-
-def test_config_round_trips_the_missing_data_options() -> None:
-    config = TrainConfig(missing_rate=0.5, missing_pattern="top-half")
-
-    assert TrainConfig.from_dict(config.to_dict()) == config
-    assert TrainConfig().missing_rate == 0.0  # complete images unless asked
 
 
 # --- the observed-pixel likelihood ----------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
@@ -119,32 +118,6 @@ def test_log_weights_under_bf16_autocast_come_back_in_fp32(x_binary: torch.Tenso
     assert mixed.dtype == torch.float32
     # bf16 keeps ~3 significant digits in the matrix products; the weights stay close.
     torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.2)
-
-
-def test_model_config_defaults_are_burdas() -> None:
-    one, two = ModelConfig(), ModelConfig(layers=2)
-
-    assert (one.layers, one.hidden_dim, one.latent_dim, one.x_dim) == (1, 200, 50, 784)
-    assert one.latent_dims == (50,)
-    assert (two.hidden_dim, two.latent_dim) == (100, 50)
-    assert two.latent_dims == (100, 50)
-    assert two.hidden_dims == (100, 50)
-    # z1's width and the second block's follow hidden_dim and latent_dim unless given.
-    assert ModelConfig(layers=2, hidden_dim=30, latent_dim=5).latent_dims == (30, 5)
-    code = ModelConfig(layers=2, hidden_dim=200, z1_dim=100, hidden2_dim=100)
-    assert (code.latent_dims, code.hidden_dims) == ((100, 50), (200, 100))
-    bad_configs = (
-        {"layers": 3},
-        {"latent_dim": 0},
-        {"hidden_dim": 0},
-        {"x_dim": -1},
-        {"layers": 2, "z1_dim": 0},
-        {"layers": 1, "z1_dim": 100},  # one stochastic layer has no z1 to size
-        {"layers": 1, "hidden2_dim": 100},
-    )
-    for bad in bad_configs:
-        with pytest.raises(ValueError):
-            ModelConfig(**bad)  # type: ignore[arg-type]
 
 
 def n_params(params: Iterator[torch.nn.Parameter]) -> int:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import load_checkpoint
-from models.config import ModelConfig, TrainConfig, preset_config
+from models.config import ModelConfig, TrainConfig
 from models.data import Mnist, binarized_test_images
 from models.estimators import log_likelihood
 from models.files import write_atomic
@@ -384,39 +384,7 @@ def test_training_lowers_the_loss_on_real_mnist(real_mnist_data: Mnist) -> None:
     assert held_out[1] > held_out[0] + 50
 
 
-# --- Burda's preset and initialisation ------------------------------------------------------
-
-
-def test_burda_preset_and_explicit_fields_over_it() -> None:
-    config = preset_config("burda", k=50)
-
-    assert (config.batch_size, config.init, config.schedule) == (20, "burda", "burda")
-    assert config.epochs == burda_epochs() == 3280
-    assert (config.eval_size, config.eval_k, config.k) == (10_000, 5000, 50)
-    # Explicit fields win, whatever their value; no preset is the plain defaults.
-    assert preset_config("burda", k=50, batch_size=100, epochs=3).batch_size == 100
-    assert preset_config("burda", k=50, batch_size=100, epochs=3).epochs == 3
-    assert preset_config(None, k=5) == TrainConfig(k=5)
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset_config("kingma", k=5)  # type: ignore[arg-type]
-
-
-def test_records_from_before_init_existed_read_as_torch_init(train_config: TrainConfig) -> None:
-    old = train_config.to_dict()
-    del old["init"]
-    old["model"] = {k: v for k, v in old["model"].items() if k not in ("z1_dim", "hidden2_dim")}
-
-    assert TrainConfig.from_dict(old) == train_config.with_changes(init="torch")
-    with pytest.raises(ValueError, match="unknown init"):
-        train_config.with_changes(init="xavier")
-
-
-def test_snr_draws_is_zero_or_enough_for_the_bias_correction(train_config: TrainConfig) -> None:
-    for draws in (0, 8, 1000):
-        assert train_config.with_changes(snr_draws=draws).snr_draws == draws
-    for draws in (-1, 1, 7):
-        with pytest.raises(ValueError, match=r"snr_draws must be 0 \(no SNR\) or at least 8"):
-            train_config.with_changes(snr_draws=draws)
+# --- Burda's initialisation -----------------------------------------------------------------
 
 
 def test_burda_init_sets_the_output_bias_from_the_training_images(
