@@ -38,15 +38,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from bench_args import add_data_dir_argument
 from PIL import Image
+from roofline import timed
 
 from models.checkpoint import load_model
-from models.config import ModelConfig, TrainConfig
+from models.config import ModelConfig, Schedule, TrainConfig
 from models.data import Mnist, binarized_test_images, load_mnist
 from models.estimators import log_likelihood
 from models.networks import IWAEModel
@@ -83,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objectives", nargs="+", default=["vae", "iwae"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100, help="epochs of every cell")
-    parser.add_argument("--schedule", choices=["burda", "constant"], default="burda")
+    parser.add_argument("--schedule", choices=get_args(Schedule), default="burda")
     parser.add_argument("--budget-s", type=float, default=480.0, help="this run's seconds")
     parser.add_argument("--precision", choices=["fp32", "tf32"], default="fp32")
     parser.add_argument("--eval-k", type=int, default=5000)
@@ -135,16 +136,6 @@ def _one_epoch(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, epochs=1, eval_size=0, snr_draws=0)
 
 
-def _seconds(fn: Any, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
 def _warm_and_time(configs: list[TrainConfig], images: torch.Tensor, device: torch.device) -> float:
     """Seconds of one whole epoch of `configs` trained together (one config: `train`, the
     solo trainer), after an untimed epoch of `WARMUP_STEPS` steps."""
@@ -159,7 +150,7 @@ def _warm_and_time(configs: list[TrainConfig], images: torch.Tensor, device: tor
             train_stacked(group, x)
 
     run(warm, warm_images)
-    return _seconds(lambda: run(configs, images), device)
+    return timed(lambda: run(configs, images), device)[0]
 
 
 def time_epochs(
@@ -207,7 +198,7 @@ def _eval_seconds_per_image(config: TrainConfig, data: Mnist, device: torch.devi
     model = IWAEModel(config.model).to(device)
     x = binarized_test_images(data.test_images[:EVAL_PROBE_IMAGES]).to(device)
     log_likelihood(model, x[:1], config.eval_k)  # warm-up
-    seconds = _seconds(lambda: log_likelihood(model, x, config.eval_k), device)
+    seconds = timed(lambda: log_likelihood(model, x, config.eval_k), device)[0]
     return seconds / EVAL_PROBE_IMAGES
 
 
