@@ -372,10 +372,9 @@ def _eval(args: argparse.Namespace) -> int:
     from models.checkpoint import load_model
     from models.data import binarized_test_images
     from models.evaluation import evaluate
-    from models.run import CHECKPOINT_NAME
     from models.training import resolve_device
 
-    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    path = _checkpoint_path(args.model)
     device = resolve_device(args.device)
     model, config = load_model(path, device)
     test_x = binarized_test_images(_load_data().test_images[: args.eval_size]).to(device)
@@ -407,11 +406,10 @@ def _snr(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.run import CHECKPOINT_NAME
     from models.snr import gradient_snr_per_image, snr_slopes
     from models.training import resolve_device
 
-    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    path = _checkpoint_path(args.model)
     device = resolve_device(args.device)
     model, config = load_model(path, device)
     config = config.with_changes(objective=args.objective or config.objective)
@@ -443,12 +441,11 @@ def _impute(args: argparse.Namespace) -> int:
     from app.registry import ServedModel
     from app.settings import get_settings
     from models.checkpoint import load_model
-    from models.run import CHECKPOINT_NAME
     from models.training import resolve_device
 
     if args.k < 1 or args.n < 0:
         raise ValueError("--k must be at least 1 and --n at least 0")
-    path = args.model / CHECKPOINT_NAME if args.model.is_dir() else args.model
+    path = _checkpoint_path(args.model)
     model, config = load_model(path, resolve_device(args.device))
     mask = None if args.mask is None else args.mask.read_bytes()
     masked = masked_digit(args.image.read_bytes(), mask, get_settings().max_image_pixels)
@@ -478,6 +475,13 @@ def _worker(args: argparse.Namespace) -> int:
 
     run_worker()
     return 0
+
+
+def _checkpoint_path(model: Path) -> Path:
+    """The checkpoint that --model names: a model.safetensors file or the folder holding it."""
+    from models.run import CHECKPOINT_NAME
+
+    return model / CHECKPOINT_NAME if model.is_dir() else model
 
 
 def _load_data():

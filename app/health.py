@@ -73,19 +73,26 @@ def _readiness(settings: Settings, store: JobStore) -> ReadyOut:
     failing = [name for name, ok in checks.items() if not ok]
     if failing:
         raise NotReady(f"not ready: {', '.join(failing)} unreachable")
+    workers = store.workers()  # one read for both counts: one snapshot, one round trip
     return ReadyOut(
         checks=checks,
-        workers=len(live_workers(settings, store)),
-        gpu_workers=len(live_workers(settings, store, settings.queue_for("cuda"))),
+        workers=len(_live(settings, workers)),
+        gpu_workers=len(_live(settings, workers, settings.queue_for("cuda"))),
     )
 
 
 def live_workers(settings: Settings, store: JobStore, queue: str | None = None) -> list[WorkerInfo]:
     """Workers that reported within three reaper intervals and consume `queue` (default: the
     training queue; a GPU worker also consumes the CUDA jobs' queue)."""
+    return _live(settings, store.workers(), queue)
+
+
+def _live(
+    settings: Settings, workers: list[WorkerInfo], queue: str | None = None
+) -> list[WorkerInfo]:
     window = 3 * settings.reaper_interval_s
     queue = queue or settings.queue
-    return [w for w in store.workers() if w.seen_s_ago <= window and queue in w.queues]
+    return [w for w in workers if w.seen_s_ago <= window and queue in w.queues]
 
 
 def waiting_for(settings: Settings, store: JobStore, job: JobRecord) -> str | None:

@@ -48,6 +48,11 @@ def _generator(served: ServedModel, seed: int | None) -> torch.Generator | None:
     return torch.Generator(device=served.device).manual_seed(seed)
 
 
+def _row(served: ServedModel, values: np.ndarray) -> torch.Tensor:
+    """One image's `[784]` values as a batch of one on the model's device: `[1, 784]` float32."""
+    return torch.as_tensor(values, dtype=torch.float32, device=served.device).view(1, D)
+
+
 # Digits drawn at once by `sample`: between two such chunks, its caller's deadline is checked.
 SAMPLE_CHUNK = 128
 
@@ -76,7 +81,7 @@ def sample(
 def reconstruct(served: ServedModel, digit: np.ndarray) -> np.ndarray:
     """One digit `[784]` -> its reconstruction `[784]` in [0, 1]."""
     with torch.inference_mode():
-        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
+        x = _row(served, digit)  # [1, D]
         return served.model.reconstruct(x)[0].float().cpu().numpy()  # [D]
 
 
@@ -95,7 +100,7 @@ def score(
     (deadline, disconnect).
     """
     with torch.inference_mode():
-        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
+        x = _row(served, digit)  # [1, D]
         result = log_likelihood(
             served.model,
             x,
@@ -140,8 +145,8 @@ def impute(
 
     `on_chunk` runs between chunks of `chunk_size` samples and may raise to stop."""
     with torch.inference_mode():
-        x = torch.as_tensor(digit, dtype=torch.float32, device=served.device).view(1, D)
-        observed = torch.as_tensor(~missing, dtype=torch.float32, device=served.device).view(1, D)
+        x = _row(served, digit)  # [1, D]
+        observed = _row(served, ~missing)  # [1, D], 1 where observed
         result = impute_missing(
             served.model,
             x,
