@@ -485,16 +485,19 @@ class StackedFastPath:
         """Sets the encoder's gradients from dL/dz [G, n, B, d]; `stop_q[g]`: member g's
         objective stops q's parameters inside log q (STL, DReG)."""
         eps = f.eps  # [G, n, B, d]
-        # Members of mixed objectives: a 0/1 factor per member (exact: x * 1 = x, x + 0 = x).
-        stop = torch.tensor(stop_q).to(dz).view(-1, 1, 1)  # [G, 1, 1]
+        # Members of mixed objectives: a 0/1 factor per member (exact: x * 1 = x, x + 0 = x),
+        # built only for them, not a host-to-device copy at every step of one objective.
+        mixed = any(stop_q) and not all(stop_q)
+        if mixed:
+            stop = torch.tensor(stop_q).to(dz).view(-1, 1, 1)  # [G, 1, 1]
         if any(stop_q):  # d log q(z; stopped mu, logvar) / dz = -eps exp(-logvar/2)
             q_term = u_enc.unsqueeze(-1) * eps * inverse_std(f.logvar).unsqueeze(1)
-            dz = dz + (q_term if all(stop_q) else q_term * stop.unsqueeze(-1))
+            dz = dz + (q_term * stop.unsqueeze(-1) if mixed else q_term)
         d_mu = dz.sum(1)  # [G, B, d]
         d_logvar = 0.5 * f.std * (dz * eps).sum(1)  # dz/dlogvar = exp(logvar / 2) eps / 2
         if not all(stop_q):  # -log q = (logvar + eps^2) / 2 + const
             log_q_term = 0.5 * u_enc.sum(1).unsqueeze(-1)  # [G, B, 1]
-            d_logvar += log_q_term if not any(stop_q) else log_q_term * (1 - stop)
+            d_logvar += log_q_term * (1 - stop) if mixed else log_q_term
         d_out = torch.cat([d_mu, d_logvar], dim=-1)  # [G, B, 2d]
         (w1, _), (w2, _), (w3, _) = self._encoder
         grads = self._encoder_grads

@@ -361,12 +361,12 @@ class ProgressReporter:
         self.keeper = keeper
         self.interval_s = interval_s
         self._last_write = float("-inf")
-        self._pending: dict[str, Any] | None = None
+        self._pending: Progress | None = None  # turned into a record only when written
         self._model_id_set = lease.record.model_id is not None
 
     def __call__(self, progress: Progress) -> bool:
         self.keeper.progressed()
-        self._pending = progress_record(progress)
+        self._pending = progress
         if time.monotonic() - self._last_write >= self.interval_s:
             self.flush()
         return self.keeper.should_stop or self.stop.is_set()
@@ -378,7 +378,9 @@ class ProgressReporter:
         if not self._model_id_set and self.files.has_checkpoint:
             model_id = self.lease.job_id
         try:
-            if self.store.update_progress(self.lease, self._pending, model_id=model_id):
+            if self.store.update_progress(
+                self.lease, progress_record(self._pending), model_id=model_id
+            ):
                 self._model_id_set = self._model_id_set or model_id is not None
         except Exception:
             log.warning("job %s: cannot write progress", self.lease.job_id, exc_info=True)

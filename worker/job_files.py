@@ -99,5 +99,6 @@ def discard_model(storage: Storage, job_id: str) -> None:
 def _job_keys(storage: Storage, job_id: str) -> list[str]:
     """The keys of the job's files, `model.json` first (unlisted before anything else)."""
     info = model_key(job_id, MODEL_INFO_NAME)
-    keys = [o.key for o in storage.list(model_key(job_id, "")) if o.key != info]
-    return [info, *keys] if storage.stat(info) is not None else keys
+    keys = [o.key for o in storage.list(model_key(job_id, ""))]
+    # The listing already says whether model.json is there: no second request for it.
+    return [info, *(key for key in keys if key != info)] if info in keys else keys

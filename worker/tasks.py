@@ -10,6 +10,8 @@ inside the task, in the worker process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from celery import Task, shared_task
 
@@ -27,20 +29,14 @@ from worker.lease import Watchdog
 
 log = logging.getLogger(__name__)
 
+_O = TypeVar("_O")
+
 
 @shared_task(name=TRAIN_TASK, bind=True, ignore_result=True)
 def train(self: Task, job_id: str) -> str:
     """Train the job `job_id`; returns its outcome ("succeeded", "dropped", ...)."""
     app = _iwae_app(self)
-    # A hung training run ends this process, for its supervisor to start a fresh worker.
-    outcome = run_job(
-        job_id,
-        app.settings,
-        app.job_store,
-        stop=shutdown_requested,
-        storage=app.storage,
-        watchdog=Watchdog(),
-    )
+    outcome = _execute(app, run_job, job_id)
     _report(app, job_id, outcome)
     return outcome
 
@@ -49,17 +45,23 @@ def train(self: Task, job_id: str) -> str:
 def train_group(self: Task, job_ids: list[str]) -> dict[str, str]:
     """Train the jobs `job_ids` stacked; returns each one's outcome."""
     app = _iwae_app(self)
-    outcomes = run_group(
-        job_ids,
+    outcomes = _execute(app, run_group, job_ids)
+    for job_id, outcome in outcomes.items():
+        _report(app, job_id, outcome)
+    return outcomes
+
+
+def _execute(app: IwaeCelery, runner: Callable[..., _O], ids: str | list[str]) -> _O:
+    """`run_job` or `run_group` on `ids` with the app's store and storage."""
+    # A hung training run ends this process, for its supervisor to start a fresh worker.
+    return runner(
+        ids,
         app.settings,
         app.job_store,
         stop=shutdown_requested,
         storage=app.storage,
         watchdog=Watchdog(),
     )
-    for job_id, outcome in outcomes.items():
-        _report(app, job_id, outcome)
-    return outcomes
 
 
 def _iwae_app(task: Task) -> IwaeCelery:
