@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny model config, a tiny checkpoint in tmp_path, settings pointed at
-tmp_path, a fake job queue, and API clients built on them.
+"""Shared fixtures: torch on one thread, a tiny model config, a tiny checkpoint in tmp_path,
+settings pointed at tmp_path, a fake job queue, and API clients built on them.
 
 Nothing here touches the network or the real IWAE_HOME; the API's job store is the
 embedded file store under tmp_path, and queued jobs go to a list instead of Celery.
@@ -27,6 +27,16 @@ from tests.local_redis import HOST, redis_on
 from tests.s3_server import new_bucket, s3_env, s3_server
 
 TINY_MODEL_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny tensors gain nothing from more, and lose a lot to
+    contention when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MNIST_DIR
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import MNIST_DIR, REPO_ROOT
 
 
 @pytest.fixture
 def gpu_study(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
     import gpu_study
 
     return gpu_study
@@ -25,8 +23,10 @@ def gpu_study(monkeypatch: pytest.MonkeyPatch):
 
 def run_script(out: Path, *options: str) -> str:
     command = [sys.executable, "bench/gpu_study.py", "--out", str(out), "--tiny", *options]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "IWAE_DATA_DIR": str(MNIST_DIR)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "IWAE_DATA_DIR": str(MNIST_DIR)}
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

@@ -30,7 +30,7 @@ import pytest
 
 from tests.app.digit import digit_png
 from tests.deploy.deploy_files import COMPOSE_FILE, CPU_COMPOSE_FILE, ROOT, find_compose_binary
-from tests.support import MNIST_DIR, free_port, wait_until
+from tests.support import MNIST_DIR, TINY_JOB, free_port, wait_until
 
 pytestmark = pytest.mark.compose
 
@@ -44,12 +44,9 @@ BUILD_VARIABLES = ("PYTHON_IMAGE", "REDIS_IMAGE", "TORCH_INDEX_URL", "TORCH_FIND
 # steps, ~6 s on 2 idle cores (6 epochs of 20 steps, 0.6 s in all, ended between two polls),
 # short enough that the whole test stays a few minutes on busy ones.
 JOB: dict[str, Any] = {
-    "k": 5,
+    **TINY_JOB,
     "epochs": 30,
-    "batch_size": 100,
     "train_size": 6000,
-    "eval_size": 100,
-    "eval_k": 50,
     "latent_dim": 8,
     "hidden_dim": 64,
 }

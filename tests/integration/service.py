@@ -93,6 +93,24 @@ class Service:
     def wait_finished(self, job_id: str, timeout: float = 60.0) -> JobRecord:
         return self.wait_for(job_id, lambda r: r.finished, timeout, "the job to finish")
 
+    def wait_checkpointed(self, job_id: str) -> JobRecord:
+        """The job past its first epoch's checkpoint (model_id appears with it), still
+        training: a worker killed now leaves a run to resume."""
+        return self.wait_for(
+            job_id,
+            lambda r: r.model_id is not None and r.status == "running",
+            what="the first checkpoint",
+        )
+
+    def wait_resumed(self, job_id: str, timeout: float) -> JobRecord:
+        """The job's record at its second attempt's first progress report."""
+        return self.wait_for(
+            job_id,
+            lambda r: r.attempts == 2 and r.progress is not None,
+            timeout,
+            "the second attempt's first progress",
+        )
+
     def log_text(self) -> str:
         """Every worker's whole log."""
         return "\n".join(p.read_text(errors="replace") for p in self.log_dir.glob("worker-*.log"))

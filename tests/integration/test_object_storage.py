@@ -51,11 +51,7 @@ def test_train_resume_serve_and_report_through_the_store(service: Service, tmp_p
     storage: Storage = service.settings.open_storage()
     first = service.start_worker()
     job_id = service.submit(epochs=10, train_size=3000, eval_size=50)
-    service.wait_for(
-        job_id,
-        lambda r: r.model_id is not None and r.status == "running",
-        what="the first checkpoint",
-    )
+    service.wait_checkpointed(job_id)
     service.signal_worker(first, signal.SIGKILL)
     stored = storage.fetch(model_key(job_id, CHECKPOINT_NAME))
     assert stored is not None
@@ -63,12 +59,7 @@ def test_train_resume_serve_and_report_through_the_store(service: Service, tmp_p
     assert 1 <= done_epochs < 10
 
     service.start_worker()
-    resumed = service.wait_for(
-        job_id,
-        lambda r: r.attempts == 2 and r.progress is not None,
-        timeout=60,
-        what="the second attempt's first progress",
-    )
+    resumed = service.wait_resumed(job_id, timeout=60)
     assert resumed.progress["epoch"] >= done_epochs + 1, resumed.progress  # not restarted
     record = service.wait_finished(job_id, timeout=120)
     assert record.status == "succeeded", f"{record}\n{service.logs()}"

@@ -61,12 +61,7 @@ def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) ->
     # epoch: with 10 the fast path (models/fastpath.py) finished all ten epochs between the
     # poll that saw the first checkpoint and the kill (2 of 9 runs on an idle machine).
     job_id = service.submit(epochs=10, train_size=3000, eval_size=50, k_schedule="linear")
-    # Past the first epoch's checkpoint (model_id appears with it), still training.
-    service.wait_for(
-        job_id,
-        lambda r: r.model_id is not None and r.status == "running",
-        what="the first checkpoint",
-    )
+    service.wait_checkpointed(job_id)
     service.signal_worker(first, signal.SIGKILL)
     killed_at = time.monotonic()
     assert service.store.get(job_id).status == "running"  # nobody knows yet
@@ -75,12 +70,7 @@ def test_sigkilled_worker_job_resumes_on_a_new_worker(redis_service: Service) ->
     assert 1 <= done_epochs < 10
 
     service.start_worker()
-    resumed = service.wait_for(
-        job_id,
-        lambda r: r.attempts == 2 and r.progress is not None,
-        timeout=30,
-        what="the second attempt's first progress",
-    )
+    resumed = service.wait_resumed(job_id, timeout=30)
     bound = service.settings.recovery_bound_s
     # Re-queued within lease + two reaper passes (plus the new worker's start-up).
     assert time.monotonic() - killed_at < bound + 20
@@ -99,11 +89,7 @@ def test_stopped_worker_hands_its_job_to_the_next_worker(redis_service: Service)
     service = redis_service
     first = service.start_worker()
     job_id = service.submit(epochs=10, train_size=1000, eval_size=50)
-    service.wait_for(
-        job_id,
-        lambda r: r.model_id is not None and r.status == "running",
-        what="the first checkpoint",
-    )
+    service.wait_checkpointed(job_id)
     # Warm shutdown: the job stops within a step and goes back to the queue, its attempt
     # counted (a job stopped on every attempt ends instead of looping).
     assert service.signal_worker(first, signal.SIGTERM) == 0, service.logs()

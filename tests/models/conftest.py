@@ -7,7 +7,7 @@ MNIST reads it from IWAE_DATA_DIR or ../shared/data/mnist and skips without it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -43,16 +43,6 @@ def make_tiny_model() -> TinyModelFactory:
 def model64(request: pytest.FixtureRequest) -> IWAEModel:
     """A tiny float64 model with one or two stochastic layers."""
     return build_tiny_model(request.param)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: tiny tensors gain nothing from more, and lose a lot to
-    contention when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -60,17 +60,6 @@ class FakeTraining:
 
 
 @pytest.fixture
-def worker_settings(tmp_path: Path) -> WorkerSettings:
-    return WorkerSettings(
-        home=tmp_path,
-        job_lease_s=5,
-        heartbeat_interval_s=0.05,
-        progress_interval_s=0,
-        device="cpu",
-    )
-
-
-@pytest.fixture
 def store(worker_settings: WorkerSettings) -> JobStore:
     return FileJobStore(worker_settings.jobs_dir, lease_s=5, max_attempts=3)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
 from models.data import Mnist
 from models.progress import Progress
-from models.storage import FileStorage, Storage, open_storage
+from models.storage import FileStorage, Storage
 from models.storage.layout import CHECKPOINT_NAME, MODEL_INFO_NAME, model_key
 from tests.support import TINY_NETWORK
 from worker import execution
@@ -34,19 +33,7 @@ CONFIG = TrainConfig.from_dict(
 ).to_dict()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def worker_settings(tmp_path: Path) -> WorkerSettings:
-    return WorkerSettings(
-        home=tmp_path, job_lease_s=5, heartbeat_interval_s=0.05, progress_interval_s=0
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -83,16 +70,6 @@ def create(store: JobStore, **changes: Any) -> str:
 def model_info(settings: WorkerSettings, job_id: str, storage: Storage | None = None) -> Any:
     data = (storage or FileStorage(settings.home)).get(model_key(job_id, MODEL_INFO_NAME))
     return None if data is None else json.loads(data)
-
-
-@pytest.fixture(params=["file", "s3"])
-def storage(request: pytest.FixtureRequest, worker_settings: WorkerSettings) -> Storage:
-    """The model storage: the worker's folder, or an object store (members train in local
-    copies of their checkpoints)."""
-    if request.param == "file":
-        return FileStorage(worker_settings.home)
-    s3_url = request.getfixturevalue("s3_url")
-    return open_storage(s3_url, worker_settings.home, worker_settings.cache_dir)
 
 
 def test_a_group_trains_in_one_stacked_run_and_each_job_gets_its_own_model(

@@ -10,59 +10,39 @@ naming its attempt, then waits for the other attempt, then writes again.
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from models.config import TrainConfig
 from models.files import Write, write_atomic
 from models.progress import Progress
 from models.run import RunResult
-from models.storage import FileStorage, Storage, open_storage
+from models.storage import Storage
 from models.storage.layout import CHECKPOINT_NAME, METRICS_NAME, MODEL_INFO_NAME, model_key
 from worker import execution
 from worker.execution import run_job
 from worker.jobs import FileJobStore, JobStore, Lease, RedisJobStore
 from worker.settings import WorkerSettings
 
-REDIS_URL = os.environ.get("IWAE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 CONFIG = TrainConfig(k=2, epochs=2, train_size=100, eval_size=0, device="cpu").to_dict()
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> WorkerSettings:
+def worker_settings(tmp_path: Path) -> WorkerSettings:
     # Heartbeats every 0.05 s: the attempts renew their (same) lease while they overlap.
     return WorkerSettings(home=tmp_path, job_lease_s=5, heartbeat_interval_s=0.05, device="cpu")
 
 
 @pytest.fixture(params=["file", "redis"])
-def store(request: pytest.FixtureRequest, settings: WorkerSettings) -> Iterator[JobStore]:
+def store(request: pytest.FixtureRequest, worker_settings: WorkerSettings) -> JobStore:
     if request.param == "file":
-        yield FileJobStore(settings.jobs_dir, lease_s=5, max_attempts=3)
-        return
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis answers at {REDIS_URL} ({exc})")
-    prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    yield RedisJobStore(client, prefix=prefix, lease_s=5, max_attempts=3)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture(params=["file", "s3"])
-def storage(request: pytest.FixtureRequest, settings: WorkerSettings) -> Storage:
-    if request.param == "file":
-        return FileStorage(settings.home)
-    return open_storage(request.getfixturevalue("s3_url"), settings.home, settings.cache_dir)
+        return FileJobStore(worker_settings.jobs_dir, lease_s=5, max_attempts=3)
+    client, prefix = request.getfixturevalue("redis_keys")
+    return RedisJobStore(client, prefix=prefix, lease_s=5, max_attempts=3)
 
 
 def snapshot(store: JobStore, job_id: str) -> Callable[[], None]:
@@ -107,7 +87,7 @@ class TwoAttempts:
 
 
 def test_one_fence_handed_out_twice_leaves_one_attempts_files(
-    settings: WorkerSettings,
+    worker_settings: WorkerSettings,
     store: JobStore,
     storage: Storage,
     monkeypatch: pytest.MonkeyPatch,
@@ -142,7 +122,7 @@ def test_one_fence_handed_out_twice_leaves_one_attempts_files(
 
     def attempt() -> None:
         name = threading.current_thread().name
-        outcomes[name] = run_job(job_id, settings, store, storage=storage)
+        outcomes[name] = run_job(job_id, worker_settings, store, storage=storage)
 
     a = threading.Thread(target=attempt, name="A")
     a.start()

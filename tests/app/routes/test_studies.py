@@ -442,6 +442,12 @@ def test_images(client: TestClient) -> list[int]:
         reads.append(1)
         return torch.rand(16, 784, generator=torch.Generator().manual_seed(0))
 
+    load_test_images_with(client, load)
+    return reads
+
+
+def load_test_images_with(client: TestClient, load: Callable[[], torch.Tensor]) -> None:
+    """Reports built by the app read their test digits through `load` instead of MNIST."""
     app = client.app  # type: ignore[attr-defined]
     app.state.reports = StudyReports(
         app.state.registry.storage,
@@ -449,7 +455,6 @@ def test_images(client: TestClient) -> list[int]:
         app.state.registry.checkpoint,
         load,
     )
-    return reads
 
 
 def finish_with_model(
@@ -532,13 +537,7 @@ def test_a_report_without_mnist_is_503(client: TestClient, tiny_config: TrainCon
     def unreadable() -> torch.Tensor:
         raise DataError("MNIST file t10k-images-idx3-ubyte is missing: looked in /secret/path")
 
-    app = client.app  # type: ignore[attr-defined]
-    app.state.reports = StudyReports(
-        app.state.registry.storage,
-        app.state.settings.cache_dir,
-        app.state.registry.checkpoint,
-        unreadable,
-    )
+    load_test_images_with(client, unreadable)
     study = post(client, ks=[1], objectives=["iwae"]).json()
     finish_with_model(client, job_ids(study)[0], tiny_config, -100.0, 2.0)
     response = client.get(f"/studies/{study['study_id']}/report")
