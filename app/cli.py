@@ -406,7 +406,7 @@ def _snr(args: argparse.Namespace) -> int:
 
     from models.checkpoint import load_model
     from models.data import binarized_test_images
-    from models.snr import gradient_snr_per_image, snr_slopes
+    from models.snr import snr_sweep
     from models.training import resolve_device
 
     path = _checkpoint_path(args.model)
@@ -415,22 +415,8 @@ def _snr(args: argparse.Namespace) -> int:
     config = config.with_changes(objective=args.objective or config.objective)
     x = binarized_test_images(_load_data().test_images[: args.images]).to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    snrs = []
-    for k in args.ks:
-        snrs.append(
-            gradient_snr_per_image(
-                model, x, config.with_changes(k=k), draws=args.draws, generator=generator
-            )
-        )
-        print(f"k={k}: {snrs[-1]}", file=sys.stderr)
-    result = {
-        "model": str(path),
-        "objective": config.objective,
-        "draws": args.draws,
-        "images": len(x),
-        "snr": [{"k": k, **s.to_dict()} for k, s in zip(args.ks, snrs, strict=True)],
-        "slopes": snr_slopes(args.ks, snrs),
-    }
+    sweep = snr_sweep(model, x, config, args.ks, draws=args.draws, generator=generator)
+    result = {"model": str(path), "objective": config.objective, **sweep.to_dict()}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -14,6 +15,9 @@ from models.config import MIN_SNR_DRAWS, TrainConfig
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
 from models.progress import Callback, PhaseClock, notify
+
+NETWORKS = ("encoder", "decoder")
+SUMMARIES = ("median", "rms", "direction")
 
 
 @dataclass
@@ -149,33 +153,123 @@ def gradient_snr(
     return GradientSNR(**{name: acc.summary() for name, acc in accumulators.items()})
 
 
-def gradient_snr_per_image(
+@dataclass
+class SNRSweep:
+    """Gradient SNR against K at fixed parameters, one image at a time: Rainforth et al.
+    (2018), theorem 1, states it for one x, so each image gets its own log-log slope, and
+    the spread of the slopes over images (and, in a study, over seeds) is the uncertainty.
+
+    `per_image[i][j]`: the SNR of image i at `ks[j]` from `draws` gradient draws.
+    """
+
+    ks: list[int]
+    draws: int
+    per_image: list[list[GradientSNR]]
+
+    def image_slopes(self) -> list[dict[str, dict[str, float | None]]]:
+        """`snr_slopes` of each image."""
+        return [snr_slopes(self.ks, snrs) for snrs in self.per_image]
+
+    def to_dict(self) -> dict:
+        """{"ks", "draws", "images", "snr": [per K: each network's summaries averaged over
+        images], "image_slopes": [per image], "slopes": {network: {summary: {"mean", "sd",
+        "n"} over images}}}."""
+        image_slopes = self.image_slopes()
+        return {
+            "ks": self.ks,
+            "draws": self.draws,
+            "images": len(self.per_image),
+            "snr": [
+                {"k": k, **_mean_snr([snrs[j] for snrs in self.per_image]).to_dict()}
+                for j, k in enumerate(self.ks)
+            ],
+            "image_slopes": image_slopes,
+            "slopes": {
+                network: {
+                    summary: _mean_sd([s[network][summary] for s in image_slopes])
+                    for summary in SUMMARIES
+                }
+                for network in NETWORKS
+            },
+        }
+
+
+def pool_sweeps(sweeps: Sequence[dict]) -> dict:
+    """`SNRSweep.to_dict()`s of several models at the same `ks` (the seeds of one objective
+    and training K) pooled: per K, each network's summaries {"mean", "sd", "n"} over the
+    models' image averages; the slopes {"mean", "sd", "n"} over every image of every model."""
+    ks = sweeps[0]["ks"]
+    image_slopes = [slopes for sweep in sweeps for slopes in sweep["image_slopes"]]
+    return {
+        "ks": ks,
+        "draws": sweeps[0]["draws"],
+        "models": len(sweeps),
+        "images": len(image_slopes),
+        "snr": {
+            network: {
+                summary: [
+                    _mean_sd([sweep["snr"][j][network][summary] for sweep in sweeps])
+                    for j in range(len(ks))
+                ]
+                for summary in SUMMARIES
+            }
+            for network in NETWORKS
+        },
+        "slopes": {
+            network: {
+                summary: _mean_sd([s[network][summary] for s in image_slopes])
+                for summary in SUMMARIES
+            }
+            for network in NETWORKS
+        },
+    }
+
+
+def snr_sweep(
     model: IWAEModel,
     x: Tensor,
     config: TrainConfig,
+    ks: Sequence[int],
     *,
     draws: int = 1000,
     generator: torch.Generator | None = None,
-) -> GradientSNR:
-    """`gradient_snr` of each image of x [N, D] alone (B=1, as Rainforth et al., 2018),
-    each summary averaged over the N images."""
+) -> SNRSweep:
+    """`gradient_snr` of `config.objective` for each image of x [N, D] alone (B=1) at each
+    K of `ks`, the parameters fixed."""
     if len(x) == 0:
         raise ValueError("the SNR needs at least one image")
-    per_image = [
-        gradient_snr(model, x[i : i + 1], config, draws=draws, generator=generator)
-        for i in range(len(x))
-    ]
+    per_image = []
+    for i in range(len(x)):
+        snrs = [
+            gradient_snr(
+                model, x[i : i + 1], config.with_changes(k=k), draws=draws, generator=generator
+            )
+            for k in ks
+        ]
+        per_image.append([s for s in snrs if s is not None])
+    return SNRSweep(list(ks), draws, per_image)
+
+
+def _mean_snr(snrs: Sequence[GradientSNR]) -> GradientSNR:
+    """Each summary of each network averaged over `snrs`."""
 
     def mean(network: str) -> SNRSummary:
-        summaries = [getattr(s, network) for s in per_image]
+        summaries = [getattr(s, network) for s in snrs]
         return SNRSummary(
-            median=sum(s.median for s in summaries) / len(summaries),
-            rms=sum(s.rms for s in summaries) / len(summaries),
-            direction=sum(s.direction for s in summaries) / len(summaries),
+            **{name: statistics.fmean(getattr(s, name) for s in summaries) for name in SUMMARIES},
             parameters=max(s.parameters for s in summaries),
         )
 
     return GradientSNR(encoder=mean("encoder"), decoder=mean("decoder"))
+
+
+def _mean_sd(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    present = [v for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "sd": statistics.stdev(present) if len(present) > 1 else None,
+        "n": len(present),
+    }
 
 
 def snr_slopes(
@@ -186,9 +280,9 @@ def snr_slopes(
     return {
         network: {
             summary: loglog_slope(ks, [getattr(getattr(s, network), summary) for s in snrs])
-            for summary in ("median", "rms", "direction")
+            for summary in SUMMARIES
         }
-        for network in ("encoder", "decoder")
+        for network in NETWORKS
     }
 
 

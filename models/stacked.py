@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,8 @@ from models.training import (
 # by far larger products (a K=1 step is ~100 small kernels): there the cap is memory's,
 # 262,144 rows (1.6 GB), so the seed's whole K=100 group (6 cells, 60,000 rows) stacks.
 MAX_GROUP_ROWS = {"cpu": 4096, "cuda": 262_144}
+# What runs after each epoch of a member: (its model, the epoch just ended, its epochs).
+EpochEnd = Callable[[IWAEModel, int, int], None]
 
 
 def stack_key(config: TrainConfig) -> tuple | None:
@@ -140,13 +142,15 @@ def train_stacked(
     checkpoint_paths: Sequence[Path | None] | None = None,
     callbacks: Sequence[Sequence[Callback]] | None = None,
     writes: Sequence[Write] | None = None,
+    epoch_ends: Sequence[EpochEnd | None] | None = None,
 ) -> list[MemberResult]:
     """Train each of `configs` as `models.training.train` would, stacked in one process.
 
     All configs must share one `stack_key` (see `stack_groups`). The i-th member resumes from
     and writes `checkpoint_paths[i]` (through `writes[i]`, see `models.files.Write`) and
-    reports to `callbacks[i]`; a callback returning True stops that member only. Returns one
-    result per config, in order.
+    reports to `callbacks[i]`; a callback returning True stops that member only. After each
+    of its epochs, once its checkpoint is written, `epoch_ends[i](model, epoch, epochs)` runs
+    (a learning curve's point: `models.curve`). Returns one result per config, in order.
     """
     keys = {stack_key(c) for c in configs}
     if not configs or None in keys or len(keys) > 1:
@@ -155,6 +159,7 @@ def train_stacked(
     paths = list(checkpoint_paths or [None] * count)
     member_callbacks = list(callbacks or [()] * count)
     member_writes = list(writes or [write_atomic] * count)
+    member_epoch_ends = list(epoch_ends or [None] * count)
     first = configs[0]
     device = resolve_device(first.device)
     if first.precision == "tf32" and device.type != "cuda":
@@ -164,9 +169,9 @@ def train_stacked(
         raise ValueError(f"train_size={first.train_size} exceeds the {len(images)} images")
     pixel_mean = images.mean(0)  # [D]
     members = [
-        _Member.start(config, device, pixel_mean, path, calls, write)
-        for config, path, calls, write in zip(
-            configs, paths, member_callbacks, member_writes, strict=True
+        _Member.start(config, device, pixel_mean, path, calls, write, epoch_end)
+        for config, path, calls, write, epoch_end in zip(
+            configs, paths, member_callbacks, member_writes, member_epoch_ends, strict=True
         )
     ]
     steps_per_epoch = -(-len(images) // first.batch_size)
@@ -188,6 +193,7 @@ class _Member:
     checkpoint: Path | None
     callbacks: Sequence[Callback]
     write: Write
+    epoch_end: EpochEnd | None = None
     stopped: bool = False
     error: str | None = None
     order: Tensor = field(default_factory=lambda: torch.empty(0))  # this epoch's permutation
@@ -201,6 +207,7 @@ class _Member:
         checkpoint: Path | None,
         callbacks: Sequence[Callback],
         write: Write,
+        epoch_end: EpochEnd | None = None,
     ) -> _Member:
         """The member as `train` sets up a run: its initial weights, Adam and generator,
         resumed from `checkpoint` when that file exists."""
@@ -210,7 +217,15 @@ class _Member:
         )
         generator = torch.Generator(device).manual_seed(config.seed)
         member = cls(
-            config, model, optimizer, generator, TrainState(), checkpoint, callbacks, write
+            config,
+            model,
+            optimizer,
+            generator,
+            TrainState(),
+            checkpoint,
+            callbacks,
+            write,
+            epoch_end,
         )
         if checkpoint is not None and Path(checkpoint).exists():
             try:
@@ -234,20 +249,22 @@ class _Member:
         self.state.epoch += 1
         self.state.k_history.append(self.state.k)
         self.state.k = next_k(self.config, self.state.epoch, self.state.k, None)
-        if self.checkpoint is None:
-            return
-        try:
-            save_checkpoint(
-                self.checkpoint,
-                self.model,
-                self.optimizer,
-                self.config,
-                self.state,
-                self.generator,
-                write=self.write,
-            )
-        except OSError as exc:  # this member fails; the group goes on without it
-            self.error = f"cannot write its checkpoint: {type(exc).__name__}: {exc}"
+        if self.checkpoint is not None:
+            try:
+                save_checkpoint(
+                    self.checkpoint,
+                    self.model,
+                    self.optimizer,
+                    self.config,
+                    self.state,
+                    self.generator,
+                    write=self.write,
+                )
+            except OSError as exc:  # this member fails; the group goes on without it
+                self.error = f"cannot write its checkpoint: {type(exc).__name__}: {exc}"
+                return
+        if self.epoch_end is not None:
+            self.epoch_end(self.model, self.state.epoch, self.config.epochs)
 
     def result(self, images_per_epoch: int) -> MemberResult:
         _own_storage(self.model)

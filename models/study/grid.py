@@ -10,7 +10,7 @@ from models.config import MAX_K, MAX_SEED, OBJECTIVES, VR_OBJECTIVES, TrainConfi
 
 MAX_KS = 12
 MAX_SEEDS = 10
-# Gradient draws per cell: enough for the bias-corrected median SNR of 20 images.
+# Gradient draws per cell: enough for the bias-corrected SNR summaries of 20 images.
 STUDY_SNR_DRAWS = 100
 # The fields of a TrainConfig that the grid sets per cell.
 CELL_FIELDS = ("objective", "k", "seed")

@@ -16,13 +16,15 @@ from typing import Any, NamedTuple
 
 from models.checkpoint import load_checkpoint
 from models.config import TrainConfig
-from models.data import Mnist
+from models.curve import CURVE_NAME, CurveRecorder, CurveSpec, read_curve
+from models.data import Mnist, binarized_test_images
 from models.progress import Callback, Progress, notify
 from models.run import CHECKPOINT_NAME, METRICS_NAME, train_and_evaluate
-from models.stacked import stack_groups, train_stacked
+from models.stacked import stack_groups, stack_key, train_stacked
 from models.study.grid import Cell, cell_config, shared_config
 from models.study.report import write_report
 from models.study.results import CellOutcome, study_results
+from models.training import resolve_device
 
 CELLS_DIR = "cells"
 
@@ -37,6 +39,7 @@ def run_study(
     data: Mnist,
     out_dir: Path,
     callbacks: Sequence[Callback] = (),
+    curve: CurveSpec | None = None,
 ) -> list[CellOutcome]:
     """Train and evaluate every cell of the grid, a stacked group at a time; one outcome per
     cell, in the grid's order.
@@ -46,7 +49,9 @@ def run_study(
     progress (`models.run`; the members of a group report in turn at every step). A cell
     that raises or diverges is `failed` with the error and the study goes on. When a callback
     asks to stop, that cell is `cancelled`, the cells not finished yet stay `queued`, and
-    nothing more runs.
+    nothing more runs. With `curve`, each cell that trains stacked (every cell the fast path
+    covers) records its learning curve in its folder (`models.curve`), and its metrics carry
+    it as "learning_curve".
     """
     configs = [cell_config(base, cell) for cell in cells]  # refuse a bad cell before training
     outcomes = [
@@ -59,8 +64,23 @@ def run_study(
                 outcomes[index].status = "cancelled"
                 return outcomes
         members = [_Cell(outcomes[i], configs[i], cell_dir(out_dir, cells[i])) for i in group]
-        if _run_group(members, data, callbacks):
+        if _run_group(members, data, callbacks, curve):
             break
+    return outcomes
+
+
+def study_outcomes(base: TrainConfig, cells: Sequence[Cell], out_dir: Path) -> list[CellOutcome]:
+    """Where each cell stands in `out_dir`, training nothing: `succeeded` with its metrics
+    when its folder holds a finished run of its config, `queued` otherwise."""
+    outcomes = []
+    for cell in cells:
+        config = cell_config(base, cell)
+        outcome = CellOutcome(cell=cell, status="queued", config=config.to_dict(), metrics=None)
+        folder = cell_dir(out_dir, cell)
+        metrics = _finished_metrics(folder, config)
+        if metrics is not None:
+            _succeed(_Cell(outcome, config, folder), metrics)
+        outcomes.append(outcome)
     return outcomes
 
 
@@ -70,7 +90,9 @@ class _Cell(NamedTuple):
     folder: Path
 
 
-def _run_group(cells: list[_Cell], data: Mnist, callbacks: Sequence[Callback]) -> bool:
+def _run_group(
+    cells: list[_Cell], data: Mnist, callbacks: Sequence[Callback], curve: CurveSpec | None
+) -> bool:
     """Train a group's unfinished cells stacked, then evaluate each; True when stopped."""
     pending = []
     for cell in cells:
@@ -83,13 +105,14 @@ def _run_group(cells: list[_Cell], data: Mnist, callbacks: Sequence[Callback]) -
             pending.append(cell)
         else:
             _succeed(cell, metrics)
-    if len(pending) > 1:
+    if len(pending) > 1 or (pending and curve and stack_key(pending[0].config) is not None):
         try:
             results = train_stacked(
                 [c.config for c in pending],
                 data.train_images,
                 checkpoint_paths=[c.folder / CHECKPOINT_NAME for c in pending],
                 callbacks=[callbacks] * len(pending),
+                epoch_ends=[_curve_recorder(c, data, curve) for c in pending],
             )
         except Exception as exc:
             for cell in pending:
@@ -116,7 +139,18 @@ def _run_group(cells: list[_Cell], data: Mnist, callbacks: Sequence[Callback]) -
     return False
 
 
+def _curve_recorder(cell: _Cell, data: Mnist, curve: CurveSpec | None) -> CurveRecorder | None:
+    if curve is None:
+        return None
+    test_x = binarized_test_images(data.test_images[: curve.size])
+    device = resolve_device(cell.config.device)
+    return CurveRecorder(curve, test_x.to(device), cell.config.seed, cell.folder / CURVE_NAME)
+
+
 def _succeed(cell: _Cell, metrics: dict[str, Any] | None) -> None:
+    points = read_curve(cell.folder / CURVE_NAME)
+    if metrics is not None and points:
+        metrics = metrics | {"learning_curve": points}
     cell.outcome.status, cell.outcome.metrics = "succeeded", metrics
     cell.outcome.checkpoint = cell.folder / CHECKPOINT_NAME
 

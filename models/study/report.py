@@ -31,7 +31,14 @@ from models.files import write_atomic
 from models.run import SNR_IMAGES
 from models.study.grid import Cell
 
-FIGURE_NAMES: tuple[str, ...] = ("loglik", "active_units", "seconds_per_epoch", "snr", "samples")
+FIGURE_NAMES: tuple[str, ...] = (
+    "loglik",
+    "active_units",
+    "seconds_per_epoch",
+    "snr",
+    "samples",
+    "learning_curve",
+)
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
 MARKDOWN_NAME = "study.md"
@@ -99,6 +106,7 @@ def write_report(
         "seconds_per_epoch": _seconds_figure(results),
         "snr": _snr_figure(results),
         "samples": _samples_figure(results, checkpoints, test_images),
+        "learning_curve": _learning_curve_figure(results),
     }
     pngs = {name: _png(figure) for name, figure in figures.items()}
     for name, png in pngs.items():
@@ -182,7 +190,7 @@ def _setup(results: dict[str, Any]) -> str:
         f"epoch(s), batch {c['batch_size']}, Adam at {c['learning_rate']:g} ({c['schedule']} "
         f"schedule), {c['precision']}, device {c['device']}. Test log p(x): IWAE bound with "
         f"k={c['eval_k']} on the first {c['eval_size']} test images (fixed binarization), nats "
-        f"per image. Gradient SNR: bias-corrected, median over parameters, from "
+        f"per image. Gradient SNR: bias-corrected, root-mean-square over parameters, from "
         f"{c['snr_draws']} gradient draws on {SNR_IMAGES} test images at each cell's trained "
         f"parameters (Rainforth et al., 2018), so that its slope across K includes what "
         f"training at that K did to the model. Error bars and ± are the sample standard "
@@ -484,8 +492,80 @@ def _snr_figure(results: dict[str, Any]) -> Figure:
             ax.legend(fontsize="small")
             _log_y_axis(ax)
         _k_axis(ax, ks)
-        ax.set_ylabel(f"{network} gradient SNR, median over parameters")
+        ax.set_ylabel(f"{network} gradient SNR, RMS over parameters")
         ax.set_title(f"{network.capitalize()} gradient SNR against K (log-log)")
+    return figure
+
+
+def snr_sweep_figure(sweeps: Sequence[Mapping[str, Any]]) -> Figure:
+    """Gradient SNR against the K it is measured at, the parameters fixed (Rainforth et al.,
+    2018, theorem 1): per network, one line per (objective, trained K) of pooled sweeps
+    (`models.snr.pool_sweeps`), the RMS summary, mean ± sd over models, the fitted slope
+    (mean ± sd over images) in the legend."""
+    figure = Figure(figsize=(10, 4.4), layout="constrained")
+    for i, network in enumerate(("encoder", "decoder")):
+        ax = figure.add_subplot(1, 2, i + 1)
+        for j, sweep in enumerate(sweeps):
+            stats = sweep["snr"][network]["rms"]
+            slope = sweep["slopes"][network]["rms"]
+            ax.errorbar(
+                sweep["ks"],
+                [s["mean"] for s in stats],
+                yerr=[s["sd"] or 0.0 for s in stats],
+                marker="o",
+                capsize=3,
+                color=f"C{j % 10}",
+                label=f"{sweep['objective']} trained at K={sweep['train_k']}: slope "
+                f"{_number(slope['mean'], '+.2f')} ± {_number(slope['sd'], '.2f')}",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("K of the gradient estimator (log scale)")
+        ax.set_ylabel(f"{network} gradient SNR, RMS over parameters")
+        ax.set_title(f"{network.capitalize()} SNR at fixed parameters")
+        ax.grid(True, alpha=0.3)
+        if sweeps:
+            ax.legend(fontsize="x-small")
+    return figure
+
+
+def write_figure(figure: Figure, path: Path) -> None:
+    """`figure` as a PNG at `path`, its folder made if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), _png(figure))
+
+
+def _learning_curve_figure(results: dict[str, Any]) -> Figure:
+    """One panel per K: each objective's learning-curve bound against epochs, mean over seeds
+    with a band of ± sd, so that the epoch where one objective passes another shows."""
+    curves = results.get("learning_curves") or []
+    ks = sorted({c["k"] for c in curves}) or [None]
+    columns = min(3, len(ks))
+    rows = -(-len(ks) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
+    colors = _colors(results)
+    for i, k in enumerate(ks):
+        ax = figure.add_subplot(rows, columns, i + 1)
+        for curve in (c for c in curves if c["k"] == k):
+            means = np.array([p["mean"] for p in curve["test_bound"]])
+            sds = np.array([p["sd"] or 0.0 for p in curve["test_bound"]])
+            color = colors.get(curve["objective"], "C0")
+            ax.plot(curve["epochs"], means, color=color, label=curve["objective"])
+            ax.fill_between(curve["epochs"], means - sds, means + sds, color=color, alpha=0.2)
+        if k is None:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_title(f"trained at K={k}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test bound, nats")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if curves:
+        first = curves[0]
+        figure.suptitle(
+            f"Learning curves: the IWAE bound at k={first['eval_k']} on {first['images']} "
+            f"test images (mean ± sd over {first['test_bound'][0]['n']} seeds)"
+        )
     return figure
 
 

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from models.study.report import FIGURE_NAMES
+from models.study.results import SNR_SUMMARY
 from tests.integration.service import Service
 from tests.support import TINY_NETWORK, wait_until
 
@@ -129,7 +130,7 @@ def test_a_study_runs_on_two_workers_and_its_report_shows_results_json(
             1,
         )
         assert row["test_loglik"]["mean"] == record.metrics["test_loglik"]
-        assert row["snr_encoder"]["mean"] == record.metrics["gradient_snr"]["encoder"]["median"]
+        assert row["snr_encoder"]["mean"] == record.metrics["gradient_snr"]["encoder"][SNR_SUMMARY]
     assert api.get(f"/studies/{study['study_id']}/results.json").json() == results
 
     report = api.get(f"/studies/{study['study_id']}/report")

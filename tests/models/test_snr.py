@@ -4,6 +4,7 @@ Rainforth et al.'s slopes on the linear-Gaussian model."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -11,7 +12,16 @@ from torch import Tensor
 
 from models.config import TrainConfig
 from models.networks import IWAEModel
-from models.snr import GradientSNR, gradient_snr, loglog_slope, snr_slopes, snr_summary
+from models.snr import (
+    GradientSNR,
+    gradient_snr,
+    loglog_slope,
+    pool_sweeps,
+    snr_slopes,
+    snr_summary,
+    snr_sweep,
+)
+from models.study.results import SNR_SUMMARY
 from tests.models.linear_gaussian import LinearGaussianModel
 from tests.models.test_estimators import F64, generator
 
@@ -105,3 +115,49 @@ def test_loglog_slope_of_a_power_law_and_of_degenerate_inputs() -> None:
     assert loglog_slope([1, 10, 100], [2.0, 2.0 * 10**-0.5, 0.2]) == pytest.approx(-0.5)
     assert loglog_slope([1, 10, 100], [0.0, 0.0, 3.0]) is None  # one positive value
     assert loglog_slope([1, 10, 100], [0.0, 1.0, 10.0]) == pytest.approx(1.0)  # zero skipped
+
+
+def test_at_100_draws_the_rms_summary_reads_a_small_snr_that_the_median_reads_low() -> None:
+    """The study's summary (`models.study.results.SNR_SUMMARY`, "rms"): averaging the unbiased
+    SNR^2 estimates before the square root keeps a true SNR of 0.1 at 0.1 with 100 draws,
+    where the median of the clipped per-parameter square roots reads about a quarter of it."""
+    draws, params = 100, 2000
+    g = generator(24)
+    sigma = torch.exp(torch.randn(params, generator=g, dtype=F64))  # [P]
+    grads = 0.1 * sigma + sigma * torch.randn(draws, params, generator=g, dtype=F64)
+
+    summary = snr_summary(grads)
+
+    assert summary.rms == pytest.approx(0.1, abs=0.02)
+    assert summary.median < 0.06
+    assert SNR_SUMMARY == "rms"
+
+
+def test_a_sweep_fits_one_slope_per_image_and_pools_them_over_models() -> None:
+    """Rainforth et al.'s measurement image by image on the linear-Gaussian model: every
+    image's IWAE encoder slope is near -1/2, and pooling two models' sweeps averages
+    their per-K summaries and spreads the slopes over all four images."""
+    model = LinearGaussianModel(shift=0.5, log_scale=0.3)
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]], dtype=F64)
+    ks = [1, 10, 100]
+    sweeps = [
+        snr_sweep(model, x, TrainConfig(objective="iwae"), ks, draws=400, generator=generator(s))
+        for s in (25, 26)
+    ]
+
+    image_slopes = sweeps[0].image_slopes()
+    assert len(image_slopes) == 2
+    assert all(-0.8 < s["encoder"]["rms"] < -0.2 for s in image_slopes)
+    first = sweeps[0].to_dict()
+    assert (first["ks"], first["draws"], first["images"]) == (ks, 400, 2)
+    mean_rms = (sweeps[0].per_image[0][1].encoder.rms + sweeps[0].per_image[1][1].encoder.rms) / 2
+    assert first["snr"][1]["encoder"]["rms"] == pytest.approx(mean_rms)
+
+    pooled = pool_sweeps([s.to_dict() for s in sweeps])
+
+    assert (pooled["models"], pooled["images"]) == (2, 4)
+    all_slopes = [s["encoder"]["rms"] for sweep in sweeps for s in sweep.image_slopes()]
+    assert pooled["slopes"]["encoder"]["rms"]["mean"] == pytest.approx(statistics.fmean(all_slopes))
+    assert pooled["slopes"]["encoder"]["rms"]["sd"] == pytest.approx(statistics.stdev(all_slopes))
+    both = [s.to_dict()["snr"][0]["decoder"]["median"] for s in sweeps]
+    assert pooled["snr"]["decoder"]["median"][0]["mean"] == pytest.approx(statistics.fmean(both))

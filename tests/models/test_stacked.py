@@ -17,6 +17,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.config import OBJECTIVES, VR_OBJECTIVES, TrainConfig
+from models.curve import CurveRecorder, CurveSpec, read_curve
 from models.data import Mnist
 from models.estimators import log_likelihood
 from models.fastpath import FastPath
@@ -163,12 +164,19 @@ def test_the_group_trains_each_member_as_train_does(
     want = solo_checkpoints(configs, synthetic_mnist, tmp_path)
     paths = [tmp_path / f"member{i}.safetensors" for i in range(3)]
     seen: list[list[Progress]] = [[], [], []]
+    # Learning curves draw from their own generator: the members train as without them.
+    curve_x = synthetic_mnist.test_images[:4].round()
+    curves = [
+        CurveRecorder(CurveSpec(every=5, size=4, k=3), curve_x, c.seed, tmp_path / f"c{i}.json")
+        for i, c in enumerate(configs)
+    ]
 
     results = train_stacked(
         configs,
         synthetic_mnist.train_images,
         checkpoint_paths=paths,
         callbacks=[[s.append] for s in seen],
+        epoch_ends=curves,
     )
 
     test_x = torch.bernoulli(
@@ -184,6 +192,7 @@ def test_the_group_trains_each_member_as_train_does(
             (e, s) for e in (1, 2) for s in (1, 2, 3, 4)
         ]
         assert_same_run(got_path, want_path)
+        assert [p["epoch"] for p in read_curve(curves[configs.index(config)].path)] == [1, 2]
         solo = train(config, synthetic_mnist.train_images, checkpoint_path=want_path).model
         bounds = [
             log_likelihood(m, test_x, 50, generator=torch.Generator().manual_seed(1)).log_px

@@ -8,11 +8,13 @@ from unittest import mock
 import pytest
 
 from models.checkpoint import load_checkpoint
+from models.curve import CURVE_NAME, CurveSpec, read_curve
 from models.progress import Progress
 from models.run import train_and_evaluate
 from models.stacked import train_stacked
 from models.study.grid import Cell, cell_config, expand_grid
-from models.study.local import cell_dir, run_study
+from models.study.local import cell_dir, run_study, study_outcomes
+from models.study.results import study_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,3 +145,32 @@ def test_alpha_reaches_the_vr_iwae_cells_only(tmp_path, base, synthetic_mnist):
         config, [Cell("vr-iwae", 2, 0), Cell("iwae", 2, 0)], synthetic_mnist, tmp_path
     )
     assert [o.config["alpha"] for o in outcomes] == [0.25, None]
+
+
+def test_with_a_curve_every_cell_records_one_even_alone_and_the_results_pool_seeds(
+    tmp_path, base, synthetic_mnist
+):
+    base = base.with_changes(epochs=3)
+    cells = expand_grid([2], ["iwae"], [0, 1], max_cells=None) + expand_grid(
+        [3], ["vae"], [0], max_cells=None
+    )  # a group of two seeds, and a cell alone
+    curve = CurveSpec(every=2, size=4, k=3)
+
+    outcomes = run_study(base, cells, synthetic_mnist, tmp_path, curve=curve)
+
+    for outcome in outcomes:
+        points = outcome.metrics["learning_curve"]
+        assert [p["epoch"] for p in points] == [1, 2, 3]
+        assert read_curve(cell_dir(tmp_path, outcome.cell) / CURVE_NAME) == points
+    # What is on disk is the same study, with nothing trained again.
+    assert [o.metrics for o in study_outcomes(base, cells, tmp_path)] == [
+        o.metrics for o in outcomes
+    ]
+    assert study_outcomes(base.with_changes(epochs=4), cells, tmp_path)[0].status == "queued"
+    results = study_results(outcomes, {})
+    [iwae, vae] = results["learning_curves"]
+    assert (iwae["objective"], iwae["k"], iwae["eval_k"], iwae["images"]) == ("iwae", 2, 3, 4)
+    assert iwae["epochs"] == [1, 2, 3]
+    bounds = [o.metrics["learning_curve"][2]["test_bound"] for o in outcomes[:2]]
+    assert iwae["test_bound"][2]["mean"] == pytest.approx(sum(bounds) / 2)
+    assert vae["test_bound"][0]["n"] == 1

@@ -22,8 +22,8 @@ def metrics(loglik: float, units: list[int], enc: float, dec: float, **extra) ->
         "seconds_per_epoch": 2.0,
         "images_per_s": 100.0,
         "gradient_snr": {
-            "encoder": {"median": enc, "rms": 1.0, "direction": 1.0, "parameters": 9},
-            "decoder": {"median": dec, "rms": 1.0, "direction": 1.0, "parameters": 9},
+            "encoder": {"median": 1.0, "rms": enc, "direction": 1.0, "parameters": 9},
+            "decoder": {"median": 1.0, "rms": dec, "direction": 1.0, "parameters": 9},
         },
         "k_per_epoch": [1, 1],
         **extra,
@@ -138,7 +138,7 @@ def test_a_cell_keeps_its_config_seed_and_measured_metrics_only():
     assert cell["config"] == {"objective": "iwae", "k": 5, "seed": 3}
     assert (cell["seed"], cell["job_id"], cell["error"]) == (3, "job-iwae-5-3", None)
     assert cell["metrics"]["test_loglik"] == -90.0
-    assert cell["metrics"]["gradient_snr"]["encoder"]["median"] == 0.5
+    assert cell["metrics"]["gradient_snr"]["encoder"]["rms"] == 0.5
     assert "k_per_epoch" not in cell["metrics"]  # per-epoch histories stay in metrics.json
     json.dumps(results, allow_nan=False)
 
