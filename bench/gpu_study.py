@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -47,16 +49,20 @@ from PIL import Image
 from roofline import timed
 
 from models.checkpoint import load_model
-from models.config import ModelConfig, Schedule, TrainConfig
+from models.config import MIN_SNR_DRAWS, ModelConfig, Schedule, TrainConfig
+from models.curve import CurveSpec
 from models.data import Mnist, binarized_test_images, load_mnist
 from models.estimators import log_likelihood
 from models.networks import IWAEModel
+from models.snr import gradient_snr, pool_sweeps, snr_sweep
 from models.stacked import stack_groups, train_stacked
-from models.study.grid import cell_config, expand_grid
-from models.study.local import run_study, write_study
+from models.study.grid import Cell, cell_config, expand_grid
+from models.study.local import cell_dir, run_study, study_outcomes, write_study
+from models.study.report import FIGURES_DIR, snr_sweep_figure, write_figure
 from models.training import resolve_device, train
 
 SEED_KS = (1, 5, 20, 30, 50, 100)
+SWEEP_NAME = "snr_sweep.json"
 WARMUP_STEPS = 10
 # Test images scored to measure the evaluation's cost per image before the study.
 EVAL_PROBE_IMAGES = 20
@@ -74,6 +80,13 @@ TINY = {
     "eval_size": 20,
     "snr_draws": 16,
     "device": "cpu",
+    "curve_every": 1,
+    "curve_size": 10,
+    "curve_k": 5,
+    "sweep_train_ks": [5],
+    "sweep_ks": [1, 10],
+    "sweep_draws": 16,
+    "sweep_images": 1,
 }
 
 
@@ -93,6 +106,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=None, help="default: all 60,000")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--retime", action="store_true", help="time again: ignore timing.json")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="processes training at once, each the seeds of one (K, objective): on a GPU, "
+        "launch-bound groups fill each other's gaps",
+    )
+    parser.add_argument("--curve-every", type=int, default=5, help="0: no learning curve")
+    parser.add_argument("--curve-size", type=int, default=1000)
+    parser.add_argument("--curve-k", type=int, default=100)
+    parser.add_argument(
+        "--sweep-train-ks",
+        type=int,
+        nargs="*",
+        default=[5, 50],
+        help="the trained K whose cells get an SNR sweep at fixed parameters",
+    )
+    parser.add_argument("--sweep-ks", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument("--sweep-draws", type=int, default=500)
+    parser.add_argument("--sweep-images", type=int, default=2)
+    # A part's process: the cells named, trained until the wall-clock time given.
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -192,6 +228,22 @@ def time_epochs(
     }
 
 
+def sweep_seconds_per_draw(
+    config: TrainConfig, ks: Sequence[int], data: Mnist, device: torch.device
+) -> dict[int, float]:
+    """Seconds of one gradient draw of an untrained model on one image at each K."""
+    model = IWAEModel(config.model).to(device)
+    x = binarized_test_images(data.test_images[:1]).to(device)
+    seconds = {}
+    for k in ks:
+        draws = functools.partial(
+            gradient_snr, model, x, config.with_changes(k=k), draws=MIN_SNR_DRAWS
+        )
+        draws()  # warm-up
+        seconds[k] = timed(draws, device)[0] / MIN_SNR_DRAWS
+    return seconds
+
+
 def _eval_seconds_per_image(config: TrainConfig, data: Mnist, device: torch.device) -> float:
     """The bound at `eval_k` of an untrained model on `EVAL_PROBE_IMAGES` images (its cost
     does not depend on the weights)."""
@@ -209,11 +261,13 @@ def k_ratios(alone: dict[str, dict[int, float]]) -> dict[str, float]:
     }
 
 
-def plan(timing: dict[str, Any], cells: int, eval_size: int, seconds_left: float) -> dict:
-    """Epochs of the whole grid that fit in `seconds_left` once every cell's evaluation is
-    set aside."""
+def plan(
+    timing: dict[str, Any], cells: int, eval_size: int, sweep_s: float, seconds_left: float
+) -> dict:
+    """Epochs of the whole grid that fit in `seconds_left` once every cell's evaluation and
+    the SNR sweeps (`sweep_s`) are set aside."""
     epoch_s = sum(g["seconds_per_epoch"] for g in timing["groups"])
-    eval_s = EVAL_OVERHEAD * timing["eval_seconds_per_image"] * eval_size * cells
+    eval_s = EVAL_OVERHEAD * timing["eval_seconds_per_image"] * eval_size * cells + sweep_s
     return {
         "grid_seconds_per_epoch": epoch_s,
         "evaluation_seconds": eval_s,
@@ -275,14 +329,101 @@ def _ks(timing: dict) -> list[int]:
     return sorted(next(iter(timing["alone_seconds_per_epoch"].values())))
 
 
+def curve_spec(args: argparse.Namespace) -> CurveSpec | None:
+    if args.curve_every <= 0:
+        return None
+    return CurveSpec(every=args.curve_every, size=args.curve_size, k=args.curve_k)
+
+
+def parts(cells: Sequence[Cell], parallel: int) -> list[list[Cell]]:
+    """The cells one process trains: all of them (`parallel` 1); else the seeds of each
+    (K, objective), or the cells of each K when those are more than `parallel` (parts
+    beyond `parallel` would wait, and meet the deadline untrained); the largest K first."""
+    if parallel <= 1:
+        return [list(cells)]
+    by_kind: dict[tuple[int, str], list[Cell]] = {}
+    for cell in cells:
+        by_kind.setdefault((cell.k, cell.objective), []).append(cell)
+    if len(by_kind) > parallel:
+        by_kind = {}
+        for cell in cells:
+            by_kind.setdefault((cell.k, ""), []).append(cell)
+    return sorted(by_kind.values(), key=lambda part: -part[0].k)
+
+
+def train_part(
+    args: argparse.Namespace, base: TrainConfig, cells: Sequence[Cell], data: Mnist
+) -> None:
+    """Train and evaluate `cells` (stacked, resuming from OUT/cells), stopping training at
+    the wall-clock `args.deadline`, then sweep the SNR of the finished cells at the trained
+    K of `--sweep-train-ks`."""
+
+    def out_of_time(progress: Any) -> bool:
+        return progress.phase == "train" and time.time() > args.deadline
+
+    outcomes = run_study(base, cells, data, args.out, [out_of_time], curve_spec(args))
+    for outcome in outcomes:
+        if outcome.status == "succeeded" and outcome.cell.k in args.sweep_train_ks:
+            sweep_cell(args, outcome, data)
+
+
+def sweep_cell(args: argparse.Namespace, outcome: Any, data: Mnist) -> None:
+    """OUT/cells/<cell>/snr_sweep.json: `models.snr.snr_sweep` at the cell's trained
+    parameters, on the first `--sweep-images` test images (skipped when it exists)."""
+    path = cell_dir(args.out, outcome.cell) / SWEEP_NAME
+    if path.is_file():
+        return
+    device = resolve_device(args.device)
+    model, config = load_model(outcome.checkpoint, device)
+    x = binarized_test_images(data.test_images[: args.sweep_images]).to(device)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    sweep = snr_sweep(model, x, config, args.sweep_ks, draws=args.sweep_draws, generator=generator)
+    path.write_text(json.dumps(sweep.to_dict(), indent=1))
+
+
+def train_in_parallel(args: argparse.Namespace, argv: Sequence[str], cells: Sequence[Cell]) -> None:
+    """Each of `parts` in its own process, `--parallel` at a time."""
+    todo = parts(cells, args.parallel)
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            names = ",".join(cell.name for cell in todo.pop(0))
+            command = [sys.executable, __file__, *argv, "--part", names]
+            running.append(subprocess.Popen([*command, "--deadline", str(args.deadline)]))
+        time.sleep(0.5)
+        for process in [p for p in running if p.poll() is not None]:
+            running.remove(process)
+            if process.returncode:
+                print(f"part {process.args[-3]} exited with {process.returncode}", flush=True)
+
+
+def pooled_sweeps(outcomes: Sequence[Any], out: Path) -> list[dict[str, Any]]:
+    """Per (objective, trained K) with sweeps: `models.snr.pool_sweeps` over its seeds."""
+    by_kind: dict[tuple[str, int], list[dict]] = {}
+    for outcome in outcomes:
+        path = cell_dir(out, outcome.cell) / SWEEP_NAME
+        if outcome.status == "succeeded" and path.is_file():
+            kind = (outcome.cell.objective, outcome.cell.k)
+            by_kind.setdefault(kind, []).append(json.loads(path.read_text()))
+    return [
+        {"objective": objective, "train_k": k, **pool_sweeps(sweeps)}
+        for (objective, k), sweeps in by_kind.items()
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_mnist(args.data_dir)
     base = base_config(args)
     cells = expand_grid(args.ks, args.objectives, args.seeds, max_cells=None)
+    if args.part is not None:
+        names = set(args.part.split(","))
+        train_part(args, base, [c for c in cells if c.name in names], data)
+        return 0
     info = machine(device)
     print(f"{len(cells)} cells on {info}", flush=True)
 
@@ -298,22 +439,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = time_epochs(base, cells, data, device) | {"machine": info}
         timing["k_ratios"] = k_ratios(timing["alone_seconds_per_epoch"])
         timing_path.write_text(json.dumps(timing, indent=2))
-    planned = plan(timing, len(cells), args.eval_size, args.budget_s - (time.monotonic() - started))
+    sweep_cells = [c for c in cells if c.k in args.sweep_train_ks]
+    per_draw = sweep_seconds_per_draw(base, args.sweep_ks, data, device)
+    # Sweeps of different parts run at once: the cost of the largest part's.
+    sweep_s = sum(per_draw.values()) * args.sweep_draws * args.sweep_images
+    sweep_s *= max((len(p) for p in parts(sweep_cells, args.parallel)), default=0)
+    seconds_left = args.budget_s - (time.monotonic() - started)
+    planned = plan(timing, len(cells), args.eval_size, sweep_s, seconds_left)
     print(f"plan: {planned}", flush=True)
 
-    deadline = started + args.budget_s - planned["evaluation_seconds"]
-
-    def out_of_time(progress: Any) -> bool:
-        return progress.phase == "train" and time.monotonic() > deadline
-
-    outcomes = run_study(base, cells, data, args.out, [out_of_time])
+    # Training stops here, leaving the time the evaluations were measured to need.
+    args.deadline = time.time() + planned["seconds_left"] - planned["evaluation_seconds"]
+    if args.parallel > 1:
+        train_in_parallel(args, argv, cells)
+    else:
+        train_part(args, base, cells, data)
+    outcomes = study_outcomes(base, cells, args.out)
     results = write_study(base, outcomes, data, args.out)
+    sweeps = pooled_sweeps(outcomes, args.out)
+    (args.out / SWEEP_NAME).write_text(json.dumps(sweeps, indent=2))
+    write_figure(snr_sweep_figure(sweeps), args.out / FIGURES_DIR / "snr_sweep.png")
     save_samples(outcomes, args.out)
-    command = "python3 bench/gpu_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python3 bench/gpu_study.py " + " ".join(argv)
     (args.out / "gpu_study.md").write_text(
         summary_markdown(info, timing, planned, results, command)
     )
-    unfinished = [o.cell.name for o in outcomes if o.status in ("queued", "cancelled")]
+    unfinished = [o.cell.name for o in outcomes if o.status != "succeeded"]
     print((args.out / "gpu_study.md").read_text())
     if unfinished:
         print(f"out of time: {len(unfinished)} cells to go; run the same command to go on")

@@ -36,11 +36,31 @@ def test_plan_sets_the_evaluation_aside_and_counts_whole_epochs(gpu_study) -> No
         "groups": [{"seconds_per_epoch": 1.5}, {"seconds_per_epoch": 2.5}],
         "eval_seconds_per_image": 0.01,
     }
-    planned = gpu_study.plan(timing, cells=4, eval_size=100, seconds_left=100.0)
+    planned = gpu_study.plan(timing, cells=4, eval_size=100, sweep_s=3.0, seconds_left=100.0)
     assert planned["grid_seconds_per_epoch"] == 4.0
-    assert planned["evaluation_seconds"] == pytest.approx(gpu_study.EVAL_OVERHEAD * 4.0)
-    assert planned["epochs_that_fit"] == int((100.0 - gpu_study.EVAL_OVERHEAD * 4.0) // 4.0)
-    assert gpu_study.plan(timing, cells=4, eval_size=100, seconds_left=1.0)["epochs_that_fit"] == 0
+    reserved = gpu_study.EVAL_OVERHEAD * 4.0 + 3.0
+    assert planned["evaluation_seconds"] == pytest.approx(reserved)
+    assert planned["epochs_that_fit"] == int((100.0 - reserved) // 4.0)
+    short = gpu_study.plan(timing, cells=4, eval_size=100, sweep_s=0.0, seconds_left=1.0)
+    assert short["epochs_that_fit"] == 0
+
+
+def test_parts_run_each_kind_or_each_k_at_once_largest_k_first(gpu_study) -> None:
+    cells = gpu_study.expand_grid([1, 50], ["vae", "iwae"], [0, 1], max_cells=None)
+    names = lambda parts: [[c.name for c in part] for part in parts]  # noqa: E731
+
+    assert names(gpu_study.parts(cells, 1)) == [[c.name for c in cells]]
+    assert names(gpu_study.parts(cells, 4)) == [
+        ["vae-k50-s0", "vae-k50-s1"],
+        ["iwae-k50-s0", "iwae-k50-s1"],
+        ["vae-k1-s0", "vae-k1-s1"],
+        ["iwae-k1-s0", "iwae-k1-s1"],
+    ]
+    # Fewer processes than kinds: one per K, so that no part waits for the deadline.
+    assert names(gpu_study.parts(cells, 2)) == [
+        ["vae-k50-s0", "vae-k50-s1", "iwae-k50-s0", "iwae-k50-s1"],
+        ["vae-k1-s0", "vae-k1-s1", "iwae-k1-s0", "iwae-k1-s1"],
+    ]
 
 
 def test_k_ratio_is_the_largest_k_over_the_smallest(gpu_study) -> None:
@@ -52,7 +72,7 @@ def test_k_ratio_is_the_largest_k_over_the_smallest(gpu_study) -> None:
 def test_a_run_out_of_time_is_continued_by_the_same_command(tmp_path: Path) -> None:
     out = tmp_path / "study"
     grid = ["--ks", "1", "5", "--seeds", "0", "--objectives", "vae", "iwae"]
-    first = run_script(out, *grid, "--budget-s", "0")
+    first = run_script(out, *grid, "--budget-s", "0", "--parallel", "2")
     assert "out of time" in first
     timing = json.loads((out / "timing.json").read_text())
     assert [g["k"] for g in timing["groups"]] == [1, 5]
@@ -72,6 +92,12 @@ def test_a_run_out_of_time_is_continued_by_the_same_command(tmp_path: Path) -> N
     for cell in results["cells"]:
         assert cell["metrics"]["epochs"] == 2
         assert cell["metrics"]["gradient_snr"] is not None
+        assert [p["epoch"] for p in cell["metrics"]["learning_curve"]] == [1, 2]
         assert (out / "samples" / f"{cell['name']}.png").stat().st_size > 0
-    for name in ("report.html", "study.md", "gpu_study.md"):
+    sweeps = json.loads((out / "snr_sweep.json").read_text())  # --tiny: the cells at K=5
+    assert [(s["objective"], s["train_k"], s["ks"]) for s in sweeps] == [
+        ("vae", 5, [1, 10]),
+        ("iwae", 5, [1, 10]),
+    ]
+    for name in ("report.html", "study.md", "gpu_study.md", "figures/snr_sweep.png"):
         assert (out / name).stat().st_size > 0
