@@ -3,7 +3,9 @@
 Usage, from the repository root on a machine with a GPU and MNIST's files in $IWAE_DATA_DIR:
     python3 bench/gpu_study.py --out OUT
         [--ks 1 5 20 30 50 100] [--objectives vae iwae] [--seeds 0 1 2] [--epochs 100]
-        [--budget-s 480] [--precision fp32] [--eval-k 5000] [--eval-size 2000]
+        [--budget-s 480] [--precision fp32] [--eval-k 5000] [--eval-size 2000] [--parallel 1]
+        [--curve-every 5] [--curve-size 1000] [--curve-k 100]
+        [--sweep-train-ks 5 50] [--sweep-ks 1 10 100 1000] [--sweep-draws 500] [--sweep-images 2]
 and, to try the script itself on a CPU in a minute: python3 bench/gpu_study.py --out OUT --tiny
 
 What one run does, within `--budget-s` seconds from its start:
@@ -16,11 +18,15 @@ What one run does, within `--budget-s` seconds from its start:
 2. The plan: from those costs, how many epochs of the whole grid fit in what is left of the
    budget once the evaluation is set aside (measured too: one cell scored on a few images).
 3. The study (`models.study.local.run_study`, Burda's one-layer network and init, batch 100,
-   `--schedule`): cells resume from OUT/cells/*/model.safetensors, so a run stopped by the
-   budget (at the last epoch end of each cell) is continued by running the same command
-   again. Each finished cell is scored on `--eval-size` test images at k=`--eval-k`
-   (bound, ELBO, active units), and its gradient SNR at the trained parameters is measured
-   from `--snr-draws` draws (`models.run`).
+   `--schedule`; with `--parallel N`, N processes at once, each the seeds of one (K,
+   objective) or the cells of one K, each stopping at the same wall-clock deadline), with a
+   learning curve per cell (`models.curve`): cells resume from their checkpoints in
+   OUT/cells/, so a run stopped by the budget (at the last epoch end of each cell) is
+   continued by running the same command again. Each finished cell is scored on
+   `--eval-size` test images at k=`--eval-k` (bound, ELBO, active units), its gradient SNR
+   at the trained parameters is measured from `--snr-draws` draws (`models.run`), and the
+   cells trained at `--sweep-train-ks` get an SNR sweep at fixed parameters
+   (`models.snr.snr_sweep`, OUT/snr_sweep.json).
 4. OUT/results.json, report.html, figures/*.png and study.md (`models.study.local
    .write_study`), one 8x8 grid of samples per finished cell in OUT/samples/<cell>.png, and
    OUT/gpu_study.md: the machine, the timing table and the plan.
