@@ -89,7 +89,8 @@ SNR_SUMMARY = "rms"
 def _snr(network: str) -> Callable[[dict[str, Any]], float | None]:
     def read(metrics: dict[str, Any]) -> float | None:
         snr = metrics.get("gradient_snr")
-        return None if snr is None else snr[network][SNR_SUMMARY]
+        # A record written before the summary existed has none: not measured, not an error.
+        return None if snr is None else snr[network].get(SNR_SUMMARY)
 
     return read
 

@@ -42,7 +42,7 @@ PM_COLUMNS = {
 def metrics(objective: str, k: int, seed: int) -> dict:
     """Made-up measurements that differ per cell (so that a mixed-up row shows)."""
     shift = (k**0.5) * (2.0 if objective == "iwae" else 0.5) + 0.37 * seed
-    snr = {"rms": 1.0, "direction": 1.0, "parameters": 100}
+    snr = {"median": 1.0, "direction": 1.0, "parameters": 100}
     return {
         "test_loglik": -100.0 + shift,
         "test_loglik_std_error": 0.8,
@@ -52,8 +52,8 @@ def metrics(objective: str, k: int, seed: int) -> dict:
         "seconds_per_epoch": 10.0 * k**0.7 + seed,
         "images_per_s": 6000.0 / (k**0.7 + seed / 10),
         "gradient_snr": {
-            "encoder": {**snr, "median": 0.8 * k ** (-0.45) + 0.01 * seed},
-            "decoder": {**snr, "median": 2.0 * k**0.55 + 0.1 * seed},
+            "encoder": {**snr, "rms": 0.8 * k ** (-0.45) + 0.01 * seed},
+            "decoder": {**snr, "rms": 2.0 * k**0.55 + 0.1 * seed},
         },
     }
 

@@ -46,8 +46,8 @@ def metrics(loglik: float, snr_encoder: float = 2.0, snr_decoder: float = 0.5) -
         "seconds_per_epoch": 0.5,
         "images_per_s": 200.0,
         "gradient_snr": {
-            "encoder": {"median": snr_encoder},
-            "decoder": {"median": snr_decoder},
+            "encoder": {"rms": snr_encoder},
+            "decoder": {"rms": snr_decoder},
         },
     }
 
