@@ -15,6 +15,7 @@ from models.config import MIN_SNR_DRAWS, TrainConfig
 from models.networks import IWAEModel
 from models.objectives import backward, surrogates
 from models.progress import Callback, PhaseClock, notify
+from models.spread import mean_sd
 
 NETWORKS = ("encoder", "decoder")
 SUMMARIES = ("median", "rms", "direction")
@@ -186,7 +187,7 @@ class SNRSweep:
             "image_slopes": image_slopes,
             "slopes": {
                 network: {
-                    summary: _mean_sd([s[network][summary] for s in image_slopes])
+                    summary: mean_sd([s[network][summary] for s in image_slopes])
                     for summary in SUMMARIES
                 }
                 for network in NETWORKS
@@ -208,7 +209,7 @@ def pool_sweeps(sweeps: Sequence[dict]) -> dict:
         "snr": {
             network: {
                 summary: [
-                    _mean_sd([sweep["snr"][j][network][summary] for sweep in sweeps])
+                    mean_sd([sweep["snr"][j][network][summary] for sweep in sweeps])
                     for j in range(len(ks))
                 ]
                 for summary in SUMMARIES
@@ -217,7 +218,7 @@ def pool_sweeps(sweeps: Sequence[dict]) -> dict:
         },
         "slopes": {
             network: {
-                summary: _mean_sd([s[network][summary] for s in image_slopes])
+                summary: mean_sd([s[network][summary] for s in image_slopes])
                 for summary in SUMMARIES
             }
             for network in NETWORKS
@@ -238,15 +239,15 @@ def snr_sweep(
     K of `ks`, the parameters fixed."""
     if len(x) == 0:
         raise ValueError("the SNR needs at least one image")
-    per_image = []
-    for i in range(len(x)):
-        snrs = [
+    per_image = [
+        [
             gradient_snr(
                 model, x[i : i + 1], config.with_changes(k=k), draws=draws, generator=generator
             )
             for k in ks
         ]
-        per_image.append([s for s in snrs if s is not None])
+        for i in range(len(x))
+    ]
     return SNRSweep(list(ks), draws, per_image)
 
 
@@ -261,15 +262,6 @@ def _mean_snr(snrs: Sequence[GradientSNR]) -> GradientSNR:
         )
 
     return GradientSNR(encoder=mean("encoder"), decoder=mean("decoder"))
-
-
-def _mean_sd(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    present = [v for v in values if v is not None]
-    return {
-        "mean": statistics.fmean(present) if present else None,
-        "sd": statistics.stdev(present) if len(present) > 1 else None,
-        "n": len(present),
-    }
 
 
 def snr_slopes(
