@@ -112,7 +112,7 @@ def _run_group(
                 data.train_images,
                 checkpoint_paths=[c.folder / CHECKPOINT_NAME for c in pending],
                 callbacks=[callbacks] * len(pending),
-                epoch_ends=[_curve_recorder(c, data, curve) for c in pending],
+                epoch_ends=_curve_recorders(pending, data, curve),
             )
         except Exception as exc:
             for cell in pending:
@@ -139,12 +139,15 @@ def _run_group(
     return False
 
 
-def _curve_recorder(cell: _Cell, data: Mnist, curve: CurveSpec | None) -> CurveRecorder | None:
+def _curve_recorders(
+    cells: list[_Cell], data: Mnist, curve: CurveSpec | None
+) -> list[CurveRecorder | None]:
+    """Each cell's learning-curve recorder, all on one copy of the curve's test images."""
     if curve is None:
-        return None
-    test_x = binarized_test_images(data.test_images[: curve.size])
-    device = resolve_device(cell.config.device)
-    return CurveRecorder(curve, test_x.to(device), cell.config.seed, cell.folder / CURVE_NAME)
+        return [None] * len(cells)
+    device = resolve_device(cells[0].config.device)  # one stack group: one device
+    test_x = binarized_test_images(data.test_images[: curve.size]).to(device)
+    return [CurveRecorder(curve, test_x, c.config.seed, c.folder / CURVE_NAME) for c in cells]
 
 
 def _succeed(cell: _Cell, metrics: dict[str, Any] | None) -> None:
