@@ -116,8 +116,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--parallel",
         type=int,
         default=1,
-        help="processes training at once, each the seeds of one (K, objective): on a GPU, "
-        "launch-bound groups fill each other's gaps",
+        help="processes training at once, each the seeds of one (K, objective), or the cells "
+        "of one K when the kinds outnumber the processes: on a GPU, launch-bound groups fill "
+        "each other's gaps",
     )
     parser.add_argument("--curve-every", type=int, default=5, help="0: no learning curve")
     parser.add_argument("--curve-size", type=int, default=1000)
@@ -445,11 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = time_epochs(base, cells, data, device) | {"machine": info}
         timing["k_ratios"] = k_ratios(timing["alone_seconds_per_epoch"])
         timing_path.write_text(json.dumps(timing, indent=2))
+    sweep_s = 0.0
     sweep_cells = [c for c in cells if c.k in args.sweep_train_ks]
-    per_draw = sweep_seconds_per_draw(base, args.sweep_ks, data, device)
-    # Sweeps of different parts run at once: the cost of the largest part's.
-    sweep_s = sum(per_draw.values()) * args.sweep_draws * args.sweep_images
-    sweep_s *= max((len(p) for p in parts(sweep_cells, args.parallel)), default=0)
+    if sweep_cells:
+        per_draw = sweep_seconds_per_draw(base, args.sweep_ks, data, device)
+        # Sweeps of different parts run at once: the cost of the largest part's.
+        largest = max(len(p) for p in parts(sweep_cells, args.parallel))
+        sweep_s = sum(per_draw.values()) * args.sweep_draws * args.sweep_images * largest
     seconds_left = args.budget_s - (time.monotonic() - started)
     planned = plan(timing, len(cells), args.eval_size, sweep_s, seconds_left)
     print(f"plan: {planned}", flush=True)
